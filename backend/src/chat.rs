@@ -1,0 +1,493 @@
+//! The chat's operations: validate a request against the current state, decide everything its op needs
+//! (ids, timestamps, hashes, tokens), append it to the log, and publish the events it caused.
+//!
+//! Nothing here touches a socket: callers pass the queue a session's pushes should go to.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use rand::RngCore;
+use replichat_shared::{
+    Conversation, Message, ServerBody, DEFAULT_PAGE, MAX_CLIENT_ID_CHARS, MAX_PAGE, MAX_PASSWORD_CHARS,
+    MAX_TEXT_CHARS, MAX_USERNAME_CHARS, MIN_PASSWORD_CHARS,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::hub::{ConnId, Hub, Push};
+use crate::log::{Appender, Log};
+use crate::op::Op;
+use crate::storage::{Db, Delivery, User};
+use crate::wildcard::Pattern;
+use crate::{Error, Result};
+
+/// Failed logins allowed per username per [`LOGIN_WINDOW`] before `rate_limited`.
+pub const MAX_FAILED_LOGINS: usize = 5;
+/// The window failed logins are counted over.
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// The account a socket is logged in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authed {
+    /// Account id.
+    pub user_id: i64,
+    /// Username as registered.
+    pub username: String,
+    /// SHA-256 (hex) of the session token: what `logout` revokes.
+    pub token_hash: String,
+}
+
+/// A successful `register`, `login` or `resume`.
+#[derive(Debug)]
+pub struct Attached {
+    /// Who the socket now is.
+    pub authed: Authed,
+    /// The new token (`register`, `login`).
+    pub token: Option<String>,
+    /// Events with an index above this reach the socket through its push queue.
+    pub cursor: u64,
+    /// Events the socket must be sent before its pushes: for `login` the undelivered messages, for
+    /// `resume` every stored event after the client's cursor.
+    pub backlog: Vec<ServerBody>,
+    /// True when this socket is the account's first open one (its contacts were told it is online).
+    pub first: bool,
+}
+
+/// A socket's push queue, handed over on attach.
+pub struct Mailbox {
+    /// The socket's id in the hub.
+    pub conn: ConnId,
+    /// Where the hub sends its pushes.
+    pub tx: mpsc::Sender<Push>,
+}
+
+/// The chat service. One per node, shared by every socket.
+pub struct Chat {
+    db: Db,
+    log: Log,
+    hub: Hub,
+    failed_logins: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl Chat {
+    /// The service over an opened database.
+    pub async fn new(db: Db) -> Result<Chat> {
+        let log = Log::open(db.clone()).await?;
+        Ok(Chat { db, log, hub: Hub::default(), failed_logins: Mutex::default() })
+    }
+
+    /// The database (for reads that need no validation).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The log (index and term).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The registry of open sockets.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// `register`: create the account and its first session, attached to `mailbox`.
+    pub async fn register(&self, username: &str, password: &str, mailbox: Mailbox) -> Result<Attached> {
+        validate_username(username)?;
+        validate_password(password)?;
+        let password_hash = hash_password(password).await?;
+        let (token, token_hash) = new_token();
+        let mut appender = self.log.appender().await;
+        if self.db.user_by_name(username).await?.is_some() {
+            return Err(Error::UsernameTaken);
+        }
+        let user_id = appender.next_index() as i64;
+        let op = Op::Register {
+            user_id,
+            username: username.to_owned(),
+            password_hash,
+            token_hash: token_hash.clone(),
+            at: now_ms(),
+        };
+        let cursor = self.commit(&mut appender, op).await?;
+        let first = self.hub.attach(user_id, mailbox.conn, mailbox.tx);
+        drop(appender);
+        let authed = Authed { user_id, username: username.to_owned(), token_hash };
+        Ok(Attached { authed, token: Some(token), cursor, backlog: Vec::new(), first })
+    }
+
+    /// `login`: check the password (rate-limited per username), open a session attached to `mailbox`, and
+    /// return the messages no session of the account has acknowledged, oldest first.
+    pub async fn login(&self, username: &str, password: &str, mailbox: Mailbox) -> Result<Attached> {
+        let key = crate::wildcard::name_key(username);
+        if self.recent_failures(&key) >= MAX_FAILED_LOGINS {
+            return Err(Error::RateLimited);
+        }
+        let user = self.db.user_by_name(username).await?;
+        let verified = match &user {
+            Some(User { password_hash: Some(hash), .. }) => verify_password(password, hash).await?,
+            _ => {
+                // Spend the same time as a real check so response times don't reveal which names exist.
+                let _ = verify_password(password, dummy_hash()).await;
+                false
+            }
+        };
+        let Some(user) = user.filter(|_| verified) else {
+            self.record_failure(key);
+            return Err(Error::BadCredentials);
+        };
+        let (token, token_hash) = new_token();
+        let mut appender = self.log.appender().await;
+        // The account may have been deleted while the password was being checked.
+        if self.db.user_by_name(username).await?.map(|u| u.id) != Some(user.id) {
+            return Err(Error::BadCredentials);
+        }
+        let op = Op::Login { user_id: user.id, token_hash: token_hash.clone(), at: now_ms() };
+        let cursor = self.commit(&mut appender, op).await?;
+        let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
+        drop(appender);
+        let backlog = self
+            .db
+            .undelivered(user.id)
+            .await?
+            .into_iter()
+            .filter(|m| m.id <= cursor)
+            .map(|message| ServerBody::Message { index: message.id, message })
+            .collect();
+        let authed = Authed { user_id: user.id, username: user.username, token_hash };
+        Ok(Attached { authed, token: Some(token), cursor, backlog, first })
+    }
+
+    /// `resume`: re-attach to the session `token` names and return its events after `cursor`.
+    pub async fn resume(&self, token: &str, cursor: u64, mailbox: Mailbox) -> Result<Attached> {
+        let token_hash = hash_token(token);
+        let user = self.db.user_by_token(&token_hash).await?.ok_or(Error::Unauthenticated)?;
+        // Attach before reading, so an event committed meanwhile is either read here or pushed.
+        let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
+        let backlog = match self.db.events_after(user.id, cursor).await {
+            Ok(events) => events,
+            Err(e) => {
+                self.detach(user.id, mailbox.conn).await;
+                return Err(e);
+            }
+        };
+        let authed = Authed { user_id: user.id, username: user.username, token_hash };
+        Ok(Attached { authed, token: None, cursor, backlog, first })
+    }
+
+    /// Tell `user_id`'s contacts that it came online (after its first socket attached).
+    pub async fn announce_online(&self, authed: &Authed) -> Result<()> {
+        self.announce_presence(authed, true).await
+    }
+
+    /// Detach socket `conn` from `user_id`; if it was the last one, tell the contacts it went offline.
+    pub async fn detach(&self, user_id: i64, conn: ConnId) {
+        if self.hub.detach(user_id, conn) {
+            if let Ok(Some(user)) = self.user_by_id_for_presence(user_id).await {
+                if let Err(e) = self.announce_presence(&user, false).await {
+                    tracing::warn!(error = %e, "could not announce presence");
+                }
+            }
+        }
+    }
+
+    /// `list`: one page of usernames matching `pattern`, and the `after` for the next page.
+    pub async fn list(
+        &self,
+        pattern: &str,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<String>, Option<String>)> {
+        let limit = page(limit)?;
+        let mut users = self.db.list_users(&Pattern::parse(pattern), after, limit + 1).await?;
+        let next = if users.len() > limit as usize {
+            users.truncate(limit as usize);
+            users.last().cloned()
+        } else {
+            None
+        };
+        Ok((users, next))
+    }
+
+    /// `send`: store a message (or find the one this `client_id` already stored) and push it to both sides.
+    pub async fn send(&self, me: &Authed, to: &str, text: &str, client_id: &str) -> Result<Message> {
+        if text.trim().is_empty() {
+            return Err(Error::TooLong("the message is empty"));
+        }
+        if text.chars().count() > MAX_TEXT_CHARS {
+            return Err(Error::TooLong("the message is longer than 4000 characters"));
+        }
+        if client_id.is_empty() || client_id.chars().count() > MAX_CLIENT_ID_CHARS {
+            return Err(Error::BadRequest("client_id must have 1 to 64 characters".to_owned()));
+        }
+        let mut appender = self.log.appender().await;
+        // A retry of a send that was stored: answer with the original, store nothing.
+        if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
+            return Ok(original);
+        }
+        let recipient = self.db.user_by_name(to).await?.ok_or_else(|| Error::UnknownUser(to.to_owned()))?;
+        if recipient.id == me.user_id {
+            return Err(Error::SelfSend);
+        }
+        let message_id = appender.next_index() as i64;
+        let op = Op::Send {
+            message_id,
+            sender_id: me.user_id,
+            recipient_id: recipient.id,
+            client_id: client_id.to_owned(),
+            text: text.to_owned(),
+            at: now_ms(),
+        };
+        self.commit(&mut appender, op).await?;
+        drop(appender);
+        self.db
+            .message_by_client_id(me.user_id, client_id)
+            .await?
+            .ok_or_else(|| Error::Corrupt("a committed message is missing".to_owned()))
+    }
+
+    /// `history`: one page of the conversation with `with`, oldest first within the page, and whether
+    /// older messages exist.
+    pub async fn history(
+        &self,
+        me: &Authed,
+        with: &str,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<(String, Vec<Message>, bool)> {
+        let limit = page(limit)?;
+        let peer = self.db.peer_by_name(me.user_id, with).await?.ok_or_else(|| Error::UnknownUser(with.to_owned()))?;
+        let mut messages = self.db.history(me.user_id, peer.id, before, limit + 1).await?;
+        let more = messages.len() > limit as usize;
+        messages.truncate(limit as usize);
+        messages.reverse();
+        Ok((peer.username, messages, more))
+    }
+
+    /// `delivered`: every message to me up to `up_to` reached a device.
+    pub async fn delivered(&self, me: &Authed, up_to: u64) -> Result<()> {
+        let mut appender = self.log.appender().await;
+        let up_to = up_to.min(appender.last_index()) as i64;
+        self.commit(&mut appender, Op::Delivered { user_id: me.user_id, up_to, at: now_ms() }).await?;
+        Ok(())
+    }
+
+    /// `read`: I read `with`'s messages up to `up_to`.
+    pub async fn read(&self, me: &Authed, with: &str, up_to: u64) -> Result<()> {
+        let mut appender = self.log.appender().await;
+        let peer = self.db.peer_by_name(me.user_id, with).await?.ok_or_else(|| Error::UnknownUser(with.to_owned()))?;
+        let up_to = up_to.min(appender.last_index()) as i64;
+        let op = Op::Read { user_id: me.user_id, peer_id: peer.id, up_to, at: now_ms() };
+        self.commit(&mut appender, op).await?;
+        Ok(())
+    }
+
+    /// `conversations`: most recent first, with unread counts and whether each peer is online.
+    pub async fn conversations(&self, me: &Authed) -> Result<Vec<Conversation>> {
+        let rows = self.db.conversations(me.user_id).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(peer, mut conversation)| {
+                conversation.online = self.hub.online(peer);
+                conversation
+            })
+            .collect())
+    }
+
+    /// `typing`: tell `to`'s open sockets that I am typing. Not stored.
+    pub async fn typing(&self, me: &Authed, to: &str) -> Result<()> {
+        let peer = self.db.user_by_name(to).await?.ok_or_else(|| Error::UnknownUser(to.to_owned()))?;
+        if peer.id == me.user_id {
+            return Err(Error::SelfSend);
+        }
+        self.hub.push(peer.id, Push::Frame(ServerBody::Typing { from: me.username.clone() }));
+        Ok(())
+    }
+
+    /// `logout`: revoke the session. The caller detaches the socket.
+    pub async fn logout(&self, me: &Authed) -> Result<()> {
+        let mut appender = self.log.appender().await;
+        self.commit(&mut appender, Op::Logout { token_hash: me.token_hash.clone() }).await?;
+        Ok(())
+    }
+
+    /// `delete_account`: with the password as confirmation, delete the account; every open socket of it
+    /// is told and closed.
+    pub async fn delete_account(&self, me: &Authed, password: &str) -> Result<()> {
+        let user = self.db.user_by_name(&me.username).await?.filter(|u| u.id == me.user_id);
+        let Some(User { password_hash: Some(hash), .. }) = user else {
+            return Err(Error::Unauthenticated);
+        };
+        if !verify_password(password, &hash).await? {
+            return Err(Error::BadCredentials);
+        }
+        let mut appender = self.log.appender().await;
+        self.commit(&mut appender, Op::DeleteAccount { user_id: me.user_id, at: now_ms() }).await?;
+        self.hub.push(me.user_id, Push::AccountDeleted);
+        Ok(())
+    }
+
+    /// Append `op` and push the events it caused, still holding the appender so pushes leave in index order.
+    async fn commit(&self, appender: &mut Appender<'_>, op: Op) -> Result<u64> {
+        let (index, deliveries) = appender.append(op).await?;
+        for Delivery { user_id, body } in deliveries {
+            self.hub.push(user_id, Push::Frame(body));
+        }
+        Ok(index)
+    }
+
+    async fn announce_presence(&self, authed: &Authed, online: bool) -> Result<()> {
+        for contact in self.db.contacts(authed.user_id).await? {
+            self.hub.push(contact, Push::Frame(ServerBody::Presence { username: authed.username.clone(), online }));
+        }
+        Ok(())
+    }
+
+    async fn user_by_id_for_presence(&self, user_id: i64) -> Result<Option<Authed>> {
+        Ok(self.db.user_by_id(user_id).await?.map(|u| Authed {
+            user_id: u.id,
+            username: u.username,
+            token_hash: String::new(),
+        }))
+    }
+
+    fn recent_failures(&self, key: &str) -> usize {
+        let mut failures = self.failed_logins.lock().expect("rate limiter lock");
+        let Some(times) = failures.get_mut(key) else { return 0 };
+        while times.front().is_some_and(|t| t.elapsed() > LOGIN_WINDOW) {
+            times.pop_front();
+        }
+        times.len()
+    }
+
+    fn record_failure(&self, key: String) {
+        let mut failures = self.failed_logins.lock().expect("rate limiter lock");
+        // Forget names whose window has passed, so the map stays as small as the recent attack.
+        failures.retain(|_, times| times.back().is_some_and(|t| t.elapsed() <= LOGIN_WINDOW));
+        failures.entry(key).or_default().push_back(Instant::now());
+    }
+}
+
+/// Page size from a request: default 50, 1..=200.
+fn page(limit: Option<u32>) -> Result<u32> {
+    match limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => Ok(n),
+        _ => Err(Error::BadRequest(format!("limit must be between 1 and {MAX_PAGE}"))),
+    }
+}
+
+/// Usernames: 1-32 characters, no whitespace, no control characters, no `*` (the search wildcard).
+pub fn validate_username(username: &str) -> Result<()> {
+    let chars = username.chars().count();
+    if chars == 0 {
+        return Err(Error::InvalidUsername("it is empty"));
+    }
+    if chars > MAX_USERNAME_CHARS {
+        return Err(Error::InvalidUsername("it is longer than 32 characters"));
+    }
+    if username.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::InvalidUsername("it contains whitespace or a control character"));
+    }
+    if username.contains('*') {
+        return Err(Error::InvalidUsername("it contains '*', the search wildcard"));
+    }
+    Ok(())
+}
+
+fn validate_password(password: &str) -> Result<()> {
+    let chars = password.chars().count();
+    if (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
+        Ok(())
+    } else {
+        Err(Error::WeakPassword)
+    }
+}
+
+/// argon2id with the crate's default parameters and a random salt, off the async threads.
+async fn hash_password(password: &str) -> Result<String> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|e| Error::Hash(e.to_string()))
+    })
+    .await
+    .map_err(|e| Error::Hash(e.to_string()))?
+}
+
+async fn verify_password(password: &str, hash: &str) -> Result<bool> {
+    let (password, hash) = (password.to_owned(), hash.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let parsed = PasswordHash::new(&hash).map_err(|e| Error::Hash(e.to_string()))?;
+        Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+    })
+    .await
+    .map_err(|e| Error::Hash(e.to_string()))?
+}
+
+/// A valid argon2id hash of a password nobody has, for constant-time failures on unknown names.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default().hash_password(b"no account has this password", &salt).expect("argon2").to_string()
+    })
+}
+
+/// A fresh 256-bit session token (hex) and the hash that is stored.
+fn new_token() -> (String, String) {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// What the database stores of a token.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Milliseconds since the Unix epoch: the time a node stamps on an op when it accepts it.
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        assert!(validate_username("alice").is_ok());
+        assert!(validate_username("a").is_ok());
+        assert!(validate_username(&"x".repeat(32)).is_ok());
+        assert!(validate_username("émile_100%").is_ok());
+        assert!(validate_username("").is_err());
+        assert!(validate_username(&"x".repeat(33)).is_err());
+        assert!(validate_username("a b").is_err());
+        assert!(validate_username("a\u{7}b").is_err());
+        assert!(validate_username("a*").is_err());
+    }
+
+    #[test]
+    fn passwords() {
+        assert!(validate_password("12345678").is_ok());
+        assert!(validate_password("1234567").is_err());
+        assert!(validate_password(&"p".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn tokens_are_256_bit_and_stored_hashed() {
+        let (token, hash) = new_token();
+        assert_eq!(token.len(), 64);
+        assert_ne!(token, hash);
+        assert_eq!(hash, hash_token(&token));
+        assert_ne!(new_token().0, token);
+    }
+}

@@ -1,0 +1,77 @@
+//! The crate's one error type, and how each variant is shown to a client.
+
+use replichat_shared::ErrorCode;
+
+/// Everything that can go wrong in the server. Variants above `Db` are the client's doing and are reported
+/// to it as they are; the rest are internal and reported only as [`ErrorCode::Internal`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("this request needs a session: register, login or resume first")]
+    Unauthenticated,
+    #[error("this socket already has a session")]
+    AlreadyAuthenticated,
+    #[error("invalid username: {0}")]
+    InvalidUsername(&'static str),
+    #[error("the password must have 8 to 1024 characters")]
+    WeakPassword,
+    #[error("that username is taken")]
+    UsernameTaken,
+    #[error("wrong username or password")]
+    BadCredentials,
+    #[error("no account named {0:?}")]
+    UnknownUser(String),
+    #[error("you cannot send a message to yourself")]
+    SelfSend,
+    #[error("{0}")]
+    TooLong(&'static str),
+    #[error("too many failed logins for this username; wait a minute")]
+    RateLimited,
+    #[error("the server is shutting down")]
+    Unavailable,
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is not what this version expects: {0}")]
+    Corrupt(String),
+    #[error("password hashing: {0}")]
+    Hash(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The stable code a client sees for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::Unauthenticated => ErrorCode::Unauthenticated,
+            Error::AlreadyAuthenticated => ErrorCode::AlreadyAuthenticated,
+            Error::InvalidUsername(_) => ErrorCode::InvalidUsername,
+            Error::WeakPassword => ErrorCode::WeakPassword,
+            Error::UsernameTaken => ErrorCode::UsernameTaken,
+            Error::BadCredentials => ErrorCode::BadCredentials,
+            Error::UnknownUser(_) => ErrorCode::UnknownUser,
+            Error::SelfSend => ErrorCode::SelfSend,
+            Error::TooLong(_) => ErrorCode::TooLong,
+            Error::RateLimited => ErrorCode::RateLimited,
+            Error::Unavailable => ErrorCode::Unavailable,
+            Error::Db(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::Hash(_) | Error::Io(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+
+    /// The text a client sees: the error itself for client errors, nothing internal otherwise.
+    pub fn client_message(&self) -> String {
+        match self.code() {
+            ErrorCode::Internal => "internal error; nothing was changed, try again".to_owned(),
+            _ => self.to_string(),
+        }
+    }
+}

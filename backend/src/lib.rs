@@ -1,0 +1,121 @@
+//! replichat: a replicated web chat server.
+//!
+//! Every state change is an operation appended to a log `(term, index, op)`; applying the log in order to
+//! an empty database yields the chat's state, so a replica can be rebuilt from the log alone. Clients speak
+//! JSON over a WebSocket at `/ws` (types in `replichat-shared`, described in `docs/PROTOCOL.md`).
+//!
+//! # Layout
+//! - [`config`]: the command line and environment (clap).
+//! - [`error`]: the crate's error enum and the client-facing code of each variant.
+//! - [`op`]: the operations stored in the log.
+//! - [`storage`]: all SQL, for SQLite and PostgreSQL: migrations, committing an entry with its effect (the
+//!   state machine), and the read queries.
+//! - [`log`]: the write side of the log: index assignment and one-at-a-time commits.
+//! - [`chat`]: each chat operation: validate against current state, build the op, append, publish events.
+//! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
+//! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
+//! - [`session`]: one socket's session state; typed request in, typed reply out.
+//! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
+//! - [`http`]: the router, `/healthz`, and the allowed browser origins.
+//!
+//! [`start`] wires them together and serves until [`Running::shutdown`].
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod log;
+pub mod op;
+pub mod session;
+pub mod storage;
+pub mod wildcard;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::config::Config;
+pub use crate::error::{Error, Result};
+use crate::chat::Chat;
+use crate::http::Origins;
+use crate::storage::Db;
+
+/// What a replica says about itself to clients.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The replica id from `--id`.
+    pub id: u64,
+    /// Base URLs clients may connect to (for now: this node's public URL).
+    pub endpoints: Vec<String>,
+}
+
+/// Shared state handed to every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The chat service: every operation, the log and the socket registry.
+    pub chat: Arc<Chat>,
+    /// Who this node is, for `welcome` and `/healthz`.
+    pub node: Arc<NodeInfo>,
+    /// Browser origins allowed to open `/ws`.
+    pub origins: Arc<Origins>,
+    /// Cancelled when the server shuts down: every socket task closes with 1001.
+    pub shutdown: CancellationToken,
+    /// Counts open socket tasks, so shutdown can wait for them to finish their in-flight request.
+    pub tracker: TaskTracker,
+}
+
+/// A started server.
+pub struct Running {
+    /// The address it listens on (the real port when `--listen` had port 0).
+    pub addr: SocketAddr,
+    /// Its database (tests read it directly).
+    pub db: Db,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+/// Open the database (running migrations), bind `config.listen`, and serve in the background.
+pub async fn start(config: Config) -> Result<Running> {
+    let db = Db::open(&config.db).await?;
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let origins = Origins::new(config.allowed_origins.iter().cloned().chain([public_url.clone()]));
+    let state = AppState {
+        chat: Arc::new(Chat::new(db.clone()).await?),
+        node: Arc::new(NodeInfo { id: config.id, endpoints: vec![public_url] }),
+        origins: Arc::new(origins),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    };
+    tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
+    let shutdown = state.shutdown.clone();
+    let task = tokio::spawn(serve(listener, state, db.clone()));
+    Ok(Running { addr, db, shutdown, task })
+}
+
+async fn serve(listener: TcpListener, state: AppState, db: Db) -> Result<()> {
+    let (shutdown, tracker) = (state.shutdown.clone(), state.tracker.clone());
+    let app = http::router(state);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
+    // Sockets see the same token: each finishes its in-flight request, closes with 1001 and ends.
+    tracker.close();
+    tracker.wait().await;
+    db.close().await;
+    tracing::info!("replica stopped");
+    Ok(())
+}
+
+impl Running {
+    /// Stop accepting, close every socket with 1001 after its in-flight request, close the database.
+    pub async fn shutdown(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await.map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+}

@@ -1,0 +1,38 @@
+//! The `replichat` binary: parse the config, start the replica, stop cleanly on Ctrl-C or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use replichat::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Cli { command: Command::Serve(config) } = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
+        .init();
+    if let Some(path) = config.db.strip_prefix("sqlite://").and_then(|p| std::path::Path::new(p).parent()) {
+        if !path.as_os_str().is_empty() {
+            std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        }
+    }
+    let running = replichat::start(config).await.context("starting the replica")?;
+    println!("replichat listening on http://{}", running.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await.context("shutting down")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,41 @@
+//! The operations stored in the log: what a node decided when it accepted a request.
+//!
+//! An op carries every id, timestamp and hash its effect needs, so applying it is a pure function of the
+//! database and the op: no clock, no randomness. Ids are the log index of the entry that created the row.
+//! The JSON form of an op is what the `log` table stores and what replicas ship; never change the meaning
+//! of an existing variant, add new ones.
+
+use serde::{Deserialize, Serialize};
+
+/// One state change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// A new account, logged in with a first session.
+    Register {
+        user_id: i64,
+        username: String,
+        password_hash: String,
+        token_hash: String,
+        at: i64,
+    },
+    /// A new session for an existing account.
+    Login { user_id: i64, token_hash: String, at: i64 },
+    /// A session revoked.
+    Logout { token_hash: String },
+    /// A message stored.
+    Send {
+        message_id: i64,
+        sender_id: i64,
+        recipient_id: i64,
+        client_id: String,
+        text: String,
+        at: i64,
+    },
+    /// The recipient's device got every message to them with an id up to `up_to`.
+    Delivered { user_id: i64, up_to: i64, at: i64 },
+    /// The recipient read every message from `peer_id` with an id up to `up_to`.
+    Read { user_id: i64, peer_id: i64, up_to: i64, at: i64 },
+    /// An account deleted: sessions and received messages removed, sent messages kept, username freed.
+    DeleteAccount { user_id: i64, at: i64 },
+}

@@ -1,0 +1,178 @@
+//! One socket's session: which account it is logged in as, its push queue, and turning each typed request
+//! into calls on [`Chat`] and typed replies. Knows nothing of frames or JSON.
+
+use std::sync::Arc;
+
+use replichat_shared::{Request, ServerBody};
+use tokio::sync::mpsc;
+
+use crate::chat::{Attached, Authed, Chat, Mailbox};
+use crate::hub::{ConnId, Push};
+use crate::{Error, Result};
+
+/// What answering one request produced.
+#[derive(Debug)]
+pub struct Response {
+    /// The reply (it echoes the request's `req`).
+    pub reply: ServerBody,
+    /// Events to write right after the reply, in order (the login/resume backlog).
+    pub backlog: Vec<ServerBody>,
+    /// Close the socket after writing (the account was deleted).
+    pub close: bool,
+}
+
+impl From<ServerBody> for Response {
+    fn from(reply: ServerBody) -> Self {
+        Response { reply, backlog: Vec::new(), close: false }
+    }
+}
+
+/// What arrived on the push queue.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Write this frame.
+    Frame(ServerBody),
+    /// The account was deleted: write `account_deleted` and close.
+    AccountDeleted,
+    /// The socket fell too far behind and the hub dropped it: close it; the client resumes.
+    TooSlow,
+}
+
+/// The state of one socket.
+pub struct Session {
+    chat: Arc<Chat>,
+    /// Logged in as, with the queue the hub pushes to; `None` before `register`/`login`/`resume`.
+    attached: Option<(Authed, ConnId, mpsc::Receiver<Push>)>,
+    /// Highest event index this socket has been sent; pushes at or below it are already covered.
+    floor: u64,
+}
+
+impl Session {
+    /// A session with no account yet.
+    pub fn new(chat: Arc<Chat>) -> Session {
+        Session { chat, attached: None, floor: 0 }
+    }
+
+    /// Answer one request.
+    pub async fn handle(&mut self, request: Request) -> Result<Response> {
+        let chat = Arc::clone(&self.chat);
+        match request {
+            Request::Ping => Ok(ServerBody::Pong.into()),
+            Request::Register { username, password } => {
+                let mailbox = self.mailbox()?;
+                self.attach(chat.register(&username, &password, mailbox.0).await, mailbox.1).await
+            }
+            Request::Login { username, password } => {
+                let mailbox = self.mailbox()?;
+                self.attach(chat.login(&username, &password, mailbox.0).await, mailbox.1).await
+            }
+            Request::Resume { token, cursor } => {
+                let mailbox = self.mailbox()?;
+                self.attach(chat.resume(&token, cursor, mailbox.0).await, mailbox.1).await
+            }
+            Request::List { pattern, after, limit } => {
+                self.authed()?;
+                let (users, next) = chat.list(&pattern, after.as_deref(), limit).await?;
+                Ok(ServerBody::Users { users, next }.into())
+            }
+            Request::Send { to, text, client_id } => {
+                let m = chat.send(self.authed()?, &to, &text, &client_id).await?;
+                Ok(ServerBody::Sent { id: m.id, index: m.id, client_id: m.client_id, sent_at: m.sent_at }.into())
+            }
+            Request::History { with, before, limit } => {
+                let (with, messages, more) = chat.history(self.authed()?, &with, before, limit).await?;
+                Ok(ServerBody::History { with, messages, more }.into())
+            }
+            Request::Delivered { up_to } => {
+                chat.delivered(self.authed()?, up_to).await?;
+                Ok(ServerBody::Ok.into())
+            }
+            Request::Read { with, up_to } => {
+                chat.read(self.authed()?, &with, up_to).await?;
+                Ok(ServerBody::Ok.into())
+            }
+            Request::Conversations => {
+                let conversations = chat.conversations(self.authed()?).await?;
+                Ok(ServerBody::Conversations { conversations }.into())
+            }
+            Request::Typing { to } => {
+                chat.typing(self.authed()?, &to).await?;
+                Ok(ServerBody::Ok.into())
+            }
+            Request::Logout => {
+                chat.logout(self.authed()?).await?;
+                self.detach().await;
+                Ok(ServerBody::Ok.into())
+            }
+            Request::DeleteAccount { password } => {
+                chat.delete_account(self.authed()?, &password).await?;
+                // The hub already forgot this account's sockets; nothing to announce.
+                self.attached = None;
+                Ok(Response { reply: ServerBody::AccountDeleted, backlog: Vec::new(), close: true })
+            }
+        }
+    }
+
+    /// The next push for this socket, skipping events it was already sent. Pending forever while the
+    /// socket has no session.
+    pub async fn next_push(&mut self) -> Pushed {
+        let Some((_, _, rx)) = self.attached.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            match rx.recv().await {
+                None => return Pushed::TooSlow,
+                Some(Push::AccountDeleted) => return Pushed::AccountDeleted,
+                Some(Push::Frame(body)) => match body.index() {
+                    Some(index) if index <= self.floor => continue,
+                    Some(index) => {
+                        self.floor = index;
+                        return Pushed::Frame(body);
+                    }
+                    None => return Pushed::Frame(body),
+                },
+            }
+        }
+    }
+
+    /// Leave the hub (socket closing).
+    pub async fn close(&mut self) {
+        self.detach().await;
+    }
+
+    fn authed(&self) -> Result<&Authed> {
+        self.attached.as_ref().map(|(authed, _, _)| authed).ok_or(Error::Unauthenticated)
+    }
+
+    fn mailbox(&self) -> Result<(Mailbox, (ConnId, mpsc::Receiver<Push>))> {
+        if self.attached.is_some() {
+            return Err(Error::AlreadyAuthenticated);
+        }
+        let (conn, tx, rx) = self.chat.hub().channel();
+        Ok((Mailbox { conn, tx }, (conn, rx)))
+    }
+
+    async fn attach(&mut self, result: Result<Attached>, queue: (ConnId, mpsc::Receiver<Push>)) -> Result<Response> {
+        let attached = result?;
+        let (conn, rx) = queue;
+        self.floor = attached.backlog.iter().filter_map(ServerBody::index).fold(attached.cursor, u64::max);
+        if attached.first {
+            if let Err(e) = self.chat.announce_online(&attached.authed).await {
+                tracing::warn!(error = %e, "could not announce presence");
+            }
+        }
+        let reply = ServerBody::Session {
+            token: attached.token,
+            username: attached.authed.username.clone(),
+            cursor: attached.cursor,
+        };
+        self.attached = Some((attached.authed, conn, rx));
+        Ok(Response { reply, backlog: attached.backlog, close: false })
+    }
+
+    async fn detach(&mut self) {
+        if let Some((authed, conn, _)) = self.attached.take() {
+            self.chat.detach(authed.user_id, conn).await;
+        }
+    }
+}

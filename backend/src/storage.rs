@@ -1,0 +1,597 @@
+//! All SQL: opening the database, migrations, committing a log entry with its effect, and the read queries.
+//!
+//! Written once for SQLite and PostgreSQL through sqlx's `Any` driver: `$n` placeholders (both accept them),
+//! BIGINT and TEXT columns only, and one per-backend fragment (the binary collation used for sorting names).
+//! [`Db::commit_entry`] is the state machine: it applies an [`Op`] to the tables in the same transaction that
+//! stores the log entry, reading nothing but the database and the op.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use replichat_shared::{Conversation, Message, ReceiptKind, ServerBody};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
+
+use crate::op::Op;
+use crate::wildcard::{name_key, Pattern};
+use crate::{Error, Result};
+
+/// The migrations in `migrations/`, embedded at build time; one portable set for both backends.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Which database engine a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file (WAL mode, `synchronous=FULL`).
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// A handle on the node's database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// A live or deleted account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// Account id (the log index that created it).
+    pub id: i64,
+    /// Username as registered.
+    pub username: String,
+    /// argon2id PHC string; `None` once deleted.
+    pub password_hash: Option<String>,
+}
+
+/// An event for one user, produced by applying an entry: stored for `resume` and pushed live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Who sees it.
+    pub user_id: i64,
+    /// The event frame (an event variant: `message`, `receipt`, `peer_deleted`).
+    pub body: ServerBody,
+}
+
+/// One entry of the log as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Position in the log, from 1.
+    pub index: u64,
+    /// Term of the primary that created it (1 on a single node).
+    pub term: u64,
+    /// The operation.
+    pub op: Op,
+}
+
+/// The columns every message query selects, joined with both users' names.
+const MESSAGE_SELECT: &str = "SELECT m.id, s.username AS sender, r.username AS recipient, m.body, m.client_id, \
+     m.sent_at, m.delivered_at, m.read_at, s.deleted_at AS sender_deleted \
+     FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id";
+
+impl Db {
+    /// Connect to `url` (`sqlite://path` or `postgres://...`), creating a SQLite file if missing, and run
+    /// the migrations.
+    pub async fn open(url: &str) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if url.starts_with("sqlite:") {
+            (Backend::Sqlite, sqlite_url(url)?)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            return Err(Error::BadRequest(format!("unsupported database URL {url:?}: use sqlite:// or postgres://")));
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // Durability: a write is on disk when its commit returns. WAL lets readers run
+                        // beside the single writer.
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Db { pool, backend })
+    }
+
+    /// The engine behind this handle.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Close every connection (after in-flight queries finish).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// SQLite's `PRAGMA journal_mode` and `PRAGMA synchronous` as seen by a pooled connection; `None` on
+    /// PostgreSQL. Lets tests check the durability settings are really in force.
+    pub async fn sqlite_durability(&self) -> Result<Option<(String, i64)>> {
+        if self.backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&mut *conn).await?.try_get(0)?;
+        let sync: i64 = sqlx::query("PRAGMA synchronous").fetch_one(&mut *conn).await?.try_get(0)?;
+        Ok(Some((mode, sync)))
+    }
+
+    /// The index of the last entry in the log (0 when empty).
+    pub async fn last_index(&self) -> Result<u64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(idx), 0) FROM log").fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+
+    /// Store `entry` and apply its op to the state tables, in one transaction. Returns the events it caused.
+    /// On error nothing is stored.
+    pub async fn commit_entry(&self, entry: &Entry) -> Result<Vec<Delivery>> {
+        let op_json = serde_json::to_string(&entry.op).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query("INSERT INTO log (idx, term, op) VALUES ($1, $2, $3)")
+            .bind(entry.index as i64)
+            .bind(entry.term as i64)
+            .bind(op_json)
+            .execute(&mut *tx)
+            .await?;
+        let deliveries = apply(&mut tx, entry.index as i64, &entry.op).await?;
+        for d in &deliveries {
+            let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
+            sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
+                .bind(d.user_id)
+                .bind(entry.index as i64)
+                .bind(body)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO meta (name, value) VALUES ('applied_index', $1) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(entry.index as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(deliveries)
+    }
+
+    /// Log entries with an index greater than `after`, in order, at most `limit`.
+    pub async fn entries(&self, after: u64, limit: u32) -> Result<Vec<Entry>> {
+        let rows = sqlx::query("SELECT idx, term, op FROM log WHERE idx > $1 ORDER BY idx LIMIT $2")
+            .bind(after as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let index = row.try_get::<i64, _>("idx")? as u64;
+                let op: String = row.try_get("op")?;
+                let op = serde_json::from_str(&op).map_err(|e| Error::Corrupt(format!("entry {index}: {e}")))?;
+                Ok(Entry { index, term: row.try_get::<i64, _>("term")? as u64, op })
+            })
+            .collect()
+    }
+
+    /// The live account with this username (ignoring case).
+    pub async fn user_by_name(&self, username: &str) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT id, username, password_hash FROM users WHERE live_key = $1")
+            .bind(name_key(username))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The account with this id, live or deleted.
+    pub async fn user_by_id(&self, id: i64) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT id, username, password_hash FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The conversation partner `me` means by `username`: the live account with that name, else the most
+    /// recently deleted account of that name that `me` has messages from.
+    pub async fn peer_by_name(&self, me: i64, username: &str) -> Result<Option<User>> {
+        if let Some(user) = self.user_by_name(username).await? {
+            return Ok(Some(user));
+        }
+        let row = sqlx::query(
+            "SELECT u.id, u.username, u.password_hash FROM users u \
+             WHERE u.name_key = $1 AND u.deleted_at IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM messages m WHERE m.sender_id = u.id AND m.recipient_id = $2) \
+             ORDER BY u.deleted_at DESC, u.id DESC LIMIT 1",
+        )
+        .bind(name_key(username))
+        .bind(me)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The account a session token (by its hash) belongs to, if the session exists.
+    pub async fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.username, u.password_hash FROM sessions s JOIN users u ON u.id = s.user_id \
+             WHERE s.token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The message `sender_id` already stored under `client_id`, if any (idempotent sends).
+    pub async fn message_by_client_id(&self, sender_id: i64, client_id: &str) -> Result<Option<Message>> {
+        let sql = format!("{MESSAGE_SELECT} WHERE m.sender_id = $1 AND m.client_id = $2");
+        let row = sqlx::query(&sql).bind(sender_id).bind(client_id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(message_from_row).transpose()
+    }
+
+    /// Live usernames matching `pattern` whose key sorts after `after`, sorted by key; at most `limit`.
+    pub async fn list_users(&self, pattern: &Pattern, after: Option<&str>, limit: u32) -> Result<Vec<String>> {
+        let after = after.map(name_key).unwrap_or_default();
+        let collate = self.binary_collation();
+        let (filter, arg) = match pattern {
+            Pattern::All => ("", None),
+            Pattern::Exact(key) => ("AND live_key = $3", Some(key.clone())),
+            Pattern::Like(like) => ("AND live_key LIKE $3 ESCAPE '\\'", Some(like.clone())),
+        };
+        let sql = format!(
+            "SELECT username FROM users WHERE live_key IS NOT NULL AND live_key {collate} > $1 {filter} \
+             ORDER BY live_key {collate} LIMIT $2"
+        );
+        let mut query = sqlx::query(&sql).bind(after).bind(limit as i64);
+        if let Some(arg) = arg {
+            query = query.bind(arg);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(r.try_get("username")?)).collect()
+    }
+
+    /// Up to `limit` messages between `me` and `peer` with an id below `before`, newest first.
+    pub async fn history(&self, me: i64, peer: i64, before: Option<u64>, limit: u32) -> Result<Vec<Message>> {
+        let sql = format!(
+            "{MESSAGE_SELECT} WHERE ((m.sender_id = $1 AND m.recipient_id = $2) \
+             OR (m.sender_id = $2 AND m.recipient_id = $1)) AND m.id < $3 ORDER BY m.id DESC LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(me)
+            .bind(peer)
+            .bind(before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    /// Messages addressed to `me` that no session of theirs acknowledged as delivered, oldest first.
+    pub async fn undelivered(&self, me: i64) -> Result<Vec<Message>> {
+        let sql = format!("{MESSAGE_SELECT} WHERE m.recipient_id = $1 AND m.delivered_at IS NULL ORDER BY m.id");
+        let rows = sqlx::query(&sql).bind(me).fetch_all(&self.pool).await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    /// `me`'s conversations, most recent first, with the peer's id (for presence) and unread count.
+    pub async fn conversations(&self, me: i64) -> Result<Vec<(i64, Conversation)>> {
+        let rows = sqlx::query(
+            "SELECT peer, MAX(id) AS last_id, \
+             CAST(SUM(CASE WHEN recipient_id = $1 AND read_at IS NULL THEN 1 ELSE 0 END) AS BIGINT) AS unread \
+             FROM (SELECT id, recipient_id, read_at, \
+                   CASE WHEN sender_id = $1 THEN recipient_id ELSE sender_id END AS peer \
+                   FROM messages WHERE sender_id = $1 OR recipient_id = $1) t \
+             GROUP BY peer ORDER BY last_id DESC",
+        )
+        .bind(me)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let peer: i64 = row.try_get("peer")?;
+            let last_id: i64 = row.try_get("last_id")?;
+            let unread: i64 = row.try_get("unread")?;
+            let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
+            let last = message_from_row(&sqlx::query(&sql).bind(last_id).fetch_one(&self.pool).await?)?;
+            let peer_row = sqlx::query("SELECT username, deleted_at FROM users WHERE id = $1")
+                .bind(peer)
+                .fetch_one(&self.pool)
+                .await?;
+            out.push((
+                peer,
+                Conversation {
+                    with: peer_row.try_get("username")?,
+                    deleted: peer_row.try_get::<Option<i64>, _>("deleted_at")?.is_some(),
+                    online: false,
+                    unread: unread as u64,
+                    last,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Live accounts `me` has exchanged messages with: who is told about `me`'s presence.
+    pub async fn contacts(&self, me: i64) -> Result<Vec<i64>> {
+        contacts(&self.pool, me).await
+    }
+
+    /// `user_id`'s stored events with an index greater than `cursor`, in index order.
+    pub async fn events_after(&self, user_id: i64, cursor: u64) -> Result<Vec<ServerBody>> {
+        let rows = sqlx::query("SELECT body FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx")
+            .bind(user_id)
+            .bind(cursor.min(i64::MAX as u64) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let body: String = row.try_get("body")?;
+                serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("event: {e}")))
+            })
+            .collect()
+    }
+
+    /// A canonical text dump of the replicated state (every table, every row, in key order): two nodes
+    /// hold the same state exactly when their dumps are equal.
+    pub async fn dump(&self) -> Result<String> {
+        const TABLES: &[(&str, &str)] = &[
+            ("log", "SELECT idx, term, op FROM log ORDER BY idx"),
+            ("meta", "SELECT name, value FROM meta ORDER BY name"),
+            (
+                "users",
+                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at FROM users ORDER BY id",
+            ),
+            ("sessions", "SELECT token_hash, user_id, created_at FROM sessions ORDER BY token_hash"),
+            (
+                "messages",
+                "SELECT id, sender_id, recipient_id, client_id, body, sent_at, delivered_at, read_at \
+                 FROM messages ORDER BY id",
+            ),
+            ("events", "SELECT user_id, idx, body FROM events ORDER BY user_id, idx"),
+        ];
+        let mut out = String::new();
+        for (name, sql) in TABLES {
+            out.push_str(&format!("## {name}\n"));
+            for row in sqlx::query(sql).fetch_all(&self.pool).await? {
+                let cells: Vec<String> = (0..row.len()).map(|i| cell(&row, i)).collect::<Result<_>>()?;
+                out.push_str(&cells.join("\t"));
+                out.push('\n');
+            }
+        }
+        Ok(out)
+    }
+
+    /// The collation that sorts names by their bytes on this backend, so paging order is the same
+    /// everywhere (PostgreSQL would otherwise use the database's locale).
+    fn binary_collation(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => "COLLATE \"C\"",
+        }
+    }
+}
+
+/// `sqlite://path` with `mode=rwc` added so the file is created on first start.
+fn sqlite_url(url: &str) -> Result<String> {
+    if url.contains("mode=") || url.contains(":memory:") {
+        return Ok(url.to_owned());
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Ok(format!("{url}{sep}mode=rwc"))
+}
+
+/// Apply one op inside the entry's transaction: the chat state machine.
+async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delivery>> {
+    match op {
+        Op::Register { user_id, username, password_hash, token_hash, at } => {
+            let key = name_key(username);
+            sqlx::query(
+                "INSERT INTO users (id, username, name_key, live_key, password_hash, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(user_id)
+            .bind(username)
+            .bind(&key)
+            .bind(&key)
+            .bind(password_hash)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            insert_session(tx, token_hash, *user_id, *at).await?;
+            Ok(Vec::new())
+        }
+        Op::Login { user_id, token_hash, at } => {
+            insert_session(tx, token_hash, *user_id, *at).await?;
+            Ok(Vec::new())
+        }
+        Op::Logout { token_hash } => {
+            sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(token_hash).execute(&mut *tx).await?;
+            Ok(Vec::new())
+        }
+        Op::Send { message_id, sender_id, recipient_id, client_id, text, at } => {
+            sqlx::query(
+                "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(message_id)
+            .bind(sender_id)
+            .bind(recipient_id)
+            .bind(client_id)
+            .bind(text)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
+            let message = message_from_row(&sqlx::query(&sql).bind(message_id).fetch_one(&mut *tx).await?)?;
+            let body = ServerBody::Message { index: index as u64, message };
+            Ok(vec![
+                Delivery { user_id: *recipient_id, body: body.clone() },
+                Delivery { user_id: *sender_id, body },
+            ])
+        }
+        Op::Delivered { user_id, up_to, at } => {
+            let by = username_of(tx, *user_id).await?;
+            let rows = sqlx::query(
+                "SELECT sender_id, MAX(id) AS up_to FROM messages \
+                 WHERE recipient_id = $1 AND id <= $2 AND delivered_at IS NULL GROUP BY sender_id ORDER BY sender_id",
+            )
+            .bind(user_id)
+            .bind(up_to)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE messages SET delivered_at = $3 WHERE recipient_id = $1 AND id <= $2 AND delivered_at IS NULL",
+            )
+            .bind(user_id)
+            .bind(up_to)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Delivery {
+                        user_id: row.try_get("sender_id")?,
+                        body: ServerBody::Receipt {
+                            index: index as u64,
+                            kind: ReceiptKind::Delivered,
+                            by: by.clone(),
+                            up_to: row.try_get::<i64, _>("up_to")? as u64,
+                            at: *at,
+                        },
+                    })
+                })
+                .collect()
+        }
+        Op::Read { user_id, peer_id, up_to, at } => {
+            let row = sqlx::query(
+                "SELECT MAX(id) AS up_to FROM messages \
+                 WHERE recipient_id = $1 AND sender_id = $2 AND id <= $3 AND read_at IS NULL",
+            )
+            .bind(user_id)
+            .bind(peer_id)
+            .bind(up_to)
+            .fetch_one(&mut *tx)
+            .await?;
+            let Some(covered) = row.try_get::<Option<i64>, _>("up_to")? else {
+                return Ok(Vec::new());
+            };
+            sqlx::query(
+                "UPDATE messages SET read_at = $4, delivered_at = COALESCE(delivered_at, $4) \
+                 WHERE recipient_id = $1 AND sender_id = $2 AND id <= $3 AND read_at IS NULL",
+            )
+            .bind(user_id)
+            .bind(peer_id)
+            .bind(up_to)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let by = username_of(tx, *user_id).await?;
+            Ok(vec![Delivery {
+                user_id: *peer_id,
+                body: ServerBody::Receipt {
+                    index: index as u64,
+                    kind: ReceiptKind::Read,
+                    by,
+                    up_to: covered as u64,
+                    at: *at,
+                },
+            }])
+        }
+        Op::DeleteAccount { user_id, at } => {
+            let username = username_of(tx, *user_id).await?;
+            let peers = contacts(&mut *tx, *user_id).await?;
+            for sql in [
+                "DELETE FROM messages WHERE recipient_id = $1",
+                "DELETE FROM sessions WHERE user_id = $1",
+                "DELETE FROM events WHERE user_id = $1",
+            ] {
+                sqlx::query(sql).bind(user_id).execute(&mut *tx).await?;
+            }
+            sqlx::query("UPDATE users SET live_key = NULL, password_hash = NULL, deleted_at = $2 WHERE id = $1")
+                .bind(user_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            Ok(peers
+                .into_iter()
+                .map(|peer| Delivery {
+                    user_id: peer,
+                    body: ServerBody::PeerDeleted { index: index as u64, username: username.clone() },
+                })
+                .collect())
+        }
+    }
+}
+
+async fn insert_session(tx: &mut AnyConnection, token_hash: &str, user_id: i64, at: i64) -> Result<()> {
+    sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at) VALUES ($1, $2, $3)")
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+async fn username_of(tx: &mut AnyConnection, user_id: i64) -> Result<String> {
+    let row = sqlx::query("SELECT username FROM users WHERE id = $1").bind(user_id).fetch_one(&mut *tx).await?;
+    Ok(row.try_get("username")?)
+}
+
+/// Live accounts that exchanged messages with `me`, in id order.
+async fn contacts<'e, E>(executor: E, me: i64) -> Result<Vec<i64>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let rows = sqlx::query(
+        "SELECT peer FROM ( \
+           SELECT recipient_id AS peer FROM messages WHERE sender_id = $1 \
+           UNION SELECT sender_id AS peer FROM messages WHERE recipient_id = $1) t \
+         JOIN users u ON u.id = t.peer WHERE u.deleted_at IS NULL ORDER BY peer",
+    )
+    .bind(me)
+    .fetch_all(executor)
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get("peer")?)).collect()
+}
+
+fn user_from_row(row: &AnyRow) -> Result<User> {
+    Ok(User {
+        id: row.try_get("id")?,
+        username: row.try_get("username")?,
+        password_hash: row.try_get("password_hash")?,
+    })
+}
+
+fn message_from_row(row: &AnyRow) -> Result<Message> {
+    Ok(Message {
+        id: row.try_get::<i64, _>("id")? as u64,
+        from: row.try_get("sender")?,
+        to: row.try_get("recipient")?,
+        text: row.try_get("body")?,
+        client_id: row.try_get("client_id")?,
+        sent_at: row.try_get("sent_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        read_at: row.try_get("read_at")?,
+        from_deleted: row.try_get::<Option<i64>, _>("sender_deleted")?.is_some(),
+    })
+}
+
+/// One cell of a dump row as text; NULL shows as `∅`.
+fn cell(row: &AnyRow, i: usize) -> Result<String> {
+    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        return Ok(v.map_or_else(|| "∅".to_owned(), |v| v.to_string()));
+    }
+    let v: Option<String> = row.try_get(i)?;
+    Ok(v.unwrap_or_else(|| "∅".to_owned()))
+}

@@ -1,0 +1,175 @@
+//! The client WebSocket at `/ws`: checks the origin, turns text frames into typed requests and typed
+//! replies and pushes into frames. All behaviour lives in [`Session`].
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use replichat_shared::{
+    ClientFrame, ErrorCode, ServerBody, ServerFrame, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TOO_BIG, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+};
+
+use crate::session::{Pushed, Session};
+use crate::{AppState, Error};
+
+/// The transport's own hard limit. Frames between [`MAX_FRAME_BYTES`] and this are read whole and answered
+/// with a clean close 1009; beyond it the transport stops reading and we close 1009 on a best-effort basis.
+const TRANSPORT_LIMIT: usize = 1 << 20;
+/// Close code for a socket whose push queue overflowed (RFC 6455 "policy violation"); the client resumes.
+const CLOSE_TOO_SLOW: u16 = 1008;
+/// How long to wait for the client's answer to our close frame before dropping the connection.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// `GET /ws`: upgrade if the origin is allowed.
+pub async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> HttpResponse {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if !state.origins.allows(origin) {
+        tracing::warn!(?origin, "refused a WebSocket from a foreign origin");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let token = state.tracker.token();
+    ws.max_message_size(TRANSPORT_LIMIT).max_frame_size(TRANSPORT_LIMIT).on_upgrade(move |socket| async move {
+        serve(socket, state).await;
+        drop(token);
+    })
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn serve(socket: WebSocket, state: AppState) {
+    let (mut sink, mut stream) = socket.split();
+    let welcome = ServerBody::Welcome {
+        node: state.node.id,
+        term: state.chat.log().term().await,
+        endpoints: state.node.endpoints.clone(),
+        protocol: PROTOCOL_VERSION,
+    };
+    if write(&mut sink, None, welcome).await.is_err() {
+        return;
+    }
+    let mut session = Session::new(state.chat.clone());
+    let close = loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            pushed = session.next_push() => match pushed {
+                Pushed::Frame(body) => {
+                    if write(&mut sink, None, body).await.is_err() { break None; }
+                }
+                Pushed::AccountDeleted => {
+                    let _ = write(&mut sink, None, ServerBody::AccountDeleted).await;
+                    break Some((CLOSE_NORMAL, "account deleted"));
+                }
+                Pushed::TooSlow => break Some((CLOSE_TOO_SLOW, "too slow for pushes; resume")),
+            },
+            incoming = stream.next() => match incoming {
+                None | Some(Ok(Message::Close(_))) => break None,
+                Some(Err(e)) => {
+                    if is_too_big(e) { break Some((CLOSE_TOO_BIG, "frame too big")); }
+                    break None;
+                }
+                Some(Ok(Message::Text(text))) if text.len() > MAX_FRAME_BYTES => {
+                    break Some((CLOSE_TOO_BIG, "frame over 64 KiB"));
+                }
+                Some(Ok(Message::Text(text))) => {
+                    match answer(&mut session, &mut sink, text.as_str()).await {
+                        Ok(false) => {}
+                        Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
+                        Err(()) => break None,
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    let error = Error::BadRequest("binary frames are not part of the protocol; send JSON text".into());
+                    if write_error(&mut sink, None, &error).await.is_err() { break None; }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            },
+        }
+    };
+    session.close().await;
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame { code, reason: reason.into() };
+        if sink.send(Message::Close(Some(frame))).await.is_ok() {
+            // Let the client answer, so it reads our close frame before the connection goes away.
+            let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+        }
+    }
+}
+
+/// Decode one text frame, answer it, write the reply and any backlog. `Ok(true)` means close the socket.
+async fn answer(session: &mut Session, sink: &mut Sink, text: &str) -> Result<bool, ()> {
+    let (req, decoded) = decode(text);
+    let request = match decoded {
+        Ok(request) => request,
+        Err(error) => return write_error(sink, req, &error).await.map(|_| false),
+    };
+    match session.handle(request).await {
+        Ok(response) => {
+            write(sink, req, response.reply).await?;
+            for body in response.backlog {
+                write(sink, None, body).await?;
+            }
+            Ok(response.close)
+        }
+        Err(error) => write_error(sink, req, &error).await.map(|_| false),
+    }
+}
+
+/// Parse a client frame; the `req` is recovered even when the rest is malformed, so errors can echo it.
+fn decode(text: &str) -> (Option<String>, Result<replichat_shared::Request, Error>) {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(e) => return (None, Err(Error::BadRequest(format!("not JSON: {e}")))),
+    };
+    let req = value.get("req").and_then(|r| r.as_str()).map(str::to_owned);
+    if !value.is_object() {
+        return (req, Err(Error::BadRequest("a frame must be a JSON object".into())));
+    }
+    match serde_json::from_value::<ClientFrame>(value) {
+        Ok(frame) => (req, Ok(frame.request)),
+        Err(e) => (req, Err(Error::BadRequest(format!("bad frame: {e}")))),
+    }
+}
+
+async fn write(sink: &mut Sink, req: Option<String>, body: ServerBody) -> Result<(), ()> {
+    let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
+    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+}
+
+async fn write_error(sink: &mut Sink, req: Option<String>, error: &Error) -> Result<(), ()> {
+    if error.code() == ErrorCode::Internal {
+        tracing::error!(%error, "request failed");
+    }
+    write(sink, req, ServerBody::Error { code: error.code(), message: error.client_message() }).await
+}
+
+/// Whether a read error is the transport refusing an oversized frame.
+fn is_too_big(error: axum::Error) -> bool {
+    matches!(
+        error.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_keeps_req_on_bad_frames() {
+        let (req, result) = decode(r#"{"type":"send","req":"r1","to":"bob"}"#);
+        assert_eq!(req.as_deref(), Some("r1"));
+        assert!(matches!(result, Err(Error::BadRequest(_))));
+        let (req, result) = decode(r#"{"type":"nope","req":"r2"}"#);
+        assert_eq!(req.as_deref(), Some("r2"));
+        assert!(result.is_err());
+        let (req, result) = decode("[1,2]");
+        assert_eq!(req, None);
+        assert!(result.is_err());
+        assert!(decode("{").1.is_err());
+    }
+}

@@ -1,0 +1,406 @@
+//! The replichat wire protocol: every JSON frame a client and a replica exchange over `/ws`.
+//!
+//! This crate is types only (serde), so the browser app, the server and any third-party client can share it.
+//! The names here are the names in `docs/PROTOCOL.md`, one-to-one.
+//!
+//! Every frame is a JSON object with a `"type"` field naming it (snake_case). A request may carry a `"req"`
+//! string; the reply to it, or the error it caused, echoes that string back.
+//!
+//! Indexes: every state change in replichat is an entry in one totally ordered log, numbered by its `index`
+//! (1, 2, 3, ...). Every event a user must see is tagged with the index of the entry that caused it, and a
+//! client's *cursor* is the highest index it has seen. Message ids are the index of the entry that stored them,
+//! so they grow in send order too.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol, sent in [`ServerFrame::Welcome`]. Bumped on an incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest text frame the server accepts, in bytes. A bigger frame closes the socket with code
+/// [`CLOSE_TOO_BIG`].
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Close code sent when a frame exceeds [`MAX_FRAME_BYTES`] (RFC 6455 "message too big").
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code sent when the server shuts down (RFC 6455 "going away").
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code sent after `account_deleted` (RFC 6455 "normal closure").
+pub const CLOSE_NORMAL: u16 = 1000;
+
+/// Longest message text, in characters (Unicode scalar values).
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 32;
+/// Shortest password, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest password, in characters (bounds the cost of hashing a hostile input).
+pub const MAX_PASSWORD_CHARS: usize = 1024;
+/// Longest client message id, in characters.
+pub const MAX_CLIENT_ID_CHARS: usize = 64;
+/// Page size used by `list` and `history` when the request gives none; also the largest allowed.
+pub const DEFAULT_PAGE: u32 = 50;
+/// Largest page a `list` or `history` request may ask for.
+pub const MAX_PAGE: u32 = 200;
+
+/// A frame sent by a client: an optional request id plus the request itself.
+///
+/// On the wire the two are flattened into one object: `{"type":"send","req":"7","to":"bob",...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Chosen by the client; echoed in the reply (or error) to this request. Any string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<String>,
+    /// What the client asks for.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// What a client can ask of the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Create an account and log in. Reply: [`ServerFrame::Session`] with a new token.
+    Register {
+        /// 1-32 characters, no whitespace, control characters or `*`; unique ignoring case.
+        username: String,
+        /// At least 8 characters (at most 1024).
+        password: String,
+    },
+    /// Log in. Reply: [`ServerFrame::Session`] with a new token, then one [`ServerFrame::Message`] for each
+    /// message addressed to this user that no session of theirs has acknowledged with `delivered`, oldest first.
+    Login {
+        /// Case-insensitive.
+        username: String,
+        /// The account's password.
+        password: String,
+    },
+    /// Re-attach this socket to an existing session (after a reconnect). Reply: [`ServerFrame::Session`]
+    /// without a token, then every event of this user with an index greater than `cursor`, in index order.
+    Resume {
+        /// The token a `register` or `login` reply gave.
+        token: String,
+        /// The highest event index the client has seen (0 for none).
+        cursor: u64,
+    },
+    /// List usernames matching a pattern. Reply: [`ServerFrame::Users`]. Needs a session.
+    List {
+        /// `*` stands for any run of characters (possibly empty); empty or `*` lists everyone; a pattern
+        /// without `*` is an exact match. Matching ignores case.
+        #[serde(default)]
+        pattern: String,
+        /// Only names sorting after this one (the `next` of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        /// Page size, 1-200; default 50.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Send a message to one other user. Reply: [`ServerFrame::Sent`]. Needs a session.
+    Send {
+        /// Recipient's username (case-insensitive); not yourself.
+        to: String,
+        /// 1-4000 characters.
+        text: String,
+        /// The client's own id for this message (a UUID is recommended; 1-64 characters). Sending again with
+        /// the same `client_id` stores nothing new and replies with the original message's id and index.
+        client_id: String,
+    },
+    /// One page of the conversation with a user, newest page first. Reply: [`ServerFrame::History`].
+    History {
+        /// The other user's username.
+        with: String,
+        /// Only messages with an id lower than this (the lowest id of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        /// Page size, 1-200; default 50.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Receipt: every message addressed to me with an id up to `up_to` reached a device of mine.
+    /// Reply: [`ServerFrame::Ok`]. Each sender concerned receives a [`ServerFrame::Receipt`].
+    Delivered {
+        /// Highest message id covered.
+        up_to: u64,
+    },
+    /// Receipt: I have read the messages from `with` with an id up to `up_to` (implies delivered).
+    /// Reply: [`ServerFrame::Ok`]. The sender receives a [`ServerFrame::Receipt`].
+    Read {
+        /// The sender whose messages were read.
+        with: String,
+        /// Highest message id covered.
+        up_to: u64,
+    },
+    /// My conversations, most recent first. Reply: [`ServerFrame::Conversations`].
+    Conversations,
+    /// I am typing to `to`. Reply: [`ServerFrame::Ok`]; `to`'s sessions receive [`ServerFrame::Typing`].
+    Typing {
+        /// The user being typed to.
+        to: String,
+    },
+    /// Revoke the session this socket is using. Reply: [`ServerFrame::Ok`]; the socket stays open, logged out.
+    Logout,
+    /// Delete my account; the password is the confirmation. Reply: [`ServerFrame::AccountDeleted`], sent to
+    /// every open socket of the account, each then closed.
+    DeleteAccount {
+        /// The account's password, again.
+        password: String,
+    },
+    /// Liveness check. Reply: [`ServerFrame::Pong`]. Allowed without a session.
+    Ping,
+}
+
+/// Whether a receipt says a message reached a device or was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptKind {
+    /// The message reached a device of the recipient.
+    Delivered,
+    /// The recipient read the message.
+    Read,
+}
+
+/// A stored one-to-one message as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Server-assigned id: the log index of the entry that stored the message. Grows in send order.
+    pub id: u64,
+    /// Sender's username.
+    pub from: String,
+    /// Recipient's username.
+    pub to: String,
+    /// The text, exactly as sent. Render it as text, never as HTML.
+    pub text: String,
+    /// The sender's `client_id`.
+    pub client_id: String,
+    /// When the server accepted it, milliseconds since the Unix epoch.
+    pub sent_at: i64,
+    /// When the recipient acknowledged delivery, if they have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<i64>,
+    /// When the recipient read it, if they have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_at: Option<i64>,
+    /// True when the sender has since deleted their account.
+    #[serde(default)]
+    pub from_deleted: bool,
+}
+
+/// One line of the conversation list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// The other user's username.
+    pub with: String,
+    /// True when the other user deleted their account (their messages stay, replies are refused).
+    pub deleted: bool,
+    /// True when the other user has at least one open session on this server.
+    pub online: bool,
+    /// Messages from them to me not yet marked read.
+    pub unread: u64,
+    /// The latest message either way.
+    pub last: Message,
+}
+
+/// A stable machine-readable error code. Clients branch on these, never on the message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, is not text, has an unknown `type`, or a field is missing or mistyped.
+    BadRequest,
+    /// The request needs a session and this socket has none (or its token is not valid).
+    Unauthenticated,
+    /// `register`, `login` or `resume` on a socket that already has a session.
+    AlreadyAuthenticated,
+    /// The username breaks the rules (length, whitespace, control characters, `*`).
+    InvalidUsername,
+    /// The password is shorter than 8 or longer than 1024 characters.
+    WeakPassword,
+    /// Another account has this username (ignoring case).
+    UsernameTaken,
+    /// Unknown username or wrong password (deliberately not told apart).
+    BadCredentials,
+    /// No account with that username.
+    UnknownUser,
+    /// A message to yourself.
+    SelfSend,
+    /// Text empty, or over 4000 characters; or a `client_id` over 64 characters.
+    TooLong,
+    /// Too many failed logins for this username in the last minute.
+    RateLimited,
+    /// The server could not complete the request; nothing was changed. Retry later.
+    Internal,
+    /// The server is shutting down.
+    Unavailable,
+}
+
+/// A frame sent by the server: a reply (echoing `req`), an event, or a live notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerFrame {
+    /// The `req` of the request this frame answers; absent on pushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<String>,
+    /// The frame itself.
+    #[serde(flatten)]
+    pub body: ServerBody,
+}
+
+/// The body of a server frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerBody {
+    /// First frame on every socket.
+    Welcome {
+        /// This server's replica id.
+        node: u64,
+        /// The current term (1 on a single node).
+        term: u64,
+        /// Base URLs (`http://host:port`) of every replica a client may connect to.
+        endpoints: Vec<String>,
+        /// [`PROTOCOL_VERSION`].
+        protocol: u32,
+    },
+    /// Reply to `register`, `login` and `resume`: the socket now belongs to this session.
+    Session {
+        /// The session token (only on `register` and `login`). Keep it to `resume` after a reconnect.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+        /// The account's username, as registered.
+        username: String,
+        /// For `register`/`login`: the current log index; start your cursor here. For `resume`: the cursor the
+        /// client sent. Events with a higher index follow on this socket.
+        cursor: u64,
+    },
+    /// Reply to `list`.
+    Users {
+        /// Matching usernames, sorted case-insensitively.
+        users: Vec<String>,
+        /// Pass as `after` to get the next page; absent on the last page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+    },
+    /// Reply to `send`: the message is stored durably.
+    Sent {
+        /// The message id (the same on a retry).
+        id: u64,
+        /// The log index that stored it (equals `id`).
+        index: u64,
+        /// The `client_id` the request gave.
+        client_id: String,
+        /// The server's timestamp for the message.
+        sent_at: i64,
+    },
+    /// Reply to `history`: messages in ascending id order (oldest first within the page).
+    History {
+        /// The other user's username.
+        with: String,
+        /// The page.
+        messages: Vec<Message>,
+        /// True if older messages exist (ask again with `before` = the first id here).
+        more: bool,
+    },
+    /// Reply to `conversations`.
+    Conversations {
+        /// Most recent first.
+        conversations: Vec<Conversation>,
+    },
+    /// Reply to `delivered`, `read`, `typing` and `logout`.
+    Ok,
+    /// Reply to `ping`.
+    Pong,
+    /// A request failed; nothing was changed. The socket stays open.
+    Error {
+        /// Stable code to branch on.
+        code: ErrorCode,
+        /// Human-readable explanation (may change between versions).
+        message: String,
+    },
+    /// Event: a message to or from me (my own messages are echoed to all my sessions, including the sending
+    /// one; de-duplicate by `message.id`).
+    Message {
+        /// Log index of the event (equals `message.id`).
+        index: u64,
+        /// The message.
+        message: Message,
+    },
+    /// Event: a recipient acknowledged or read my messages to them with ids up to `up_to`.
+    Receipt {
+        /// Log index of the event.
+        index: u64,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The recipient's username.
+        by: String,
+        /// Highest message id covered; every earlier message of mine to `by` is covered too.
+        up_to: u64,
+        /// When it happened, milliseconds since the Unix epoch.
+        at: i64,
+    },
+    /// Event: someone I had a conversation with deleted their account.
+    PeerDeleted {
+        /// Log index of the event.
+        index: u64,
+        /// Their former username (now free to be registered again by someone else).
+        username: String,
+    },
+    /// Live only: `from` is typing to me. Not stored, not replayed.
+    Typing {
+        /// Who is typing.
+        from: String,
+    },
+    /// Live only: a contact's first session opened (`online`) or last one closed. Not stored, not replayed.
+    Presence {
+        /// The contact.
+        username: String,
+        /// Whether they now have an open session.
+        online: bool,
+    },
+    /// My account was deleted (by this or another of my sessions); the socket closes next.
+    AccountDeleted,
+}
+
+impl ServerBody {
+    /// The log index of an event frame, `None` for replies and live-only frames.
+    pub fn index(&self) -> Option<u64> {
+        match self {
+            ServerBody::Message { index, .. }
+            | ServerBody::Receipt { index, .. }
+            | ServerBody::PeerDeleted { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+}
+
+impl From<ServerBody> for ServerFrame {
+    fn from(body: ServerBody) -> Self {
+        ServerFrame { req: None, body }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frame_flattens_req_and_type() {
+        let frame: ClientFrame =
+            serde_json::from_str(r#"{"type":"send","req":"7","to":"bob","text":"hi","client_id":"c1"}"#).unwrap();
+        assert_eq!(frame.req.as_deref(), Some("7"));
+        assert_eq!(
+            frame.request,
+            Request::Send { to: "bob".into(), text: "hi".into(), client_id: "c1".into() }
+        );
+        let unit: ClientFrame = serde_json::from_str(r#"{"type":"conversations"}"#).unwrap();
+        assert_eq!(unit.request, Request::Conversations);
+    }
+
+    #[test]
+    fn server_frame_round_trips() {
+        let frame = ServerFrame {
+            req: Some("1".into()),
+            body: ServerBody::Error { code: ErrorCode::UsernameTaken, message: "taken".into() },
+        };
+        let text = serde_json::to_string(&frame).unwrap();
+        assert_eq!(text, r#"{"req":"1","type":"error","code":"username_taken","message":"taken"}"#);
+        assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), frame);
+        let ok = serde_json::to_string(&ServerFrame::from(ServerBody::Ok)).unwrap();
+        assert_eq!(ok, r#"{"type":"ok"}"#);
+    }
+}
