@@ -11,8 +11,8 @@ use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, Pass
 use argon2::Argon2;
 use rand::RngCore;
 use replichat_shared::{
-    Conversation, Message, ServerBody, DEFAULT_PAGE, MAX_CLIENT_ID_CHARS, MAX_PAGE, MAX_PASSWORD_CHARS,
-    MAX_TEXT_CHARS, MAX_USERNAME_CHARS, MIN_PASSWORD_CHARS,
+    Conversation, Message, ServerBody, DEFAULT_PAGE, MAX_CLIENT_ID_CHARS, MAX_PAGE, MAX_PASSWORD_CHARS, MAX_TEXT_CHARS,
+    MAX_USERNAME_CHARS, MIN_PASSWORD_CHARS,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;

@@ -61,9 +61,7 @@ impl Error {
             Error::TooLong(_) => ErrorCode::TooLong,
             Error::RateLimited => ErrorCode::RateLimited,
             Error::Unavailable => ErrorCode::Unavailable,
-            Error::Db(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::Hash(_) | Error::Io(_) => {
-                ErrorCode::Internal
-            }
+            Error::Db(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::Hash(_) | Error::Io(_) => ErrorCode::Internal,
         }
     }
 

@@ -56,7 +56,9 @@ impl Origins {
             rest.split(':').next().unwrap_or_default().to_owned()
         };
         let port_ok = rest[host.len()..].is_empty()
-            || rest[host.len()..].strip_prefix(':').is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            || rest[host.len()..]
+                .strip_prefix(':')
+                .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
         port_ok && matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]")
     }
 }

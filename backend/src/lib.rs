@@ -40,9 +40,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::chat::Chat;
 pub use crate::config::Config;
 pub use crate::error::{Error, Result};
-use crate::chat::Chat;
 use crate::http::Origins;
 use crate::storage::Db;
 

@@ -9,6 +9,7 @@ async fn main() -> anyhow::Result<()> {
     let Cli { command: Command::Serve(config) } = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
+        .with_writer(std::io::stderr)
         .init();
     if let Some(path) = config.db.strip_prefix("sqlite://").and_then(|p| std::path::Path::new(p).parent()) {
         if !path.as_os_str().is_empty() {
@@ -27,7 +28,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

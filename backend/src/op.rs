@@ -12,26 +12,13 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// A new account, logged in with a first session.
-    Register {
-        user_id: i64,
-        username: String,
-        password_hash: String,
-        token_hash: String,
-        at: i64,
-    },
+    Register { user_id: i64, username: String, password_hash: String, token_hash: String, at: i64 },
     /// A new session for an existing account.
     Login { user_id: i64, token_hash: String, at: i64 },
     /// A session revoked.
     Logout { token_hash: String },
     /// A message stored.
-    Send {
-        message_id: i64,
-        sender_id: i64,
-        recipient_id: i64,
-        client_id: String,
-        text: String,
-        at: i64,
-    },
+    Send { message_id: i64, sender_id: i64, recipient_id: i64, client_id: String, text: String, at: i64 },
     /// The recipient's device got every message to them with an id up to `up_to`.
     Delivered { user_id: i64, up_to: i64, at: i64 },
     /// The recipient read every message from `peer_id` with an id up to `up_to`.

@@ -434,10 +434,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
             let message = message_from_row(&sqlx::query(&sql).bind(message_id).fetch_one(&mut *tx).await?)?;
             let body = ServerBody::Message { index: index as u64, message };
-            Ok(vec![
-                Delivery { user_id: *recipient_id, body: body.clone() },
-                Delivery { user_id: *sender_id, body },
-            ])
+            Ok(vec![Delivery { user_id: *recipient_id, body: body.clone() }, Delivery { user_id: *sender_id, body }])
         }
         Op::Delivered { user_id, up_to, at } => {
             let by = username_of(tx, *user_id).await?;

@@ -149,10 +149,7 @@ async fn write_error(sink: &mut Sink, req: Option<String>, error: &Error) -> Res
 
 /// Whether a read error is the transport refusing an oversized frame.
 fn is_too_big(error: axum::Error) -> bool {
-    matches!(
-        error.into_inner().downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    )
+    matches!(error.into_inner().downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
 }
 
 #[cfg(test)]

@@ -383,10 +383,7 @@ mod tests {
         let frame: ClientFrame =
             serde_json::from_str(r#"{"type":"send","req":"7","to":"bob","text":"hi","client_id":"c1"}"#).unwrap();
         assert_eq!(frame.req.as_deref(), Some("7"));
-        assert_eq!(
-            frame.request,
-            Request::Send { to: "bob".into(), text: "hi".into(), client_id: "c1".into() }
-        );
+        assert_eq!(frame.request, Request::Send { to: "bob".into(), text: "hi".into(), client_id: "c1".into() });
         let unit: ClientFrame = serde_json::from_str(r#"{"type":"conversations"}"#).unwrap();
         assert_eq!(unit.request, Request::Conversations);
     }

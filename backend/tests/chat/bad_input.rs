@@ -1,0 +1,100 @@
+//! Malformed and hostile input: an error frame with a stable code, the socket stays open, nothing stored.
+
+use replichat_shared::{ErrorCode, Request, ServerBody};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::both;
+use crate::util::*;
+
+async fn expect_code(client: &mut Client, code: ErrorCode, req: Option<&str>) {
+    let frame = client.next_frame().await;
+    assert_eq!(frame.req.as_deref(), req, "error echoes req: {frame:?}");
+    match frame.body {
+        ServerBody::Error { code: got, message } => {
+            assert_eq!(got, code, "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected error {code:?}, got {other:?}"),
+    }
+}
+
+both!(malformed_frames_get_error_codes_and_the_socket_stays_open, |engine| async move {
+    let server = server(engine).await;
+    let mut c = server.client().await;
+    for (frame, req) in [
+        ("not json at all", None),
+        ("[1,2,3]", None),
+        ("\"a string\"", None),
+        (r#"{"req":"a1"}"#, Some("a1")),
+        (r#"{"type":"fly_to_the_moon","req":"a2"}"#, Some("a2")),
+        (r#"{"type":"register","req":"a3","username":"x"}"#, Some("a3")),
+        (r#"{"type":"register","req":"a4","username":5,"password":"password123"}"#, Some("a4")),
+        (r#"{"type":"resume","req":"a5","token":"t","cursor":-1}"#, Some("a5")),
+        (r#"{"type":"send","req":"a6","to":"x"}"#, Some("a6")),
+    ] {
+        c.send_text(frame).await;
+        expect_code(&mut c, ErrorCode::BadRequest, req).await;
+    }
+    c.send_raw(WsMessage::Binary(vec![0xde, 0xad].into())).await;
+    expect_code(&mut c, ErrorCode::BadRequest, None).await;
+    // Still usable.
+    assert_eq!(c.request(Request::Ping).await, ServerBody::Pong);
+});
+
+both!(requests_that_need_a_session_are_refused_without_one, |engine| async move {
+    let server = server(engine).await;
+    let mut c = server.client().await;
+    for request in [
+        Request::List { pattern: "*".into(), after: None, limit: None },
+        Request::Send { to: "x".into(), text: "y".into(), client_id: "z".into() },
+        Request::History { with: "x".into(), before: None, limit: None },
+        Request::Delivered { up_to: 1 },
+        Request::Read { with: "x".into(), up_to: 1 },
+        Request::Conversations,
+        Request::Typing { to: "x".into() },
+        Request::Logout,
+        Request::DeleteAccount { password: "password123".into() },
+    ] {
+        c.expect_error(request, ErrorCode::Unauthenticated).await;
+    }
+    assert_eq!(server.db().last_index().await.unwrap(), 0, "nothing was appended");
+});
+
+both!(a_frame_over_64_kib_closes_with_1009_and_stores_nothing, |engine| async move {
+    let server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    let before = server.db().dump().await.unwrap();
+    let huge = format!(r#"{{"type":"send","to":"bob","client_id":"big","text":"{}"}}"#, "x".repeat(70 * 1024));
+    alice.send_text(huge).await;
+    let frame = alice.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1009);
+    assert_eq!(server.db().dump().await.unwrap(), before);
+
+    // Far beyond the limit the transport refuses to read the frame at all and the connection ends (with a
+    // 1009 close when the client is still there to read it; the write itself may be cut short).
+    let mut c = server.client().await;
+    c.try_send_text("y".repeat(3 << 20)).await;
+    if let Some(frame) = c.expect_close().await {
+        assert_eq!(u16::from(frame.code), 1009);
+    }
+    // The server is fine.
+    let mut d = server.client().await;
+    assert_eq!(d.request(Request::Ping).await, ServerBody::Pong);
+});
+
+both!(foreign_origins_are_refused, |engine| async move {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = server(engine).await;
+    let mut request = server.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert("origin", "http://evil.example".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(request).await.expect_err("refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 403),
+        other => panic!("expected HTTP 403, got {other:?}"),
+    }
+    let mut request = server.ws_url().into_client_request().unwrap();
+    let own = format!("http://{}", server.addr);
+    request.headers_mut().insert("origin", own.parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.expect("own origin accepted");
+});

@@ -1,0 +1,84 @@
+//! The process around the chat: durability settings, restart, graceful shutdown, health.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use replichat_shared::{Request, ServerBody};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::both;
+use crate::util::*;
+
+#[tokio::test]
+async fn sqlite_runs_in_wal_mode_with_full_sync() {
+    let server = server(Engine::Sqlite).await;
+    let (mode, sync) = server.db().sqlite_durability().await.unwrap().expect("sqlite");
+    assert_eq!(mode.to_lowercase(), "wal");
+    assert_eq!(sync, 2, "synchronous = FULL");
+}
+
+both!(state_survives_a_restart, |engine| async move {
+    let mut server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    let id = alice.send_message("bob", "persisted").await;
+    let token = alice.token.clone().unwrap();
+    server.stop().await;
+
+    let running = replichat::start(replichat::Config::for_tests(server.url.clone())).await.unwrap();
+    let mut again = Client::connect(&format!("ws://{}/ws", running.addr)).await;
+    // The session, the log position and the message all survived.
+    again.request(Request::Resume { token, cursor: 0 }).await;
+    let ServerBody::Message { message, .. } = again.next_push().await else { panic!() };
+    assert_eq!((message.id, message.text.as_str()), (id, "persisted"));
+    let next = again.send_message("bob", "after restart").await;
+    assert!(next > id, "indexes continue after a restart");
+    running.shutdown().await.unwrap();
+});
+
+/// The real binary: `/healthz`, then SIGTERM closes sockets with 1001 and exits 0.
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1001_and_exits_0() {
+    init_tracing();
+    let db = fresh_db(Engine::Sqlite).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
+        .args(["serve", "--id", "3", "--listen", "127.0.0.1:0", "--db", &db])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn replichat");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("startup line").unwrap().expect("a line");
+    let base = line.strip_prefix("replichat listening on ").expect("announces its address").to_owned();
+
+    let health = http_get(&format!("{}/healthz", base.trim_start_matches("http://"))).await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains(r#""id":3"#), "{health}");
+
+    let mut client = Client::connect(&format!("{}/ws", base.replace("http://", "ws://"))).await;
+    let ServerBody::Welcome { node, .. } = client.welcome.clone() else { panic!() };
+    assert_eq!(node, 3);
+    client.register("alice", "password123").await;
+
+    let pid = child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let frame = client.expect_close().await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 1001);
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits").unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket (no HTTP client dependency needed for one request).
+async fn http_get(host_and_path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, path) = host_and_path.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    stream
+        .write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}

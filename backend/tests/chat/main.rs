@@ -1,0 +1,10 @@
+//! The chat suite: the real server on port 0, spoken to over real WebSockets, on SQLite and on PostgreSQL.
+
+mod util;
+
+mod accounts;
+mod bad_input;
+mod determinism;
+mod lifecycle;
+mod messaging;
+mod sessions;
