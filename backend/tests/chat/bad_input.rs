@@ -98,3 +98,40 @@ both!(foreign_origins_are_refused, |engine| async move {
     request.headers_mut().insert("origin", own.parse().unwrap());
     tokio_tungstenite::connect_async(request).await.expect("own origin accepted");
 });
+
+both!(random_garbage_never_crashes_the_server_or_changes_state, |engine| async move {
+    use rand::{Rng, SeedableRng};
+    let server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    alice.send_message("bob", "keep me").await;
+    let before = server.db().dump().await.unwrap();
+
+    // Seeded, so a failure reproduces. Frames that look almost right are the interesting ones.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let types = ["register", "login", "resume", "list", "history", "read", "delivered", "typing", "send", "x", ""];
+    let values = ["null", "true", "-1", "1e309", "18446744073709551616", "\"\"", "[]", "{}", "\"\\u0000\"", "0.5"];
+    let mut c = server.client().await;
+    for i in 0..300 {
+        let frame = match rng.gen_range(0..3) {
+            0 => {
+                let t = types[rng.gen_range(0..types.len())];
+                let mut fields = vec![format!("\"type\":\"{t}\""), format!("\"req\":\"g{i}\"")];
+                for key in ["username", "password", "token", "cursor", "to", "text", "client_id", "up_to", "limit"] {
+                    if rng.gen_bool(0.5) {
+                        fields.push(format!("\"{key}\":{}", values[rng.gen_range(0..values.len())]));
+                    }
+                }
+                format!("{{{}}}", fields.join(","))
+            }
+            1 => (0..rng.gen_range(0..200)).map(|_| rng.gen_range(0x20u8..0x7f) as char).collect(),
+            _ => String::from_utf8_lossy(&(0..rng.gen_range(1..100)).map(|_| rng.gen()).collect::<Vec<u8>>())
+                .into_owned(),
+        };
+        c.send_text(frame).await;
+        let reply = c.next_frame().await;
+        assert!(matches!(reply.body, ServerBody::Error { .. }), "frame {i}: {reply:?}");
+    }
+    assert_eq!(c.request(Request::Ping).await, ServerBody::Pong);
+    assert_eq!(server.db().dump().await.unwrap(), before, "garbage changed nothing");
+});
