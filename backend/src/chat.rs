@@ -15,11 +15,12 @@ use replichat_shared::{
     MAX_USERNAME_CHARS, MIN_PASSWORD_CHARS,
 };
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, MutexGuard};
+use tokio_util::sync::CancellationToken;
 
 use crate::hub::{ConnId, Hub, Push};
-use crate::log::{Appender, Log};
 use crate::op::Op;
+use crate::replication::{Replication, Role};
 use crate::storage::{Db, Delivery, User};
 use crate::wildcard::Pattern;
 use crate::{Error, Result};
@@ -64,19 +65,44 @@ pub struct Mailbox {
     pub tx: mpsc::Sender<Push>,
 }
 
+/// How long a write waits for its entry to be committed and applied before answering `unavailable`.
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
+
 /// The chat service. One per node, shared by every socket.
 pub struct Chat {
     db: Db,
-    log: Log,
+    replication: Replication,
     hub: Hub,
+    /// The one writer: held from a request's validation until its entry is applied, so validation always sees
+    /// every earlier write and the index an op is built for is the index it gets. A tokio mutex because it
+    /// is held across those `.await`s.
+    writer: tokio::sync::Mutex<()>,
+    /// Highest index applied to the state tables, published by the applier.
+    applied: watch::Receiver<u64>,
     failed_logins: Mutex<HashMap<String, VecDeque<Instant>>>,
 }
 
+/// The right to write, with the index the next entry will get.
+pub struct Writer<'a> {
+    _guard: MutexGuard<'a, ()>,
+    next: u64,
+}
+
 impl Chat {
-    /// The service over an opened database.
-    pub async fn new(db: Db) -> Result<Chat> {
-        let log = Log::open(db.clone()).await?;
-        Ok(Chat { db, log, hub: Hub::default(), failed_logins: Mutex::default() })
+    /// The service over an opened database and a started replication core; starts the applier, which
+    /// applies committed entries in order and pushes the events they cause.
+    pub async fn start(db: Db, replication: Replication, shutdown: CancellationToken) -> Result<std::sync::Arc<Chat>> {
+        let (applied_tx, applied) = watch::channel(db.applied_index().await?);
+        let chat = std::sync::Arc::new(Chat {
+            db,
+            replication,
+            hub: Hub::default(),
+            writer: tokio::sync::Mutex::new(()),
+            applied,
+            failed_logins: Mutex::default(),
+        });
+        tokio::spawn(std::sync::Arc::clone(&chat).apply_committed(applied_tx, shutdown));
+        Ok(chat)
     }
 
     /// The database (for reads that need no validation).
@@ -84,9 +110,94 @@ impl Chat {
         &self.db
     }
 
-    /// The log (index and term).
-    pub fn log(&self) -> &Log {
-        &self.log
+    /// The replication core's handle.
+    pub fn replication(&self) -> &Replication {
+        &self.replication
+    }
+
+    /// Highest index applied to the state tables.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// The applier: whenever the commit index moves, apply the new entries in one transaction and push the
+    /// events they caused, in index order.
+    async fn apply_committed(self: std::sync::Arc<Self>, applied: watch::Sender<u64>, shutdown: CancellationToken) {
+        let mut status = self.replication.status();
+        loop {
+            let commit = status.borrow_and_update().commit_index;
+            if commit > *applied.borrow() {
+                match self.db.apply_committed(commit).await {
+                    Ok((index, deliveries)) => {
+                        for Delivery { user_id, body } in deliveries {
+                            self.hub.push(user_id, Push::Frame(body));
+                        }
+                        applied.send_replace(index);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, commit, "applying committed entries failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = status.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Wait for the right to write: only the primary writes, and only once everything in its log is applied.
+    async fn writer(&self) -> Result<Writer<'_>> {
+        let guard = self.writer.lock().await;
+        let last = {
+            let status = self.replication.status();
+            let status = status.borrow();
+            if status.role != Role::Primary {
+                return Err(Error::Unavailable);
+            }
+            status.last_index
+        };
+        self.wait_applied(last).await?;
+        let next = self.replication.status().borrow().last_index + 1;
+        Ok(Writer { _guard: guard, next })
+    }
+
+    /// Propose `op` as the next entry and wait until it is committed and applied (its events pushed).
+    async fn commit(&self, writer: &mut Writer<'_>, op: Op) -> Result<u64> {
+        let index = self.replication.propose(writer.next, op.to_json()).await?;
+        self.wait_applied(index).await?;
+        writer.next = index + 1;
+        Ok(index)
+    }
+
+    /// Wait until `index` is applied; `unavailable` if this replica stops being primary or it takes too long.
+    async fn wait_applied(&self, index: u64) -> Result<()> {
+        let mut applied = self.applied.clone();
+        let mut status = self.replication.status();
+        let term = status.borrow().term;
+        let wait = async {
+            loop {
+                if *applied.borrow_and_update() >= index {
+                    return Ok(());
+                }
+                {
+                    let now = status.borrow_and_update();
+                    if now.role != Role::Primary || now.term != term {
+                        return Err(Error::Unavailable);
+                    }
+                }
+                tokio::select! {
+                    changed = applied.changed() => changed.map_err(|_| Error::Unavailable)?,
+                    changed = status.changed() => changed.map_err(|_| Error::Unavailable)?,
+                }
+            }
+        };
+        tokio::time::timeout(COMMIT_WAIT, wait).await.map_err(|_| Error::Unavailable)?
     }
 
     /// The registry of open sockets.
@@ -100,11 +211,11 @@ impl Chat {
         validate_password(password)?;
         let password_hash = hash_password(password).await?;
         let (token, token_hash) = new_token();
-        let mut appender = self.log.appender().await;
+        let mut writer = self.writer().await?;
         if self.db.user_by_name(username).await?.is_some() {
             return Err(Error::UsernameTaken);
         }
-        let user_id = appender.next_index() as i64;
+        let user_id = writer.next as i64;
         let op = Op::Register {
             user_id,
             username: username.to_owned(),
@@ -112,9 +223,9 @@ impl Chat {
             token_hash: token_hash.clone(),
             at: now_ms(),
         };
-        let cursor = self.commit(&mut appender, op).await?;
+        let cursor = self.commit(&mut writer, op).await?;
         let first = self.hub.attach(user_id, mailbox.conn, mailbox.tx);
-        drop(appender);
+        drop(writer);
         let authed = Authed { user_id, username: username.to_owned(), token_hash };
         Ok(Attached { authed, token: Some(token), cursor, backlog: Vec::new(), first })
     }
@@ -140,23 +251,27 @@ impl Chat {
             return Err(Error::BadCredentials);
         };
         let (token, token_hash) = new_token();
-        let mut appender = self.log.appender().await;
+        let mut writer = self.writer().await?;
         // The account may have been deleted while the password was being checked.
         if self.db.user_by_name(username).await?.map(|u| u.id) != Some(user.id) {
             return Err(Error::BadCredentials);
         }
         let op = Op::Login { user_id: user.id, token_hash: token_hash.clone(), at: now_ms() };
-        let cursor = self.commit(&mut appender, op).await?;
+        let cursor = self.commit(&mut writer, op).await?;
+        let mailbox_conn = mailbox.conn;
         let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
-        drop(appender);
-        let backlog = self
-            .db
-            .undelivered(user.id)
-            .await?
-            .into_iter()
-            .filter(|m| m.id <= cursor)
-            .map(|message| ServerBody::Message { index: message.id, message })
-            .collect();
+        drop(writer);
+        let backlog = match self.db.undelivered(user.id).await {
+            Ok(messages) => messages
+                .into_iter()
+                .filter(|m| m.id <= cursor)
+                .map(|message| ServerBody::Message { index: message.id, message })
+                .collect(),
+            Err(e) => {
+                self.detach(user.id, mailbox_conn).await;
+                return Err(e);
+            }
+        };
         let authed = Authed { user_id: user.id, username: user.username, token_hash };
         Ok(Attached { authed, token: Some(token), cursor, backlog, first })
     }
@@ -164,6 +279,12 @@ impl Chat {
     /// `resume`: re-attach to the session `token` names and return its events after `cursor`.
     pub async fn resume(&self, token: &str, cursor: u64, mailbox: Mailbox) -> Result<Attached> {
         let token_hash = hash_token(token);
+        // A cursor from before a failover may be ahead of what this new primary has applied yet.
+        if cursor > self.applied_index() {
+            self.wait_applied(cursor).await.map_err(|_| {
+                Error::BadRequest(format!("cursor {cursor} is ahead of this replica's log; resume from a lower cursor"))
+            })?;
+        }
         let user = self.db.user_by_token(&token_hash).await?.ok_or(Error::Unauthenticated)?;
         // Attach before reading, so an event committed meanwhile is either read here or pushed.
         let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
@@ -223,7 +344,7 @@ impl Chat {
         if client_id.is_empty() || client_id.chars().count() > MAX_CLIENT_ID_CHARS {
             return Err(Error::BadRequest("client_id must have 1 to 64 characters".to_owned()));
         }
-        let mut appender = self.log.appender().await;
+        let mut writer = self.writer().await?;
         // A retry of a send that was stored: answer with the original, store nothing.
         if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
             return Ok(original);
@@ -232,7 +353,7 @@ impl Chat {
         if recipient.id == me.user_id {
             return Err(Error::SelfSend);
         }
-        let message_id = appender.next_index() as i64;
+        let message_id = writer.next as i64;
         let op = Op::Send {
             message_id,
             sender_id: me.user_id,
@@ -241,8 +362,8 @@ impl Chat {
             text: text.to_owned(),
             at: now_ms(),
         };
-        self.commit(&mut appender, op).await?;
-        drop(appender);
+        self.commit(&mut writer, op).await?;
+        drop(writer);
         self.db
             .message_by_client_id(me.user_id, client_id)
             .await?
@@ -259,7 +380,7 @@ impl Chat {
         limit: Option<u32>,
     ) -> Result<(String, Vec<Message>, bool)> {
         let limit = page(limit)?;
-        let peer = self.db.peer_by_name(me.user_id, with).await?.ok_or_else(|| Error::UnknownUser(with.to_owned()))?;
+        let peer = self.peer(me, with).await?;
         let mut messages = self.db.history(me.user_id, peer.id, before, limit + 1).await?;
         let more = messages.len() > limit as usize;
         messages.truncate(limit as usize);
@@ -269,19 +390,24 @@ impl Chat {
 
     /// `delivered`: every message to me up to `up_to` reached a device.
     pub async fn delivered(&self, me: &Authed, up_to: u64) -> Result<()> {
-        let mut appender = self.log.appender().await;
-        let up_to = up_to.min(appender.last_index()) as i64;
-        self.commit(&mut appender, Op::Delivered { user_id: me.user_id, up_to, at: now_ms() }).await?;
+        let mut writer = self.writer().await?;
+        let up_to = up_to.min(writer.next - 1) as i64;
+        // A receipt that covers nothing new is not worth a log entry.
+        if self.db.has_unacknowledged(me.user_id, None, up_to, false).await? {
+            self.commit(&mut writer, Op::Delivered { user_id: me.user_id, up_to, at: now_ms() }).await?;
+        }
         Ok(())
     }
 
     /// `read`: I read `with`'s messages up to `up_to`.
     pub async fn read(&self, me: &Authed, with: &str, up_to: u64) -> Result<()> {
-        let mut appender = self.log.appender().await;
-        let peer = self.db.peer_by_name(me.user_id, with).await?.ok_or_else(|| Error::UnknownUser(with.to_owned()))?;
-        let up_to = up_to.min(appender.last_index()) as i64;
-        let op = Op::Read { user_id: me.user_id, peer_id: peer.id, up_to, at: now_ms() };
-        self.commit(&mut appender, op).await?;
+        let mut writer = self.writer().await?;
+        let peer = self.peer(me, with).await?;
+        let up_to = up_to.min(writer.next - 1) as i64;
+        if self.db.has_unacknowledged(me.user_id, Some(peer.id), up_to, true).await? {
+            let op = Op::Read { user_id: me.user_id, peer_id: peer.id, up_to, at: now_ms() };
+            self.commit(&mut writer, op).await?;
+        }
         Ok(())
     }
 
@@ -309,8 +435,8 @@ impl Chat {
 
     /// `logout`: revoke the session. The caller detaches the socket.
     pub async fn logout(&self, me: &Authed) -> Result<()> {
-        let mut appender = self.log.appender().await;
-        self.commit(&mut appender, Op::Logout { token_hash: me.token_hash.clone() }).await?;
+        let mut writer = self.writer().await?;
+        self.commit(&mut writer, Op::Logout { token_hash: me.token_hash.clone() }).await?;
         Ok(())
     }
 
@@ -324,19 +450,23 @@ impl Chat {
         if !verify_password(password, &hash).await? {
             return Err(Error::BadCredentials);
         }
-        let mut appender = self.log.appender().await;
-        self.commit(&mut appender, Op::DeleteAccount { user_id: me.user_id, at: now_ms() }).await?;
-        self.hub.push(me.user_id, Push::AccountDeleted);
+        let mut writer = self.writer().await?;
+        // Another session of the account may have deleted it while the password was being checked.
+        if self.db.user_by_id(me.user_id).await?.and_then(|u| u.password_hash).is_none() {
+            return Err(Error::Unauthenticated);
+        }
+        self.commit(&mut writer, Op::DeleteAccount { user_id: me.user_id, at: now_ms() }).await?;
+        self.hub.close_user(me.user_id);
         Ok(())
     }
 
-    /// Append `op` and push the events it caused, still holding the appender so pushes leave in index order.
-    async fn commit(&self, appender: &mut Appender<'_>, op: Op) -> Result<u64> {
-        let (index, deliveries) = appender.append(op).await?;
-        for Delivery { user_id, body } in deliveries {
-            self.hub.push(user_id, Push::Frame(body));
+    /// The conversation partner named `with`: not yourself, and existing (or deleted, with history).
+    async fn peer(&self, me: &Authed, with: &str) -> Result<User> {
+        let peer = self.db.peer_by_name(me.user_id, with).await?.ok_or_else(|| Error::UnknownUser(with.to_owned()))?;
+        if peer.id == me.user_id {
+            return Err(Error::SelfSend);
         }
-        Ok(index)
+        Ok(peer)
     }
 
     async fn announce_presence(&self, authed: &Authed, online: bool) -> Result<()> {

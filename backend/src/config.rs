@@ -45,6 +45,25 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Every replica of the cluster, this one included, as `id=url` pairs separated by commas:
+    /// `0=http://127.0.0.1:8080,1=http://127.0.0.1:8081,2=http://127.0.0.1:8082`. Empty: a cluster of one.
+    #[arg(long, env = "REPLICHAT_PEERS", value_delimiter = ',', value_parser = parse_peer)]
+    pub peers: Vec<Peer>,
+
+    /// Shared secret replicas present to each other on `/internal/replicate`. Required with `--peers`.
+    #[arg(long, env = "REPLICHAT_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+
+    /// How often the primary sends heartbeats (and unsent entries) to each backup, in milliseconds.
+    #[arg(long, env = "REPLICHAT_HEARTBEAT_MS", default_value_t = 100)]
+    pub heartbeat_ms: u64,
+
+    /// A backup that hears no primary for this long (plus `id` × half of it, plus up to 10% jitter, so the
+    /// lowest id tries first) starts an election; a primary that hears no majority for this long steps down.
+    /// Milliseconds.
+    #[arg(long, env = "REPLICHAT_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
+    pub election_timeout_ms: u64,
+
     /// Log filter in `tracing` EnvFilter syntax (`info`, `replichat=debug`, ...).
     #[arg(long, env = "REPLICHAT_LOG", default_value = "info")]
     pub log: String,
@@ -59,7 +78,43 @@ impl Config {
             db: db.into(),
             public_url: None,
             allowed_origins: Vec::new(),
+            peers: Vec::new(),
+            cluster_secret: None,
+            heartbeat_ms: 100,
+            election_timeout_ms: 1000,
             log: "info".to_owned(),
         }
+    }
+}
+
+/// One replica of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its replica id.
+    pub id: u64,
+    /// Its base URL, `http://host:port`.
+    pub url: String,
+}
+
+fn parse_peer(s: &str) -> Result<Peer, String> {
+    let (id, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected id=url"))?;
+    let id = id.trim().parse().map_err(|_| format!("{s:?}: the id must be a number"))?;
+    let url = url.trim().trim_end_matches('/').to_owned();
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(format!("{s:?}: the url must start with http:// or https://"));
+    }
+    Ok(Peer { id, url })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse() {
+        assert_eq!(parse_peer("1=http://127.0.0.1:8081/"), Ok(Peer { id: 1, url: "http://127.0.0.1:8081".into() }));
+        assert!(parse_peer("x=http://a").is_err());
+        assert!(parse_peer("1=ftp://a").is_err());
+        assert!(parse_peer("http://a").is_err());
     }
 }

@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
+use replichat_shared::ClusterStatus;
 use serde_json::json;
 use tower_http::trace::TraceLayer;
 
@@ -13,19 +14,41 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(healthz))
+        .route("/api/cluster", get(cluster))
+        .route("/internal/replicate", get(crate::internal::upgrade))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// `GET /healthz`: 200 with the node id and log position while the node serves.
+/// `GET /healthz`: 200 with the node id, role and log position while the node serves.
 async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let status = state.chat.replication().status().borrow().clone();
     Json(json!({
         "status": "ok",
         "id": state.node.id,
-        "term": state.chat.log().term().await,
-        "last_index": state.chat.log().last_index().await,
+        "role": status.role.name(),
+        "term": status.term,
+        "last_index": status.last_index,
+        "applied_index": state.chat.applied_index(),
         "sessions": state.chat.hub().sessions(),
     }))
+}
+
+/// `GET /api/cluster`: this replica's view of the cluster (CORS-open, so an admin page served by any
+/// replica can ask every other one).
+async fn cluster(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    let status = state.chat.replication().status().borrow().clone();
+    let body = ClusterStatus {
+        id: state.node.id,
+        role: status.role.name().to_owned(),
+        term: status.term,
+        leader: status.leader,
+        commit_index: status.commit_index,
+        last_index: status.last_index,
+        applied_index: state.chat.applied_index(),
+        replicas: status.replicas,
+    };
+    ([(axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")], Json(body))
 }
 
 /// Which browser origins may open `/ws` (protection against cross-site WebSocket hijacking).
@@ -41,25 +64,27 @@ impl Origins {
     }
 
     /// Whether a request with this `Origin` header may upgrade. No header means not a browser: allowed.
-    pub fn allows(&self, origin: Option<&str>) -> bool {
+    /// A header that is not valid text is refused.
+    pub fn allows(&self, origin: Option<&[u8]>) -> bool {
         let Some(origin) = origin else { return true };
+        let Ok(origin) = std::str::from_utf8(origin) else { return false };
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
         if self.allowed.contains(&origin) {
             return true;
         }
-        let Some(rest) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
+        let Some(authority) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
             return false;
         };
-        let host = if rest.starts_with('[') {
-            rest.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
-        } else {
-            rest.split(':').next().unwrap_or_default().to_owned()
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((host, port)) => (host, port),
+                None => return false,
+            },
+            None => authority.split_at(authority.find(':').unwrap_or(authority.len())),
         };
-        let port_ok = rest[host.len()..].is_empty()
-            || rest[host.len()..]
-                .strip_prefix(':')
-                .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        port_ok && matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]")
+        let port_ok = port.is_empty()
+            || port.strip_prefix(':').is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        port_ok && matches!(host, "localhost" | "127.0.0.1" | "::1")
     }
 }
 
@@ -70,16 +95,22 @@ mod tests {
     #[test]
     fn origins() {
         let origins = Origins::new(["http://chat.example.com:8080".to_owned()]);
-        assert!(origins.allows(None));
-        assert!(origins.allows(Some("http://chat.example.com:8080")));
-        assert!(origins.allows(Some("http://localhost:3000")));
-        assert!(origins.allows(Some("http://127.0.0.1:8081")));
-        assert!(origins.allows(Some("http://[::1]:8082")));
-        assert!(origins.allows(Some("https://localhost")));
-        assert!(!origins.allows(Some("http://evil.example.com")));
-        assert!(!origins.allows(Some("http://localhost.evil.com")));
-        assert!(!origins.allows(Some("http://127.0.0.1.evil.com:80")));
-        assert!(!origins.allows(Some("null")));
-        assert!(!origins.allows(Some("http://chat.example.com:9999")));
+        let origins = |o: &str| origins.allows(Some(o.as_bytes()));
+        assert!(origins("http://chat.example.com:8080"));
+        assert!(origins("http://localhost:3000"));
+        assert!(origins("http://127.0.0.1:8081"));
+        assert!(origins("http://[::1]:8082"));
+        assert!(origins("https://localhost"));
+        assert!(!origins("http://evil.example.com"));
+        assert!(!origins("http://localhost.evil.com"));
+        assert!(!origins("http://127.0.0.1.evil.com:80"));
+        assert!(!origins("null"));
+        assert!(!origins("http://chat.example.com:9999"));
+        assert!(!origins("http://[::1"));
+        assert!(!origins("http://[::1]x"));
+        assert!(!origins("http://localhost:"));
+        let any = Origins::new([]);
+        assert!(any.allows(None));
+        assert!(!any.allows(Some(b"http://localhost\xff")));
     }
 }

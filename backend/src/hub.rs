@@ -76,6 +76,14 @@ impl Hub {
         self.users.lock().expect("hub lock").values().map(Vec::len).sum()
     }
 
+    /// Tell every socket of `user_id` that the account is gone, and forget them (their tasks close them).
+    pub fn close_user(&self, user_id: i64) {
+        let conns = self.users.lock().expect("hub lock").remove(&user_id).unwrap_or_default();
+        for (_, tx) in conns {
+            let _ = tx.try_send(Push::AccountDeleted);
+        }
+    }
+
     /// Push to every socket of `user_id`. A socket whose queue is full is dropped from the hub.
     pub fn push(&self, user_id: i64, push: Push) {
         let mut users = self.users.lock().expect("hub lock");

@@ -10,13 +10,16 @@
 //! - [`op`]: the operations stored in the log.
 //! - [`storage`]: all SQL, for SQLite and PostgreSQL: migrations, committing an entry with its effect (the
 //!   state machine), and the read queries.
-//! - [`log`]: the write side of the log: index assignment and one-at-a-time commits.
-//! - [`chat`]: each chat operation: validate against current state, build the op, append, publish events.
+//! - [`replication`]: terms, elections, log shipping and the commit index (Raft's rules, lowest live id
+//!   preferred); entries are opaque to it.
+//! - [`internal`]: the accepting side of `/internal/replicate`, authenticated by the cluster secret.
+//! - [`chat`]: each chat operation: validate against current state, build the op, propose it, wait until it
+//!   is committed and applied; and the applier, which applies committed entries and publishes their events.
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
 //! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
-//! - [`http`]: the router, `/healthz`, and the allowed browser origins.
+//! - [`http`]: the router, `/healthz`, `/api/cluster`, and the allowed browser origins.
 //!
 //! [`start`] wires them together and serves until [`Running::shutdown`].
 
@@ -25,8 +28,9 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod hub;
-pub mod log;
+pub mod internal;
 pub mod op;
+pub mod replication;
 pub mod session;
 pub mod storage;
 pub mod wildcard;
@@ -44,6 +48,8 @@ use crate::chat::Chat;
 pub use crate::config::Config;
 pub use crate::error::{Error, Result};
 use crate::http::Origins;
+use crate::op::Op;
+use crate::replication::{Replication, Timing};
 use crate::storage::Db;
 
 /// What a replica says about itself to clients.
@@ -51,8 +57,15 @@ use crate::storage::Db;
 pub struct NodeInfo {
     /// The replica id from `--id`.
     pub id: u64,
-    /// Base URLs clients may connect to (for now: this node's public URL).
-    pub endpoints: Vec<String>,
+    /// Base URLs of every replica, by id: the endpoints clients may connect to.
+    pub urls: std::collections::BTreeMap<u64, String>,
+}
+
+impl NodeInfo {
+    /// The endpoint list sent to clients, in id order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.urls.values().cloned().collect()
+    }
 }
 
 /// Shared state handed to every handler. Cheap to clone.
@@ -68,6 +81,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Counts open socket tasks, so shutdown can wait for them to finish their in-flight request.
     pub tracker: TaskTracker,
+    /// The secret peers must present on `/internal/replicate`; `None` refuses every peer.
+    pub cluster_secret: Option<Arc<str>>,
 }
 
 /// A started server.
@@ -80,22 +95,50 @@ pub struct Running {
     task: JoinHandle<Result<()>>,
 }
 
-/// Open the database (running migrations), bind `config.listen`, and serve in the background.
+/// Open the database (running migrations), bind `config.listen`, start replication, and serve in the
+/// background.
 pub async fn start(config: Config) -> Result<Running> {
     let db = Db::open(&config.db).await?;
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
-    let origins = Origins::new(config.allowed_origins.iter().cloned().chain([public_url.clone()]));
+    let mut peers = config.peers.clone();
+    let public_url = match (&config.public_url, peers.iter().find(|p| p.id == config.id)) {
+        (Some(url), _) => url.clone(),
+        (None, Some(me)) => me.url.clone(),
+        (None, None) => format!("http://{addr}"),
+    };
+    if !peers.iter().any(|p| p.id == config.id) {
+        peers.push(config::Peer { id: config.id, url: public_url.clone() });
+    }
+    if peers.len() > 1 && config.cluster_secret.as_deref().is_none_or(str::is_empty) {
+        return Err(Error::BadRequest("--cluster-secret is required when --peers names other replicas".into()));
+    }
+    let origins = Origins::new(config.allowed_origins.iter().cloned().chain(peers.iter().map(|p| p.url.clone())));
+    let shutdown = CancellationToken::new();
+    let timing = Timing {
+        heartbeat: std::time::Duration::from_millis(config.heartbeat_ms.max(1)),
+        election: std::time::Duration::from_millis(config.election_timeout_ms.max(2 * config.heartbeat_ms).max(10)),
+    };
+    let replication = Replication::start(
+        config.id,
+        peers,
+        config.cluster_secret.clone(),
+        timing,
+        db.clone(),
+        Op::Noop.to_json(),
+        shutdown.clone(),
+    )
+    .await?;
+    let urls = replication.peers.clone();
     let state = AppState {
-        chat: Arc::new(Chat::new(db.clone()).await?),
-        node: Arc::new(NodeInfo { id: config.id, endpoints: vec![public_url] }),
+        chat: Chat::start(db.clone(), replication, shutdown.clone()).await?,
+        node: Arc::new(NodeInfo { id: config.id, urls }),
         origins: Arc::new(origins),
-        shutdown: CancellationToken::new(),
+        shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
+        cluster_secret: config.cluster_secret.as_deref().map(Arc::from),
     };
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
-    let shutdown = state.shutdown.clone();
     let task = tokio::spawn(serve(listener, state, db.clone()));
     Ok(Running { addr, db, shutdown, task })
 }

@@ -25,4 +25,14 @@ pub enum Op {
     Read { user_id: i64, peer_id: i64, up_to: i64, at: i64 },
     /// An account deleted: sessions and received messages removed, sent messages kept, username freed.
     DeleteAccount { user_id: i64, at: i64 },
+    /// Nothing: the entry a new primary appends at the start of its term, so that committing it commits
+    /// every earlier entry too (a primary only counts replicas for entries of its own term).
+    Noop,
+}
+
+impl Op {
+    /// The JSON stored in the log and shipped to replicas.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an op always serialises")
+    }
 }

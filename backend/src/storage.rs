@@ -55,16 +55,8 @@ pub struct Delivery {
     pub body: ServerBody,
 }
 
-/// One entry of the log as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Position in the log, from 1.
-    pub index: u64,
-    /// Term of the primary that created it (1 on a single node).
-    pub term: u64,
-    /// The operation.
-    pub op: Op,
-}
+/// One entry of the log as stored: the op is opaque JSON here, parsed only when applied.
+pub type Entry = replichat_shared::WireEntry;
 
 /// The columns every message query selects, joined with both users' names.
 const MESSAGE_SELECT: &str = "SELECT m.id, s.username AS sender, r.username AS recipient, m.body, m.client_id, \
@@ -133,37 +125,137 @@ impl Db {
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
-    /// Store `entry` and apply its op to the state tables, in one transaction. Returns the events it caused.
-    /// On error nothing is stored.
-    pub async fn commit_entry(&self, entry: &Entry) -> Result<Vec<Delivery>> {
-        let op_json = serde_json::to_string(&entry.op).map_err(|e| Error::Corrupt(e.to_string()))?;
+    /// The index and term of the last entry in the log ((0, 0) when empty).
+    pub async fn last_entry(&self) -> Result<(u64, u64)> {
+        let row = sqlx::query("SELECT idx, term FROM log ORDER BY idx DESC LIMIT 1").fetch_optional(&self.pool).await?;
+        match row {
+            Some(row) => Ok((row.try_get::<i64, _>("idx")? as u64, row.try_get::<i64, _>("term")? as u64)),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// The term of the entry at `index` (`Some(0)` for index 0, `None` if the log is shorter).
+    pub async fn term_at(&self, index: u64) -> Result<Option<u64>> {
+        if index == 0 {
+            return Ok(Some(0));
+        }
+        let row =
+            sqlx::query("SELECT term FROM log WHERE idx = $1").bind(index as i64).fetch_optional(&self.pool).await?;
+        row.map(|r| Ok(r.try_get::<i64, _>("term")? as u64)).transpose()
+    }
+
+    /// Durably append `entries` (consecutive, in order). An existing entry with the same index and term is
+    /// kept; one with another term, and everything after it, is replaced (it was never committed). Returns
+    /// the new last (index, term).
+    pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        sqlx::query("INSERT INTO log (idx, term, op) VALUES ($1, $2, $3)")
-            .bind(entry.index as i64)
-            .bind(entry.term as i64)
-            .bind(op_json)
-            .execute(&mut *tx)
-            .await?;
-        let deliveries = apply(&mut tx, entry.index as i64, &entry.op).await?;
-        for d in &deliveries {
-            let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
-            sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
-                .bind(d.user_id)
+        let mut truncated = false;
+        for entry in entries {
+            if !truncated {
+                let existing = sqlx::query("SELECT term FROM log WHERE idx = $1")
+                    .bind(entry.index as i64)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get::<i64, _>("term"))
+                    .transpose()?;
+                match existing {
+                    Some(term) if term as u64 == entry.term => continue,
+                    Some(_) => {
+                        sqlx::query("DELETE FROM log WHERE idx >= $1")
+                            .bind(entry.index as i64)
+                            .execute(&mut *tx)
+                            .await?;
+                        truncated = true;
+                    }
+                    None => truncated = true,
+                }
+            }
+            sqlx::query("INSERT INTO log (idx, term, op) VALUES ($1, $2, $3)")
                 .bind(entry.index as i64)
-                .bind(body)
+                .bind(entry.term as i64)
+                .bind(&entry.op)
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
-            "INSERT INTO meta (name, value) VALUES ('applied_index', $1) \
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        )
-        .bind(entry.index as i64)
-        .execute(&mut *tx)
-        .await?;
+        let row = sqlx::query("SELECT idx, term FROM log ORDER BY idx DESC LIMIT 1").fetch_optional(&mut *tx).await?;
         tx.commit().await?;
-        Ok(deliveries)
+        match row {
+            Some(row) => Ok((row.try_get::<i64, _>("idx")? as u64, row.try_get::<i64, _>("term")? as u64)),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// The highest index applied to the state tables.
+    pub async fn applied_index(&self) -> Result<u64> {
+        Ok(self.meta("applied_index").await?.unwrap_or(0) as u64)
+    }
+
+    /// Apply the entries after the applied index up to `up_to` (committed ones only), in one transaction.
+    /// Returns the new applied index and the events the entries caused, in index order.
+    pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let applied = sqlx::query("SELECT value FROM meta WHERE name = 'applied_index'")
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<i64, _>("value"))
+            .transpose()?
+            .unwrap_or(0);
+        let rows = sqlx::query("SELECT idx, op FROM log WHERE idx > $1 AND idx <= $2 ORDER BY idx")
+            .bind(applied)
+            .bind(up_to as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut deliveries = Vec::new();
+        let mut last = applied;
+        for row in rows {
+            let index: i64 = row.try_get("idx")?;
+            if index != last + 1 {
+                return Err(Error::Corrupt(format!("log gap: entry {index} follows applied {last}")));
+            }
+            let op: String = row.try_get("op")?;
+            let op: Op = serde_json::from_str(&op).map_err(|e| Error::Corrupt(format!("entry {index}: {e}")))?;
+            let caused = apply(&mut tx, index, &op).await?;
+            for d in &caused {
+                let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
+                sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
+                    .bind(d.user_id)
+                    .bind(index)
+                    .bind(body)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            deliveries.extend(caused);
+            last = index;
+        }
+        if last != applied {
+            set_meta(&mut tx, "applied_index", last).await?;
+        }
+        tx.commit().await?;
+        Ok((last as u64, deliveries))
+    }
+
+    /// The node's durable election state: its current term and whom it voted for in that term.
+    pub async fn election_state(&self) -> Result<(u64, Option<u64>)> {
+        let term = self.meta("term").await?.unwrap_or(0) as u64;
+        let voted = self.meta("voted_for").await?.filter(|v| *v >= 0).map(|v| v as u64);
+        Ok((term, voted))
+    }
+
+    /// Durably record the term and vote (before acting on them).
+    pub async fn save_election_state(&self, term: u64, voted_for: Option<u64>) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        set_meta(&mut tx, "term", term as i64).await?;
+        set_meta(&mut tx, "voted_for", voted_for.map_or(-1, |v| v as i64)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
+        row.map(|r| Ok(r.try_get::<i64, _>("value")?)).transpose()
     }
 
     /// Log entries with an index greater than `after`, in order, at most `limit`.
@@ -176,9 +268,7 @@ impl Db {
         rows.iter()
             .map(|row| {
                 let index = row.try_get::<i64, _>("idx")? as u64;
-                let op: String = row.try_get("op")?;
-                let op = serde_json::from_str(&op).map_err(|e| Error::Corrupt(format!("entry {index}: {e}")))?;
-                Ok(Entry { index, term: row.try_get::<i64, _>("term")? as u64, op })
+                Ok(Entry { index, term: row.try_get::<i64, _>("term")? as u64, op: row.try_get("op")? })
             })
             .collect()
     }
@@ -283,6 +373,18 @@ impl Db {
         rows.iter().map(message_from_row).collect()
     }
 
+    /// Whether any message to `me` (from `from`, if given) with an id up to `up_to` still lacks the receipt
+    /// (`read` or delivered).
+    pub async fn has_unacknowledged(&self, me: i64, from: Option<i64>, up_to: i64, read: bool) -> Result<bool> {
+        let column = if read { "read_at" } else { "delivered_at" };
+        let sql = format!(
+            "SELECT COUNT(*) FROM messages WHERE recipient_id = $1 AND id <= $2 AND {column} IS NULL \
+             AND ($3 < 0 OR sender_id = $3)"
+        );
+        let row = sqlx::query(&sql).bind(me).bind(up_to).bind(from.unwrap_or(-1)).fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
+    }
+
     /// `me`'s conversations, most recent first, with the peer's id (for presence) and unread count.
     pub async fn conversations(&self, me: i64) -> Result<Vec<(i64, Conversation)>> {
         let rows = sqlx::query(
@@ -341,12 +443,12 @@ impl Db {
             .collect()
     }
 
-    /// A canonical text dump of the replicated state (every table, every row, in key order): two nodes
-    /// hold the same state exactly when their dumps are equal.
+    /// A canonical text dump of the replicated state (the log and every state table, every row, in key
+    /// order; not `meta`, which is each node's own): two nodes hold the same state exactly when their dumps
+    /// are equal.
     pub async fn dump(&self) -> Result<String> {
         const TABLES: &[(&str, &str)] = &[
             ("log", "SELECT idx, term, op FROM log ORDER BY idx"),
-            ("meta", "SELECT name, value FROM meta ORDER BY name"),
             (
                 "users",
                 "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at FROM users ORDER BY id",
@@ -390,7 +492,18 @@ fn sqlite_url(url: &str) -> Result<String> {
     Ok(format!("{url}{sep}mode=rwc"))
 }
 
-/// Apply one op inside the entry's transaction: the chat state machine.
+async fn set_meta(tx: &mut AnyConnection, name: &str, value: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )
+    .bind(name)
+    .bind(value)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Apply one committed op inside the applying transaction: the chat state machine.
 async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delivery>> {
     match op {
         Op::Register { user_id, username, password_hash, token_hash, at } => {
@@ -504,6 +617,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 },
             }])
         }
+        Op::Noop => Ok(Vec::new()),
         Op::DeleteAccount { user_id, at } => {
             let username = username_of(tx, *user_id).await?;
             let peers = contacts(&mut *tx, *user_id).await?;

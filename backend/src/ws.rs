@@ -7,13 +7,14 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use replichat_shared::{
     ClientFrame, ErrorCode, ServerBody, ServerFrame, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TOO_BIG, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
 
+use crate::replication::{Role, Status};
 use crate::session::{Pushed, Session};
 use crate::{AppState, Error};
 
@@ -27,7 +28,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// `GET /ws`: upgrade if the origin is allowed.
 pub async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> HttpResponse {
-    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
     if !state.origins.allows(origin) {
         tracing::warn!(?origin, "refused a WebSocket from a foreign origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
@@ -43,19 +44,34 @@ type Sink = SplitSink<WebSocket, Message>;
 
 async fn serve(socket: WebSocket, state: AppState) {
     let (mut sink, mut stream) = socket.split();
+    let mut status = state.chat.replication().status();
+    let first = status.borrow_and_update().clone();
+    if first.role != Role::Primary {
+        // Clients talk to the primary only: tell them where it is, then close.
+        let _ = write(&mut sink, None, not_leader(&state, &first)).await;
+        close(&mut sink, &mut stream, CLOSE_NORMAL, "not the primary").await;
+        return;
+    }
     let welcome = ServerBody::Welcome {
         node: state.node.id,
-        term: state.chat.log().term().await,
-        endpoints: state.node.endpoints.clone(),
+        term: first.term,
+        endpoints: state.node.endpoints(),
         protocol: PROTOCOL_VERSION,
     };
     if write(&mut sink, None, welcome).await.is_err() {
         return;
     }
     let mut session = Session::new(state.chat.clone());
-    let close = loop {
+    let close_with = loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            changed = status.changed() => {
+                let now = status.borrow_and_update().clone();
+                if changed.is_err() || now.role != Role::Primary || now.term != first.term {
+                    let _ = write(&mut sink, None, not_leader(&state, &now)).await;
+                    break Some((CLOSE_NORMAL, "not the primary any more"));
+                }
+            }
             pushed = session.next_push() => match pushed {
                 Pushed::Frame(body) => {
                     if write(&mut sink, None, body).await.is_err() { break None; }
@@ -91,12 +107,28 @@ async fn serve(socket: WebSocket, state: AppState) {
         }
     };
     session.close().await;
-    if let Some((code, reason)) = close {
-        let frame = CloseFrame { code, reason: reason.into() };
-        if sink.send(Message::Close(Some(frame))).await.is_ok() {
-            // Let the client answer, so it reads our close frame before the connection goes away.
-            let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
-        }
+    if let Some((code, reason)) = close_with {
+        close(&mut sink, &mut stream, code, reason).await;
+    }
+}
+
+/// Send a close frame and give the client a moment to answer, so it reads the frame before the connection
+/// goes away.
+async fn close(sink: &mut Sink, stream: &mut SplitStream<WebSocket>, code: u16, reason: &'static str) {
+    let frame = CloseFrame { code, reason: reason.into() };
+    if sink.send(Message::Close(Some(frame))).await.is_ok() {
+        let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+    }
+}
+
+/// Where the primary is, as this replica knows it.
+fn not_leader(state: &AppState, status: &Status) -> ServerBody {
+    let leader = status.leader.filter(|&l| l != state.node.id || status.role == Role::Primary);
+    ServerBody::NotLeader {
+        leader,
+        leader_url: leader.and_then(|l| state.node.urls.get(&l).cloned()),
+        term: status.term,
+        endpoints: state.node.endpoints(),
     }
 }
 

@@ -36,7 +36,7 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 pub const MAX_PASSWORD_CHARS: usize = 1024;
 /// Longest client message id, in characters.
 pub const MAX_CLIENT_ID_CHARS: usize = 64;
-/// Page size used by `list` and `history` when the request gives none; also the largest allowed.
+/// Page size used by `list` and `history` when the request gives none.
 pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page a `list` or `history` request may ask for.
 pub const MAX_PAGE: u32 = 200;
@@ -221,13 +221,14 @@ pub enum ErrorCode {
     UnknownUser,
     /// A message to yourself.
     SelfSend,
-    /// Text empty, or over 4000 characters; or a `client_id` over 64 characters.
+    /// Message text empty (or only whitespace), or over 4000 characters.
     TooLong,
     /// Too many failed logins for this username in the last minute.
     RateLimited,
     /// The server could not complete the request; nothing was changed. Retry later.
     Internal,
-    /// The server is shutting down.
+    /// This replica cannot serve the request now (it stopped being the primary while the request was in
+    /// flight, or it is still catching up). Nothing was acknowledged; retry, on the primary.
     Unavailable,
 }
 
@@ -354,6 +355,20 @@ pub enum ServerBody {
     },
     /// My account was deleted (by this or another of my sessions); the socket closes next.
     AccountDeleted,
+    /// This replica is not the primary: connect to `leader_url` (or try the `endpoints`). Sent instead of
+    /// `welcome` by a backup, or to open sockets of a primary that was deposed; the socket closes next.
+    NotLeader {
+        /// The primary's replica id, if this replica knows one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leader: Option<u64>,
+        /// The primary's base URL (`http://host:port`), if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leader_url: Option<String>,
+        /// This replica's current term. Never follow a hint whose term is lower than one you have seen.
+        term: u64,
+        /// Base URLs of every replica.
+        endpoints: Vec<String>,
+    },
 }
 
 impl ServerBody {
@@ -400,4 +415,122 @@ mod tests {
         let ok = serde_json::to_string(&ServerFrame::from(ServerBody::Ok)).unwrap();
         assert_eq!(ok, r#"{"type":"ok"}"#);
     }
+}
+
+/// A frame between replicas on the internal WebSocket `/internal/replicate`.
+///
+/// Every replica dials every other one and sends its *requests* (`append`, `vote`) on the connection it
+/// dialed; the answers (`appended`, `voted`) come back on that same connection, in order. The upgrade request
+/// must carry `Authorization: Bearer <cluster secret>`. Every frame carries the sender's term: a replica that
+/// sees a higher term adopts it (and becomes a backup); requests from a lower term are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PeerFrame {
+    /// Primary -> backup: entries to append after `prev_index` (none: a heartbeat).
+    Append {
+        /// The primary's term.
+        term: u64,
+        /// The primary's replica id.
+        leader: u64,
+        /// Index of the entry just before `entries` (0: the start of the log).
+        prev_index: u64,
+        /// Term of that entry; the backup refuses if its own entry there has another term.
+        prev_term: u64,
+        /// Consecutive entries starting at `prev_index + 1`.
+        entries: Vec<WireEntry>,
+        /// The primary's commit index: entries up to it are durable on a majority and may be applied.
+        commit: u64,
+        /// The primary's view of every replica (on heartbeats), so backups can show the whole cluster.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        cluster: Vec<ReplicaView>,
+    },
+    /// Backup -> primary: the answer to `append`, sent after the entries are durable.
+    Appended {
+        /// The backup's term.
+        term: u64,
+        /// The backup's replica id.
+        from: u64,
+        /// True when the entries now follow `prev_index` in the backup's log.
+        success: bool,
+        /// On success, the index of the last entry the backup holds that matches the primary's log; on
+        /// failure, the backup's last index (where the primary should resume).
+        last_index: u64,
+    },
+    /// Candidate -> everyone: vote for me in `term`.
+    Vote {
+        /// The candidate's (new) term.
+        term: u64,
+        /// The candidate's replica id.
+        candidate: u64,
+        /// Index of the candidate's last entry.
+        last_index: u64,
+        /// Term of the candidate's last entry.
+        last_term: u64,
+        /// A pre-vote: "would you vote for me in `term`?". Changes no state on either side; a candidate
+        /// starts a real election (and raises its term) only after a majority says yes.
+        #[serde(default)]
+        pre: bool,
+    },
+    /// The answer to `vote`. A replica grants at most one vote per term, persisted before answering, and
+    /// only to a candidate whose log is at least as up to date as its own (last term, then last index).
+    Voted {
+        /// The voter's term.
+        term: u64,
+        /// The voter's replica id.
+        from: u64,
+        /// Whether the vote was granted.
+        granted: bool,
+        /// Answers a pre-vote.
+        #[serde(default)]
+        pre: bool,
+    },
+}
+
+/// One log entry on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Position in the log, from 1.
+    pub index: u64,
+    /// Term of the primary that created it.
+    pub term: u64,
+    /// The operation, opaque to replication (JSON text).
+    pub op: String,
+}
+
+/// One replica as some replica sees it: the rows of `GET /api/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    /// Replica id.
+    pub id: u64,
+    /// Its base URL.
+    pub url: String,
+    /// `primary`, `backup`, `candidate`, or `unknown`.
+    pub role: String,
+    /// Whether it answered within the failure timeout (as the reporting replica sees it).
+    pub alive: bool,
+    /// Highest log index known to be on it.
+    pub last_index: u64,
+    /// How many entries it is behind the reporting replica's last index.
+    pub lag: u64,
+}
+
+/// `GET /api/cluster`: the cluster as one replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The reporting replica's id.
+    pub id: u64,
+    /// Its role: `primary`, `backup` or `candidate`.
+    pub role: String,
+    /// Its current term.
+    pub term: u64,
+    /// The primary it follows (or is), if known.
+    pub leader: Option<u64>,
+    /// Highest index known to be durable on a majority.
+    pub commit_index: u64,
+    /// Highest index in its own log.
+    pub last_index: u64,
+    /// Highest index applied to its state tables.
+    pub applied_index: u64,
+    /// Every replica, itself included.
+    pub replicas: Vec<ReplicaView>,
 }

@@ -37,15 +37,17 @@ both!(replaying_the_log_of_a_busy_run_rebuilds_identical_state, |engine| async m
 
     let original = server.db().dump().await.unwrap();
     let entries = server.db().entries(0, u32::MAX).await.unwrap();
-    // 4 registers, 16 sends, 1 send retried (stored once), delivered, read, login, logout, delete, 1 send.
-    assert_eq!(entries.len(), 27, "one entry per accepted change");
+    // The primary's no-op, 4 registers, 16 sends, 1 send retried (stored once), delivered, read, login,
+    // logout, delete, 1 send.
+    assert_eq!(entries.len(), 28, "one entry per accepted change");
     assert_eq!(entries.iter().map(|e| e.index).collect::<Vec<_>>(), (1..=entries.len() as u64).collect::<Vec<_>>());
+    assert_eq!(server.db().applied_index().await.unwrap(), entries.len() as u64, "everything committed is applied");
 
     // Replay into a fresh database of the same engine.
     let replica = Db::open(&fresh_db(engine).await).await.unwrap();
-    for entry in &entries {
-        replica.commit_entry(entry).await.unwrap();
-    }
+    replica.append_entries(&entries).await.unwrap();
+    let (applied, _) = replica.apply_committed(entries.len() as u64).await.unwrap();
+    assert_eq!(applied, entries.len() as u64);
     let replayed = replica.dump().await.unwrap();
     assert_eq!(replayed, original);
     assert!(original.contains("after the deletion") && original.contains("$argon2id$"));

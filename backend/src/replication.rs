@@ -1,0 +1,691 @@
+//! Replication: terms, elections and log shipping between replicas (Raft's rules, with a preference for the
+//! lowest live id), and the commit index they agree on.
+//!
+//! One task owns all of it ([`Core`]): it reads inputs (frames from peers, proposals from the local primary,
+//! timer ticks) one at a time, so there are no locks. It knows entries only as opaque `(index, term, op)`;
+//! applying committed entries is someone else's job (the chat's applier watches [`Status::commit_index`]).
+//!
+//! The rules, as the code implements them (docs/ARCHITECTURE.md has the prose and the failure timeline):
+//! - Terms and votes are persisted before a replica acts on them. A frame with a higher term makes the
+//!   receiver adopt it and become a backup; requests with a lower term are refused.
+//! - An election starts when a backup has not heard a primary for its election timeout: the base timeout
+//!   plus `id` × half of it plus ≤10 % jitter, so the lowest live id tries first. It first asks for pre-votes
+//!   (no term change), so a replica cut off from the others cannot inflate its term and disrupt the cluster
+//!   when it returns; a replica that heard a primary recently refuses both pre-votes and votes.
+//! - A vote is granted at most once per term, to a candidate whose log is at least as up to date (last term,
+//!   then last index). A majority of votes makes a primary, so each term has at most one primary, and it holds
+//!   every committed entry.
+//! - A new primary appends a no-op entry of its own term; an entry is committed once it is durable on a
+//!   majority and the primary's current-term no-op is among them.
+//! - A primary that has not heard a majority within the election timeout steps down: an isolated primary stops
+//!   acknowledging writes within one timeout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use replichat_shared::{PeerFrame, ReplicaView, WireEntry};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Peer;
+use crate::storage::Db;
+use crate::{Error, Result};
+
+/// Most entries one `append` frame carries (catch-up goes in batches of this many).
+const BATCH: u32 = 256;
+/// Queue depth towards one peer; a full queue drops frames (the primary resends on the next heartbeat).
+const OUTBOUND_DEPTH: usize = 64;
+/// Pause between attempts to reach a peer that is down.
+const REDIAL: Duration = Duration::from_millis(100);
+
+/// A replica's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts client writes and ships the log.
+    Primary,
+    /// Follows a primary.
+    Backup,
+    /// Asking for votes.
+    Candidate,
+}
+
+impl Role {
+    /// The name used by `/api/cluster`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::Candidate => "candidate",
+        }
+    }
+}
+
+/// What the replication core publishes after every input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This replica's role.
+    pub role: Role,
+    /// Its current term.
+    pub term: u64,
+    /// The primary it follows (or itself), if known.
+    pub leader: Option<u64>,
+    /// Highest index durable on a majority (as far as this replica knows).
+    pub commit_index: u64,
+    /// Highest index in the local log.
+    pub last_index: u64,
+    /// Every replica as this one sees it.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// Timings from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Interval between heartbeats from the primary.
+    pub heartbeat: Duration,
+    /// Base election timeout (also the primary's step-down timeout and the liveness window).
+    pub election: Duration,
+}
+
+enum Input {
+    /// A request from a peer (`append`, `vote`), to be answered on `reply`.
+    Request { frame: PeerFrame, reply: oneshot::Sender<PeerFrame> },
+    /// An answer from a peer to one of our requests.
+    Response(PeerFrame),
+    /// The local primary wants `op` appended as entry `expected`.
+    Propose { expected: u64, op: String, reply: oneshot::Sender<Result<u64>> },
+}
+
+/// Handle on the replication core. Cheap to clone.
+#[derive(Clone)]
+pub struct Replication {
+    inbox: mpsc::Sender<Input>,
+    status: watch::Receiver<Status>,
+    /// This replica's id.
+    pub id: u64,
+    /// Every replica, this one included, by id.
+    pub peers: BTreeMap<u64, String>,
+}
+
+impl Replication {
+    /// Start the core and one dialer per other replica. `noop` is the op a new primary appends.
+    pub async fn start(
+        id: u64,
+        peers: Vec<Peer>,
+        secret: Option<String>,
+        timing: Timing,
+        db: Db,
+        noop: String,
+        shutdown: CancellationToken,
+    ) -> Result<Replication> {
+        let all: BTreeMap<u64, String> = peers.iter().map(|p| (p.id, p.url.clone())).collect();
+        let (term, voted_for) = db.election_state().await?;
+        let (last_index, last_term) = db.last_entry().await?;
+        let commit_index = db.applied_index().await?;
+        let (inbox_tx, inbox_rx) = mpsc::channel(1024);
+        let mut outbound = BTreeMap::new();
+        for peer in peers.iter().filter(|p| p.id != id) {
+            let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
+            outbound.insert(peer.id, tx);
+            let secret = secret.clone().unwrap_or_default();
+            tokio::spawn(dial(peer.clone(), secret, rx, inbox_tx.clone(), shutdown.clone()));
+        }
+        let mut core = Core {
+            id,
+            urls: all.clone(),
+            db,
+            timing,
+            term,
+            voted_for,
+            role: Role::Backup,
+            leader: None,
+            last_index,
+            last_term,
+            commit_index,
+            term_start: u64::MAX,
+            progress: BTreeMap::new(),
+            pre_votes: BTreeSet::new(),
+            votes: BTreeSet::new(),
+            real_election: false,
+            election_deadline: Instant::now(),
+            primary_since: Instant::now(),
+            last_heartbeat: Instant::now(),
+            heard_leader: None,
+            remote_view: Vec::new(),
+            outbound,
+            noop,
+            status: watch::channel(Status {
+                role: Role::Backup,
+                term,
+                leader: None,
+                commit_index,
+                last_index,
+                replicas: Vec::new(),
+            })
+            .0,
+        };
+        core.reset_election_deadline();
+        let status = core.status.subscribe();
+        tracing::info!(id, term, last_index, commit_index, replicas = all.len(), "replication starting");
+        if core.cluster_size() == 1 {
+            // Alone: no one to wait for or to ask.
+            core.start_election().await?;
+        }
+        core.publish();
+        tokio::spawn(core.run(inbox_rx, shutdown));
+        Ok(Replication { inbox: inbox_tx, status, id, peers: all })
+    }
+
+    /// The latest status; `changed()` on the receiver wakes on every change.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Append `op` as entry `expected` (the caller, the only proposer, checked it is next). Returns once the
+    /// entry is durable locally and on its way to the backups; it is committed later, or lost if this
+    /// replica stops being primary first.
+    pub async fn propose(&self, expected: u64, op: String) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.inbox.send(Input::Propose { expected, op, reply }).await.map_err(|_| Error::Unavailable)?;
+        rx.await.map_err(|_| Error::Unavailable)?
+    }
+
+    /// Answer a request frame from a peer.
+    pub async fn request(&self, frame: PeerFrame) -> Option<PeerFrame> {
+        let (reply, rx) = oneshot::channel();
+        self.inbox.send(Input::Request { frame, reply }).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Leader-side knowledge of one backup.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// Next index to send.
+    next: u64,
+    /// Highest index known to be on it.
+    matched: u64,
+    /// When it last answered.
+    last_ack: Option<Instant>,
+}
+
+struct Core {
+    id: u64,
+    urls: BTreeMap<u64, String>,
+    db: Db,
+    timing: Timing,
+    term: u64,
+    voted_for: Option<u64>,
+    role: Role,
+    leader: Option<u64>,
+    last_index: u64,
+    last_term: u64,
+    commit_index: u64,
+    /// Index of this term's no-op while primary: entries before it commit only together with it.
+    term_start: u64,
+    progress: BTreeMap<u64, Progress>,
+    pre_votes: BTreeSet<u64>,
+    votes: BTreeSet<u64>,
+    /// Whether the current candidacy is past the pre-vote.
+    real_election: bool,
+    election_deadline: Instant,
+    /// When this replica last became primary (the step-down check waits one timeout from there).
+    primary_since: Instant,
+    last_heartbeat: Instant,
+    /// When a primary was last heard (as a backup).
+    heard_leader: Option<Instant>,
+    /// The primary's view of the cluster from its last heartbeat.
+    remote_view: Vec<ReplicaView>,
+    outbound: BTreeMap<u64, mpsc::Sender<PeerFrame>>,
+    noop: String,
+    status: watch::Sender<Status>,
+}
+
+impl Core {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Input>, shutdown: CancellationToken) {
+        loop {
+            let wake = if self.role == Role::Primary {
+                self.last_heartbeat + self.timing.heartbeat
+            } else {
+                self.election_deadline
+            };
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                input = inbox.recv() => match input {
+                    Some(input) => self.handle(input).await,
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake) => self.tick().await,
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "replication step failed");
+            }
+            self.publish();
+        }
+    }
+
+    fn cluster_size(&self) -> usize {
+        self.urls.len().max(1)
+    }
+
+    fn majority(&self) -> usize {
+        self.cluster_size() / 2 + 1
+    }
+
+    fn election_timeout(&self) -> Duration {
+        let base = self.timing.election;
+        let jitter = rand::thread_rng().gen_range(0..=base.as_millis() as u64 / 10);
+        base + base / 2 * self.id as u32 + Duration::from_millis(jitter)
+    }
+
+    fn reset_election_deadline(&mut self) {
+        self.election_deadline = Instant::now() + self.election_timeout();
+    }
+
+    async fn handle(&mut self, input: Input) -> Result<()> {
+        match input {
+            Input::Request { frame, reply } => {
+                let answer = self.on_request(frame).await?;
+                let _ = reply.send(answer);
+            }
+            Input::Response(frame) => self.on_response(frame).await?,
+            Input::Propose { expected, op, reply } => {
+                let _ = reply.send(self.on_propose(expected, op).await);
+            }
+        }
+        Ok(())
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        let now = Instant::now();
+        match self.role {
+            Role::Primary => {
+                // Step down when a majority has not answered within the election timeout.
+                let window = self.timing.election;
+                let recent = self.progress.values().filter(|p| p.last_ack.is_some_and(|t| now - t <= window)).count();
+                if 1 + recent < self.majority() && now - self.primary_since > window {
+                    tracing::warn!(term = self.term, "primary lost contact with a majority; stepping down");
+                    self.role = Role::Backup;
+                    self.leader = None;
+                    self.heard_leader = None;
+                    self.reset_election_deadline();
+                    return Ok(());
+                }
+                self.broadcast_append().await
+            }
+            Role::Backup | Role::Candidate => {
+                if now >= self.election_deadline {
+                    self.start_pre_vote();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ask whether we could win before disturbing anyone's term.
+    fn start_pre_vote(&mut self) {
+        tracing::info!(term = self.term, "no primary heard; asking for pre-votes");
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.real_election = false;
+        self.pre_votes = BTreeSet::from([self.id]);
+        self.reset_election_deadline();
+        let frame = PeerFrame::Vote {
+            term: self.term + 1,
+            candidate: self.id,
+            last_index: self.last_index,
+            last_term: self.last_term,
+            pre: true,
+        };
+        self.send_all(frame);
+    }
+
+    async fn start_election(&mut self) -> Result<()> {
+        self.term += 1;
+        self.voted_for = Some(self.id);
+        self.db.save_election_state(self.term, self.voted_for).await?;
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.real_election = true;
+        self.votes = BTreeSet::from([self.id]);
+        self.reset_election_deadline();
+        tracing::info!(term = self.term, "election started");
+        if self.votes.len() >= self.majority() {
+            return self.become_primary().await;
+        }
+        let frame = PeerFrame::Vote {
+            term: self.term,
+            candidate: self.id,
+            last_index: self.last_index,
+            last_term: self.last_term,
+            pre: false,
+        };
+        self.send_all(frame);
+        Ok(())
+    }
+
+    async fn become_primary(&mut self) -> Result<()> {
+        self.role = Role::Primary;
+        self.leader = Some(self.id);
+        let next = self.last_index + 1;
+        self.progress = self
+            .outbound
+            .keys()
+            .map(|&id| (id, Progress { next, matched: 0, last_ack: Some(Instant::now()) }))
+            .collect();
+        self.primary_since = Instant::now();
+        let noop = WireEntry { index: next, term: self.term, op: self.noop.clone() };
+        (self.last_index, self.last_term) = self.db.append_entries(std::slice::from_ref(&noop)).await?;
+        self.term_start = next;
+        tracing::info!(term = self.term, last_index = self.last_index, "became primary");
+        self.advance_commit();
+        self.broadcast_append().await
+    }
+
+    /// Adopt `term` (if higher) and follow `leader`.
+    async fn follow(&mut self, term: u64, leader: Option<u64>) -> Result<()> {
+        if term > self.term {
+            self.term = term;
+            self.voted_for = None;
+            self.db.save_election_state(self.term, None).await?;
+        }
+        if self.role != Role::Backup || (leader.is_some() && self.leader != leader) {
+            tracing::info!(term, ?leader, "following");
+        }
+        self.role = Role::Backup;
+        if leader.is_some() {
+            self.leader = leader;
+        }
+        self.term_start = u64::MAX;
+        Ok(())
+    }
+
+    async fn on_propose(&mut self, expected: u64, op: String) -> Result<u64> {
+        if self.role != Role::Primary || expected != self.last_index + 1 {
+            return Err(Error::Unavailable);
+        }
+        let entry = WireEntry { index: expected, term: self.term, op };
+        (self.last_index, self.last_term) = self.db.append_entries(std::slice::from_ref(&entry)).await?;
+        self.advance_commit();
+        self.broadcast_append().await?;
+        Ok(expected)
+    }
+
+    async fn on_request(&mut self, frame: PeerFrame) -> Result<PeerFrame> {
+        match frame {
+            PeerFrame::Append { term, leader, prev_index, prev_term, entries, commit, cluster } => {
+                let refuse = |core: &Core| PeerFrame::Appended {
+                    term: core.term,
+                    from: core.id,
+                    success: false,
+                    last_index: core.last_index,
+                };
+                if term < self.term {
+                    return Ok(refuse(self));
+                }
+                self.follow(term, Some(leader)).await?;
+                self.heard_leader = Some(Instant::now());
+                self.reset_election_deadline();
+                if !cluster.is_empty() {
+                    self.remote_view = cluster;
+                }
+                if prev_index > self.last_index || self.db.term_at(prev_index).await? != Some(prev_term) {
+                    let hint = self.last_index.min(prev_index.saturating_sub(1));
+                    return Ok(PeerFrame::Appended {
+                        term: self.term,
+                        from: self.id,
+                        success: false,
+                        last_index: hint,
+                    });
+                }
+                let matched = prev_index + entries.len() as u64;
+                if !entries.is_empty() {
+                    (self.last_index, self.last_term) = self.db.append_entries(&entries).await?;
+                }
+                self.commit_index = self.commit_index.max(commit.min(matched));
+                Ok(PeerFrame::Appended { term: self.term, from: self.id, success: true, last_index: matched })
+            }
+            PeerFrame::Vote { term, candidate, last_index, last_term, pre } => {
+                let up_to_date = (last_term, last_index) >= (self.last_term, self.last_index);
+                // A replica that hears a live primary ignores candidates: a returning replica cannot depose
+                // a working primary (no preemption).
+                let leader_alive =
+                    self.role == Role::Primary || self.heard_leader.is_some_and(|t| t.elapsed() < self.timing.election);
+                if pre {
+                    let granted = term > self.term && up_to_date && !leader_alive;
+                    return Ok(PeerFrame::Voted { term: self.term, from: self.id, granted, pre: true });
+                }
+                if term < self.term || leader_alive && term > self.term {
+                    return Ok(PeerFrame::Voted { term: self.term, from: self.id, granted: false, pre: false });
+                }
+                if term > self.term {
+                    self.follow(term, None).await?;
+                    self.leader = None;
+                }
+                let granted = up_to_date && self.voted_for.is_none_or(|v| v == candidate);
+                if granted {
+                    self.voted_for = Some(candidate);
+                    self.db.save_election_state(self.term, self.voted_for).await?;
+                    self.reset_election_deadline();
+                }
+                Ok(PeerFrame::Voted { term: self.term, from: self.id, granted, pre: false })
+            }
+            other => Err(Error::BadRequest(format!("not a request: {other:?}"))),
+        }
+    }
+
+    async fn on_response(&mut self, frame: PeerFrame) -> Result<()> {
+        match frame {
+            PeerFrame::Appended { term, from, success, last_index } => {
+                if term > self.term {
+                    tracing::warn!(term, from, "a backup has a higher term; stepping down");
+                    return self.follow(term, None).await;
+                }
+                if self.role != Role::Primary || term != self.term {
+                    return Ok(());
+                }
+                let Some(progress) = self.progress.get_mut(&from) else { return Ok(()) };
+                progress.last_ack = Some(Instant::now());
+                if success {
+                    progress.matched = progress.matched.max(last_index);
+                    progress.next = progress.next.max(progress.matched + 1);
+                    self.advance_commit();
+                    if self.progress[&from].next <= self.last_index {
+                        self.send_append(from).await?;
+                    }
+                } else {
+                    progress.next = (last_index + 1).min(progress.next.saturating_sub(1)).max(progress.matched + 1);
+                    self.send_append(from).await?;
+                }
+                Ok(())
+            }
+            PeerFrame::Voted { term, from, granted, pre } => {
+                if term > self.term && !granted {
+                    return self.follow(term, None).await;
+                }
+                if self.role != Role::Candidate || !granted {
+                    return Ok(());
+                }
+                if pre && !self.real_election {
+                    self.pre_votes.insert(from);
+                    if self.pre_votes.len() >= self.majority() {
+                        return self.start_election().await;
+                    }
+                } else if !pre && self.real_election && term == self.term {
+                    self.votes.insert(from);
+                    if self.votes.len() >= self.majority() {
+                        return self.become_primary().await;
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Commit the highest index durable on a majority, once this term's no-op is among it.
+    fn advance_commit(&mut self) {
+        let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
+        matched.push(self.last_index);
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matched[self.majority() - 1];
+        if candidate > self.commit_index && candidate >= self.term_start {
+            self.commit_index = candidate;
+        }
+    }
+
+    async fn broadcast_append(&mut self) -> Result<()> {
+        self.last_heartbeat = Instant::now();
+        let peers: Vec<u64> = self.progress.keys().copied().collect();
+        for peer in peers {
+            self.send_append(peer).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_append(&mut self, peer: u64) -> Result<()> {
+        let Some(progress) = self.progress.get(&peer).copied() else { return Ok(()) };
+        let prev_index = progress.next - 1;
+        let prev_term = self.db.term_at(prev_index).await?.unwrap_or(0);
+        let entries =
+            if progress.next <= self.last_index { self.db.entries(prev_index, BATCH).await? } else { Vec::new() };
+        let cluster = if entries.is_empty() { self.view() } else { Vec::new() };
+        if let Some(last) = entries.last() {
+            // Pipelining: assume they arrive; a refusal rewinds `next`.
+            self.progress.get_mut(&peer).expect("peer").next = last.index + 1;
+        }
+        let frame = PeerFrame::Append {
+            term: self.term,
+            leader: self.id,
+            prev_index,
+            prev_term,
+            entries,
+            commit: self.commit_index,
+            cluster,
+        };
+        if let Some(tx) = self.outbound.get(&peer) {
+            let _ = tx.try_send(frame);
+        }
+        Ok(())
+    }
+
+    fn send_all(&self, frame: PeerFrame) {
+        for tx in self.outbound.values() {
+            let _ = tx.try_send(frame.clone());
+        }
+    }
+
+    /// Every replica as this one sees it.
+    fn view(&self) -> Vec<ReplicaView> {
+        let window = self.timing.election;
+        self.urls
+            .iter()
+            .map(|(&id, url)| {
+                let (role, alive, last_index) = if id == self.id {
+                    (self.role.name(), true, self.last_index)
+                } else if self.role == Role::Primary {
+                    let p = self.progress.get(&id);
+                    let alive = p.and_then(|p| p.last_ack).is_some_and(|t| t.elapsed() <= window);
+                    (if alive { "backup" } else { "unknown" }, alive, p.map_or(0, |p| p.matched))
+                } else if let Some(seen) = self.remote_view.iter().find(|r| r.id == id) {
+                    let leader_alive = self.heard_leader.is_some_and(|t| t.elapsed() <= window);
+                    (seen.role.as_str(), seen.alive && leader_alive, seen.last_index)
+                } else {
+                    ("unknown", false, 0)
+                };
+                let role = if role == "primary" && id != self.id && self.leader != Some(id) { "unknown" } else { role };
+                ReplicaView {
+                    id,
+                    url: url.clone(),
+                    role: role.to_owned(),
+                    alive,
+                    last_index,
+                    lag: self.last_index.saturating_sub(last_index),
+                }
+            })
+            .collect()
+    }
+
+    fn publish(&self) {
+        let status = Status {
+            role: self.role,
+            term: self.term,
+            leader: self.leader,
+            commit_index: self.commit_index,
+            last_index: self.last_index,
+            replicas: self.view(),
+        };
+        self.status.send_if_modified(|current| {
+            if *current != status {
+                *current = status;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Keep a connection to `peer` open, sending what the core queues and handing back its answers.
+async fn dial(
+    peer: Peer,
+    secret: String,
+    mut outbound: mpsc::Receiver<PeerFrame>,
+    inbox: mpsc::Sender<Input>,
+    shutdown: CancellationToken,
+) {
+    let url = format!("{}/internal/replicate", peer.url.replacen("http", "ws", 1));
+    let mut logged_down = false;
+    while !shutdown.is_cancelled() {
+        let mut request = match url.as_str().into_client_request() {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::error!(peer = peer.id, error = %e, "bad peer URL");
+                return;
+            }
+        };
+        if let Ok(value) = format!("Bearer {secret}").parse() {
+            request.headers_mut().insert("authorization", value);
+        }
+        let connected = tokio::time::timeout(Duration::from_secs(1), tokio_tungstenite::connect_async(request)).await;
+        let ws = match connected {
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(e)) => {
+                if !logged_down {
+                    tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
+                    logged_down = true;
+                }
+                tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(REDIAL) => continue }
+            }
+            Err(_) => continue,
+        };
+        tracing::info!(peer = peer.id, "connected to peer");
+        logged_down = false;
+        // Frames queued while the peer was away are stale; the core resends what matters.
+        while outbound.try_recv().is_ok() {}
+        let (mut sink, mut stream) = ws.split();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                frame = outbound.recv() => {
+                    let Some(frame) = frame else { return };
+                    let text = serde_json::to_string(&frame).expect("frames serialise");
+                    if sink.send(Message::Text(text.into())).await.is_err() { break; }
+                }
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<PeerFrame>(text.as_str()) {
+                        Ok(frame) => { if inbox.send(Input::Response(frame)).await.is_err() { return; } }
+                        Err(e) => tracing::warn!(peer = peer.id, error = %e, "bad frame from peer"),
+                    },
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => break,
+                },
+            }
+        }
+        tracing::info!(peer = peer.id, "connection to peer lost");
+    }
+}
