@@ -91,7 +91,12 @@ pub struct Writer<'a> {
 impl Chat {
     /// The service over an opened database and a started replication core; starts the applier, which
     /// applies committed entries in order and pushes the events they cause.
-    pub async fn start(db: Db, replication: Replication, shutdown: CancellationToken) -> Result<std::sync::Arc<Chat>> {
+    pub async fn start(
+        db: Db,
+        replication: Replication,
+        compact_keep: u64,
+        shutdown: CancellationToken,
+    ) -> Result<std::sync::Arc<Chat>> {
         let (applied_tx, applied) = watch::channel(db.applied_index().await?);
         let chat = std::sync::Arc::new(Chat {
             db,
@@ -101,7 +106,7 @@ impl Chat {
             applied,
             failed_logins: Mutex::default(),
         });
-        tokio::spawn(std::sync::Arc::clone(&chat).apply_committed(applied_tx, shutdown));
+        tokio::spawn(std::sync::Arc::clone(&chat).apply_committed(applied_tx, compact_keep, shutdown));
         Ok(chat)
     }
 
@@ -122,8 +127,14 @@ impl Chat {
 
     /// The applier: whenever the commit index moves, apply the new entries in one transaction and push the
     /// events they caused, in index order.
-    async fn apply_committed(self: std::sync::Arc<Self>, applied: watch::Sender<u64>, shutdown: CancellationToken) {
+    async fn apply_committed(
+        self: std::sync::Arc<Self>,
+        applied: watch::Sender<u64>,
+        compact_keep: u64,
+        shutdown: CancellationToken,
+    ) {
         let mut status = self.replication.status();
+        let mut compacted_at = 0;
         loop {
             let commit = status.borrow_and_update().commit_index;
             if commit > *applied.borrow() {
@@ -133,6 +144,15 @@ impl Chat {
                             self.hub.push(user_id, Push::Frame(body));
                         }
                         applied.send_replace(index);
+                        // Compact in steps of a tenth of what is kept, not after every entry.
+                        if index >= compacted_at + compact_keep / 10 + compact_keep.max(1) {
+                            match self.db.compact(compact_keep).await {
+                                Ok(cut) => {
+                                    compacted_at = cut.unwrap_or(compacted_at).max(index.saturating_sub(compact_keep))
+                                }
+                                Err(e) => tracing::warn!(error = %e, "log compaction failed"),
+                            }
+                        }
                         continue;
                     }
                     Err(e) => {

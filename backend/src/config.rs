@@ -64,6 +64,11 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
     pub election_timeout_ms: u64,
 
+    /// Keep this many applied entries in the log; older ones are deleted (compaction). A backup that needs
+    /// a deleted entry receives a snapshot of the whole state instead.
+    #[arg(long, env = "REPLICHAT_COMPACT_KEEP", default_value_t = 10_000)]
+    pub compact_keep: u64,
+
     /// Log filter in `tracing` EnvFilter syntax (`info`, `replichat=debug`, ...).
     #[arg(long, env = "REPLICHAT_LOG", default_value = "info")]
     pub log: String,
@@ -82,6 +87,7 @@ impl Config {
             cluster_secret: None,
             heartbeat_ms: 100,
             election_timeout_ms: 1000,
+            compact_keep: 10_000,
             log: "info".to_owned(),
         }
     }

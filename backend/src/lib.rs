@@ -123,6 +123,7 @@ pub async fn start(config: Config) -> Result<Running> {
         config.id,
         peers,
         config.cluster_secret.clone(),
+        Some(addr.ip()),
         timing,
         db.clone(),
         Op::Noop.to_json(),
@@ -131,7 +132,7 @@ pub async fn start(config: Config) -> Result<Running> {
     .await?;
     let urls = replication.peers.clone();
     let state = AppState {
-        chat: Chat::start(db.clone(), replication, shutdown.clone()).await?,
+        chat: Chat::start(db.clone(), replication, config.compact_keep, shutdown.clone()).await?,
         node: Arc::new(NodeInfo { id: config.id, urls }),
         origins: Arc::new(origins),
         shutdown: shutdown.clone(),
@@ -146,6 +147,10 @@ pub async fn start(config: Config) -> Result<Running> {
 async fn serve(listener: TcpListener, state: AppState, db: Db) -> Result<()> {
     let (shutdown, tracker) = (state.shutdown.clone(), state.tracker.clone());
     let app = http::router(state);
+    // Small frames (acks, heartbeats, chat messages) should leave at once, not wait for Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
     // Sockets see the same token: each finishes its in-flight request, closes with 1001 and ends.
     tracker.close();

@@ -33,7 +33,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Peer;
-use crate::storage::Db;
+use crate::storage::{Db, Snapshot};
 use crate::{Error, Result};
 
 /// Most entries one `append` frame carries (catch-up goes in batches of this many).
@@ -112,11 +112,15 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// Start the core and one dialer per other replica. `noop` is the op a new primary appends.
+    /// Start the core and one dialer per other replica. `noop` is the op a new primary appends. Connections
+    /// to peers leave from `bind_ip` when given (the replica's own address, so that a firewall rule on
+    /// addresses can cut a replica off, as the partition tests do).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         id: u64,
         peers: Vec<Peer>,
         secret: Option<String>,
+        bind_ip: Option<std::net::IpAddr>,
         timing: Timing,
         db: Db,
         noop: String,
@@ -132,7 +136,7 @@ impl Replication {
             let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
             outbound.insert(peer.id, tx);
             let secret = secret.clone().unwrap_or_default();
-            tokio::spawn(dial(peer.clone(), secret, rx, inbox_tx.clone(), shutdown.clone()));
+            tokio::spawn(dial(peer.clone(), secret, bind_ip, rx, inbox_tx.clone(), shutdown.clone()));
         }
         let mut core = Core {
             id,
@@ -211,6 +215,8 @@ struct Progress {
     matched: u64,
     /// When it last answered.
     last_ack: Option<Instant>,
+    /// When a snapshot was last sent to it (one at a time).
+    snapshot_sent: Option<Instant>,
 }
 
 struct Core {
@@ -375,7 +381,7 @@ impl Core {
         self.progress = self
             .outbound
             .keys()
-            .map(|&id| (id, Progress { next, matched: 0, last_ack: Some(Instant::now()) }))
+            .map(|&id| (id, Progress { next, matched: 0, last_ack: Some(Instant::now()), snapshot_sent: None }))
             .collect();
         self.primary_since = Instant::now();
         let noop = WireEntry { index: next, term: self.term, op: self.noop.clone() };
@@ -448,6 +454,27 @@ impl Core {
                 }
                 self.commit_index = self.commit_index.max(commit.min(matched));
                 Ok(PeerFrame::Appended { term: self.term, from: self.id, success: true, last_index: matched })
+            }
+            PeerFrame::Snapshot { term, leader, last_index, last_term, state } => {
+                if term < self.term {
+                    return Ok(PeerFrame::Appended {
+                        term: self.term,
+                        from: self.id,
+                        success: false,
+                        last_index: self.last_index,
+                    });
+                }
+                self.follow(term, Some(leader)).await?;
+                self.heard_leader = Some(Instant::now());
+                self.reset_election_deadline();
+                if last_index > self.commit_index {
+                    let tables = serde_json::from_str(&state).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
+                    self.db.install_snapshot(&Snapshot { last_index, last_term, tables }).await?;
+                    (self.last_index, self.last_term) = (last_index, last_term);
+                    self.commit_index = last_index;
+                    tracing::info!(last_index, "installed a snapshot from the primary");
+                }
+                Ok(PeerFrame::Appended { term: self.term, from: self.id, success: true, last_index })
             }
             PeerFrame::Vote { term, candidate, last_index, last_term, pre } => {
                 let up_to_date = (last_term, last_index) >= (self.last_term, self.last_index);
@@ -550,7 +577,10 @@ impl Core {
     async fn send_append(&mut self, peer: u64) -> Result<()> {
         let Some(progress) = self.progress.get(&peer).copied() else { return Ok(()) };
         let prev_index = progress.next - 1;
-        let prev_term = self.db.term_at(prev_index).await?.unwrap_or(0);
+        let Some(prev_term) = self.db.term_at(prev_index).await? else {
+            // The entries this backup needs were compacted away: send the whole state instead.
+            return self.send_snapshot(peer).await;
+        };
         let entries =
             if progress.next <= self.last_index { self.db.entries(prev_index, BATCH).await? } else { Vec::new() };
         let cluster = if entries.is_empty() { self.view() } else { Vec::new() };
@@ -566,6 +596,28 @@ impl Core {
             entries,
             commit: self.commit_index,
             cluster,
+        };
+        if let Some(tx) = self.outbound.get(&peer) {
+            let _ = tx.try_send(frame);
+        }
+        Ok(())
+    }
+
+    async fn send_snapshot(&mut self, peer: u64) -> Result<()> {
+        let progress = self.progress.get_mut(&peer).expect("peer");
+        if progress.snapshot_sent.is_some_and(|t| t.elapsed() < self.timing.election) {
+            return Ok(());
+        }
+        progress.snapshot_sent = Some(Instant::now());
+        let snapshot = self.db.snapshot().await?;
+        tracing::info!(peer, last_index = snapshot.last_index, "sending a snapshot to a backup that is far behind");
+        self.progress.get_mut(&peer).expect("peer").next = snapshot.last_index + 1;
+        let frame = PeerFrame::Snapshot {
+            term: self.term,
+            leader: self.id,
+            last_index: snapshot.last_index,
+            last_term: snapshot.last_term,
+            state: serde_json::to_string(&snapshot.tables).map_err(|e| Error::Corrupt(e.to_string()))?,
         };
         if let Some(tx) = self.outbound.get(&peer) {
             let _ = tx.try_send(frame);
@@ -634,6 +686,7 @@ impl Core {
 async fn dial(
     peer: Peer,
     secret: String,
+    bind_ip: Option<std::net::IpAddr>,
     mut outbound: mpsc::Receiver<PeerFrame>,
     inbox: mpsc::Sender<Input>,
     shutdown: CancellationToken,
@@ -651,9 +704,9 @@ async fn dial(
         if let Ok(value) = format!("Bearer {secret}").parse() {
             request.headers_mut().insert("authorization", value);
         }
-        let connected = tokio::time::timeout(Duration::from_secs(1), tokio_tungstenite::connect_async(request)).await;
+        let connected = tokio::time::timeout(Duration::from_secs(1), connect(request, bind_ip)).await;
         let ws = match connected {
-            Ok(Ok((ws, _))) => ws,
+            Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
                 if !logged_down {
                     tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
@@ -688,4 +741,27 @@ async fn dial(
         }
         tracing::info!(peer = peer.id, "connection to peer lost");
     }
+}
+
+type PeerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Open the WebSocket to a peer, from `bind_ip` if given.
+async fn connect(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    bind_ip: Option<std::net::IpAddr>,
+) -> std::result::Result<PeerSocket, String> {
+    let uri = request.uri();
+    let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let addr =
+        tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| e.to_string())?.next().ok_or("no address")?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(|e| e.to_string())?;
+    if let Some(ip) = bind_ip.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(std::net::SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
+    }
+    let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| e.to_string())?;
+    Ok(ws)
 }

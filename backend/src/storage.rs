@@ -58,6 +58,54 @@ pub struct Delivery {
 /// One entry of the log as stored: the op is opaque JSON here, parsed only when applied.
 pub type Entry = replichat_shared::WireEntry;
 
+/// A table's name, its columns (name, is-integer), and its key order.
+type Table = (&'static str, &'static [(&'static str, bool)], &'static str);
+
+/// The replicated state tables, with their columns (true: integer, false: text) and key order: what a snapshot
+/// carries and what `dump_state` prints.
+const STATE_TABLES: &[Table] = &[
+    (
+        "users",
+        &[
+            ("id", true),
+            ("username", false),
+            ("name_key", false),
+            ("live_key", false),
+            ("password_hash", false),
+            ("created_at", true),
+            ("deleted_at", true),
+        ],
+        "id",
+    ),
+    ("sessions", &[("token_hash", false), ("user_id", true), ("created_at", true)], "token_hash"),
+    (
+        "messages",
+        &[
+            ("id", true),
+            ("sender_id", true),
+            ("recipient_id", true),
+            ("client_id", false),
+            ("body", false),
+            ("sent_at", true),
+            ("delivered_at", true),
+            ("read_at", true),
+        ],
+        "id",
+    ),
+    ("events", &[("user_id", true), ("idx", true), ("body", false)], "user_id, idx"),
+];
+
+/// The whole replicated state as of one log entry: what a backup too far behind receives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// The last entry the state includes.
+    pub last_index: u64,
+    /// Its term.
+    pub last_term: u64,
+    /// Table name -> rows, each row its columns in `STATE_TABLES` order.
+    pub tables: std::collections::BTreeMap<String, Vec<Vec<serde_json::Value>>>,
+}
+
 /// The columns every message query selects, joined with both users' names.
 const MESSAGE_SELECT: &str = "SELECT m.id, s.username AS sender, r.username AS recipient, m.body, m.client_id, \
      m.sent_at, m.delivered_at, m.read_at, s.deleted_at AS sender_deleted \
@@ -125,23 +173,130 @@ impl Db {
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
-    /// The index and term of the last entry in the log ((0, 0) when empty).
+    /// The index and term of the last entry in the log (the compaction point when the log is empty).
     pub async fn last_entry(&self) -> Result<(u64, u64)> {
         let row = sqlx::query("SELECT idx, term FROM log ORDER BY idx DESC LIMIT 1").fetch_optional(&self.pool).await?;
         match row {
             Some(row) => Ok((row.try_get::<i64, _>("idx")? as u64, row.try_get::<i64, _>("term")? as u64)),
-            None => Ok((0, 0)),
+            None => self.compacted().await,
         }
     }
 
-    /// The term of the entry at `index` (`Some(0)` for index 0, `None` if the log is shorter).
+    /// The last entry removed by compaction (or replaced by a snapshot) and its term; (0, 0) if none.
+    pub async fn compacted(&self) -> Result<(u64, u64)> {
+        let index = self.meta("compacted_index").await?.unwrap_or(0) as u64;
+        let term = self.meta("compacted_term").await?.unwrap_or(0) as u64;
+        Ok((index, term))
+    }
+
+    /// The term of the entry at `index`: known for the compaction point and every entry after it; `None`
+    /// past the end of the log or before the compaction point.
     pub async fn term_at(&self, index: u64) -> Result<Option<u64>> {
-        if index == 0 {
-            return Ok(Some(0));
-        }
         let row =
             sqlx::query("SELECT term FROM log WHERE idx = $1").bind(index as i64).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok(r.try_get::<i64, _>("term")? as u64)).transpose()
+        if let Some(row) = row {
+            return Ok(Some(row.try_get::<i64, _>("term")? as u64));
+        }
+        let (compacted, term) = self.compacted().await?;
+        Ok((index == compacted).then_some(term))
+    }
+
+    /// Drop applied entries older than the newest `keep` ones, remembering the last dropped entry's term.
+    pub async fn compact(&self, keep: u64) -> Result<Option<u64>> {
+        let applied = self.applied_index().await?;
+        let cut = applied.saturating_sub(keep);
+        let (compacted, _) = self.compacted().await?;
+        if cut <= compacted {
+            return Ok(None);
+        }
+        let Some(term) = self.term_at(cut).await? else { return Ok(None) };
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
+        sqlx::query("DELETE FROM log WHERE idx <= $1").bind(cut as i64).execute(&mut *tx).await?;
+        set_meta(&mut tx, "compacted_index", cut as i64).await?;
+        set_meta(&mut tx, "compacted_term", term as i64).await?;
+        tx.commit().await?;
+        Ok(Some(cut))
+    }
+
+    /// The applied state, consistently read in one transaction.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let mut conn = self.pool.acquire().await?;
+        // Every statement below must see the same state (SQLite's read transactions always do).
+        let begin = match self.backend {
+            Backend::Sqlite => "BEGIN",
+            Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        };
+        let mut tx = conn.begin_with(begin).await?;
+        let applied = sqlx::query("SELECT value FROM meta WHERE name = 'applied_index'")
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<i64, _>("value"))
+            .transpose()?
+            .unwrap_or(0) as u64;
+        let term = match sqlx::query("SELECT term FROM log WHERE idx = $1")
+            .bind(applied as i64)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            Some(row) => row.try_get::<i64, _>("term")? as u64,
+            None => {
+                let row = sqlx::query("SELECT value FROM meta WHERE name = 'compacted_term'")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                row.map(|r| r.try_get::<i64, _>("value")).transpose()?.unwrap_or(0) as u64
+            }
+        };
+        let mut tables = std::collections::BTreeMap::new();
+        for (table, columns, order) in STATE_TABLES {
+            let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+            let sql = format!("SELECT {} FROM {table} ORDER BY {order}", names.join(", "));
+            let rows = sqlx::query(&sql).fetch_all(&mut *tx).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let mut cells = Vec::with_capacity(columns.len());
+                for (i, (_, integer)) in columns.iter().enumerate() {
+                    cells.push(if *integer {
+                        row.try_get::<Option<i64>, _>(i)?.map_or(serde_json::Value::Null, Into::into)
+                    } else {
+                        row.try_get::<Option<String>, _>(i)?.map_or(serde_json::Value::Null, Into::into)
+                    });
+                }
+                out.push(cells);
+            }
+            tables.insert((*table).to_owned(), out);
+        }
+        tx.commit().await?;
+        Ok(Snapshot { last_index: applied, last_term: term, tables })
+    }
+
+    /// Replace the whole state and log with `snapshot`, in one transaction.
+    pub async fn install_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
+        sqlx::query("DELETE FROM log").execute(&mut *tx).await?;
+        for (table, columns, _) in STATE_TABLES {
+            sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *tx).await?;
+            let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+            let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+            let sql = format!("INSERT INTO {table} ({}) VALUES ({})", names.join(", "), params.join(", "));
+            for row in snapshot.tables.get(*table).map(Vec::as_slice).unwrap_or_default() {
+                if row.len() != columns.len() {
+                    return Err(Error::Corrupt(format!("snapshot row of {table} has {} cells", row.len())));
+                }
+                let mut query = sqlx::query(&sql);
+                for (cell, (_, integer)) in row.iter().zip(columns.iter()) {
+                    query =
+                        if *integer { query.bind(cell.as_i64()) } else { query.bind(cell.as_str().map(str::to_owned)) };
+                }
+                query.execute(&mut *tx).await?;
+            }
+        }
+        set_meta(&mut tx, "applied_index", snapshot.last_index as i64).await?;
+        set_meta(&mut tx, "compacted_index", snapshot.last_index as i64).await?;
+        set_meta(&mut tx, "compacted_term", snapshot.last_term as i64).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Durably append `entries` (consecutive, in order). An existing entry with the same index and term is
@@ -149,7 +304,7 @@ impl Db {
     /// the new last (index, term).
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
         let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
         let mut truncated = false;
         for entry in entries {
             if !truncated {
@@ -178,12 +333,8 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        let row = sqlx::query("SELECT idx, term FROM log ORDER BY idx DESC LIMIT 1").fetch_optional(&mut *tx).await?;
         tx.commit().await?;
-        match row {
-            Some(row) => Ok((row.try_get::<i64, _>("idx")? as u64, row.try_get::<i64, _>("term")? as u64)),
-            None => Ok((0, 0)),
-        }
+        self.last_entry().await
     }
 
     /// The highest index applied to the state tables.
@@ -195,7 +346,7 @@ impl Db {
     /// Returns the new applied index and the events the entries caused, in index order.
     pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
         let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
         let applied = sqlx::query("SELECT value FROM meta WHERE name = 'applied_index'")
             .fetch_optional(&mut *tx)
             .await?
@@ -246,7 +397,7 @@ impl Db {
     /// Durably record the term and vote (before acting on them).
     pub async fn save_election_state(&self, term: u64, voted_for: Option<u64>) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
         set_meta(&mut tx, "term", term as i64).await?;
         set_meta(&mut tx, "voted_for", voted_for.map_or(-1, |v| v as i64)).await?;
         tx.commit().await?;
@@ -471,6 +622,23 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// [`Db::dump`] without the log: equal on two replicas with the same state even when they compacted
+    /// their logs at different points.
+    pub async fn dump_state(&self) -> Result<String> {
+        let dump = self.dump().await?;
+        Ok(dump[dump.find("## users").unwrap_or(0)..].to_owned())
+    }
+
+    /// How a writing transaction starts. SQLite must take the write lock up front: a transaction that reads
+    /// first and upgrades later fails at once with "database is locked" if another writer got there first
+    /// (the busy timeout does not apply to upgrades).
+    fn begin_write(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
     }
 
     /// The collation that sorts names by their bytes on this backend, so paging order is the same

@@ -456,6 +456,21 @@ pub enum PeerFrame {
         /// failure, the backup's last index (where the primary should resume).
         last_index: u64,
     },
+    /// Primary -> backup: the backup is so far behind that the entries it needs were compacted away; replace
+    /// its whole state with this snapshot of the state as of entry `last_index`, then continue with entries.
+    /// Answered with `appended` (`last_index` = the snapshot's).
+    Snapshot {
+        /// The primary's term.
+        term: u64,
+        /// The primary's replica id.
+        leader: u64,
+        /// The last entry the snapshot includes.
+        last_index: u64,
+        /// Its term.
+        last_term: u64,
+        /// The state tables as JSON (opaque to replication).
+        state: String,
+    },
     /// Candidate -> everyone: vote for me in `term`.
     Vote {
         /// The candidate's (new) term.

@@ -211,9 +211,11 @@ impl Client {
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
     }
+}
 
-    // ---- Non-panicking variants, for clients that must survive a replica dying under them. ----
-
+/// Non-panicking variants, for clients that must survive a replica dying under them (the cluster suite).
+#[allow(dead_code)]
+impl Client {
     /// Connect and read the first frame whatever it is (`welcome` on a primary, `not_leader` on a backup).
     /// Never panics: a refused connection, a failed handshake, a timeout or a socket closed before any frame
     /// is an `Err`. The first frame is also kept in `welcome`.
