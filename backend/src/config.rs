@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::replication::Ack;
+
 /// `replichat`: a replicated web chat.
 #[derive(Debug, Parser)]
 #[command(name = "replichat", version, about)]
@@ -64,6 +66,12 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
     pub election_timeout_ms: u64,
 
+    /// When a write is acknowledged: `majority` (durable on a majority; safe under partitions) or
+    /// `all-live` (durable on every in-sync replica; a lone survivor keeps serving; can split the brain under
+    /// a network partition). See docs/ARCHITECTURE.md.
+    #[arg(long, env = "REPLICHAT_ACK", value_enum, default_value_t = Ack::Majority)]
+    pub ack: Ack,
+
     /// Keep this many applied entries in the log; older ones are deleted (compaction). A backup that needs
     /// a deleted entry receives a snapshot of the whole state instead.
     #[arg(long, env = "REPLICHAT_COMPACT_KEEP", default_value_t = 10_000)]
@@ -88,6 +96,7 @@ impl Config {
             heartbeat_ms: 100,
             election_timeout_ms: 1000,
             compact_keep: 10_000,
+            ack: Ack::Majority,
             log: "info".to_owned(),
         }
     }

@@ -118,6 +118,7 @@ pub async fn start(config: Config) -> Result<Running> {
     let timing = Timing {
         heartbeat: std::time::Duration::from_millis(config.heartbeat_ms.max(1)),
         election: std::time::Duration::from_millis(config.election_timeout_ms.max(2 * config.heartbeat_ms).max(10)),
+        ack: config.ack,
     };
     let replication = Replication::start(
         config.id,

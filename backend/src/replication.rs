@@ -82,6 +82,18 @@ pub struct Status {
     pub replicas: Vec<ReplicaView>,
 }
 
+/// When a write counts as committed (`--ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ack {
+    /// Durable on a majority of the replicas. Elections need a majority of votes. Safe under partitions.
+    Majority,
+    /// Durable on every replica in the in-sync set (the seed's 2-fault tolerance under crash-stop). A
+    /// replica silent for the election timeout leaves the set and rejoins once caught up; elections need the
+    /// votes of every replica the candidate can reach, so a lone survivor takes over. Can split the brain
+    /// under a network partition.
+    AllLive,
+}
+
 /// Timings from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -89,6 +101,8 @@ pub struct Timing {
     pub heartbeat: Duration,
     /// Base election timeout (also the primary's step-down timeout and the liveness window).
     pub election: Duration,
+    /// The commit rule.
+    pub ack: Ack,
 }
 
 enum Input {
@@ -98,6 +112,8 @@ enum Input {
     Response(PeerFrame),
     /// The local primary wants `op` appended as entry `expected`.
     Propose { expected: u64, op: String, reply: oneshot::Sender<Result<u64>> },
+    /// The connection to a peer opened (true) or closed (false).
+    Reachable(u64, bool),
 }
 
 /// Handle on the replication core. Cheap to clone.
@@ -161,6 +177,7 @@ impl Replication {
             heard_leader: None,
             remote_view: Vec::new(),
             outbound,
+            reachable: BTreeSet::new(),
             noop,
             status: watch::channel(Status {
                 role: Role::Backup,
@@ -217,6 +234,8 @@ struct Progress {
     last_ack: Option<Instant>,
     /// When a snapshot was last sent to it (one at a time).
     snapshot_sent: Option<Instant>,
+    /// In the in-sync set (`--ack all-live`): every commit waits for it.
+    in_sync: bool,
 }
 
 struct Core {
@@ -247,6 +266,8 @@ struct Core {
     /// The primary's view of the cluster from its last heartbeat.
     remote_view: Vec<ReplicaView>,
     outbound: BTreeMap<u64, mpsc::Sender<PeerFrame>>,
+    /// Peers whose connection is open now.
+    reachable: BTreeSet<u64>,
     noop: String,
     status: watch::Sender<Status>,
 }
@@ -282,6 +303,15 @@ impl Core {
         self.cluster_size() / 2 + 1
     }
 
+    /// Votes (this replica's own included) that win an election.
+    fn votes_needed(&self) -> usize {
+        match self.timing.ack {
+            Ack::Majority => self.majority(),
+            // Every replica it can reach must agree that its log is the most up to date.
+            Ack::AllLive => 1 + self.reachable.len(),
+        }
+    }
+
     fn election_timeout(&self) -> Duration {
         let base = self.timing.election;
         let jitter = rand::thread_rng().gen_range(0..=base.as_millis() as u64 / 10);
@@ -302,6 +332,13 @@ impl Core {
             Input::Propose { expected, op, reply } => {
                 let _ = reply.send(self.on_propose(expected, op).await);
             }
+            Input::Reachable(peer, up) => {
+                if up {
+                    self.reachable.insert(peer);
+                } else {
+                    self.reachable.remove(&peer);
+                }
+            }
         }
         Ok(())
     }
@@ -313,7 +350,16 @@ impl Core {
                 // Step down when a majority has not answered within the election timeout.
                 let window = self.timing.election;
                 let recent = self.progress.values().filter(|p| p.last_ack.is_some_and(|t| now - t <= window)).count();
-                if 1 + recent < self.majority() && now - self.primary_since > window {
+                if self.timing.ack == Ack::AllLive {
+                    // A silent replica leaves the in-sync set, so commits stop waiting for it.
+                    for (id, p) in &mut self.progress {
+                        if p.in_sync && !p.last_ack.is_some_and(|t| now - t <= window) {
+                            tracing::warn!(peer = id, "backup silent for the failure timeout; out of the in-sync set");
+                            p.in_sync = false;
+                        }
+                    }
+                    self.advance_commit();
+                } else if 1 + recent < self.majority() && now - self.primary_since > window {
                     tracing::warn!(term = self.term, "primary lost contact with a majority; stepping down");
                     self.role = Role::Backup;
                     self.leader = None;
@@ -324,22 +370,26 @@ impl Core {
                 self.broadcast_append().await
             }
             Role::Backup | Role::Candidate => {
-                if now >= self.election_deadline {
-                    self.start_pre_vote();
+                if now >= self.election_deadline && self.start_pre_vote() {
+                    return self.start_election().await;
                 }
                 Ok(())
             }
         }
     }
 
-    /// Ask whether we could win before disturbing anyone's term.
-    fn start_pre_vote(&mut self) {
+    /// Ask whether we could win before disturbing anyone's term. True when no answer is needed.
+    fn start_pre_vote(&mut self) -> bool {
         tracing::info!(term = self.term, "no primary heard; asking for pre-votes");
         self.role = Role::Candidate;
         self.leader = None;
         self.real_election = false;
         self.pre_votes = BTreeSet::from([self.id]);
         self.reset_election_deadline();
+        if self.pre_votes.len() >= self.votes_needed() {
+            // Nobody to ask (all-live mode with every peer unreachable): go straight to the election.
+            return true;
+        }
         let frame = PeerFrame::Vote {
             term: self.term + 1,
             candidate: self.id,
@@ -348,6 +398,7 @@ impl Core {
             pre: true,
         };
         self.send_all(frame);
+        false
     }
 
     async fn start_election(&mut self) -> Result<()> {
@@ -360,7 +411,7 @@ impl Core {
         self.votes = BTreeSet::from([self.id]);
         self.reset_election_deadline();
         tracing::info!(term = self.term, "election started");
-        if self.votes.len() >= self.majority() {
+        if self.votes.len() >= self.votes_needed() {
             return self.become_primary().await;
         }
         let frame = PeerFrame::Vote {
@@ -381,7 +432,10 @@ impl Core {
         self.progress = self
             .outbound
             .keys()
-            .map(|&id| (id, Progress { next, matched: 0, last_ack: Some(Instant::now()), snapshot_sent: None }))
+            .map(|&id| {
+                let in_sync = self.reachable.contains(&id);
+                (id, Progress { next, matched: 0, last_ack: Some(Instant::now()), snapshot_sent: None, in_sync })
+            })
             .collect();
         self.primary_since = Instant::now();
         let noop = WireEntry { index: next, term: self.term, op: self.noop.clone() };
@@ -519,6 +573,10 @@ impl Core {
                 progress.last_ack = Some(Instant::now());
                 if success {
                     progress.matched = progress.matched.max(last_index);
+                    if !progress.in_sync && progress.matched >= self.commit_index {
+                        tracing::info!(peer = from, "backup caught up; back in the in-sync set");
+                        progress.in_sync = true;
+                    }
                     progress.next = progress.next.max(progress.matched + 1);
                     self.advance_commit();
                     if self.progress[&from].next <= self.last_index {
@@ -539,12 +597,12 @@ impl Core {
                 }
                 if pre && !self.real_election {
                     self.pre_votes.insert(from);
-                    if self.pre_votes.len() >= self.majority() {
+                    if self.pre_votes.len() >= self.votes_needed() {
                         return self.start_election().await;
                     }
                 } else if !pre && self.real_election && term == self.term {
                     self.votes.insert(from);
-                    if self.votes.len() >= self.majority() {
+                    if self.votes.len() >= self.votes_needed() {
                         return self.become_primary().await;
                     }
                 }
@@ -556,10 +614,17 @@ impl Core {
 
     /// Commit the highest index durable on a majority, once this term's no-op is among it.
     fn advance_commit(&mut self) {
-        let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
-        matched.push(self.last_index);
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[self.majority() - 1];
+        let candidate = match self.timing.ack {
+            Ack::Majority => {
+                let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
+                matched.push(self.last_index);
+                matched.sort_unstable_by(|a, b| b.cmp(a));
+                matched[self.majority() - 1]
+            }
+            Ack::AllLive => {
+                self.progress.values().filter(|p| p.in_sync).map(|p| p.matched).fold(self.last_index, u64::min)
+            }
+        };
         if candidate > self.commit_index && candidate >= self.term_start {
             self.commit_index = candidate;
         }
@@ -718,6 +783,7 @@ async fn dial(
         };
         tracing::info!(peer = peer.id, "connected to peer");
         logged_down = false;
+        let _ = inbox.send(Input::Reachable(peer.id, true)).await;
         // Frames queued while the peer was away are stale; the core resends what matters.
         while outbound.try_recv().is_ok() {}
         let (mut sink, mut stream) = ws.split();
@@ -740,6 +806,7 @@ async fn dial(
             }
         }
         tracing::info!(peer = peer.id, "connection to peer lost");
+        let _ = inbox.send(Input::Reachable(peer.id, false)).await;
     }
 }
 
