@@ -353,7 +353,7 @@ impl Core {
                 if self.timing.ack == Ack::AllLive {
                     // A silent replica leaves the in-sync set, so commits stop waiting for it.
                     for (id, p) in &mut self.progress {
-                        if p.in_sync && !p.last_ack.is_some_and(|t| now - t <= window) {
+                        if p.in_sync && p.last_ack.is_none_or(|t| now - t > window) {
                             tracing::warn!(peer = id, "backup silent for the failure timeout; out of the in-sync set");
                             p.in_sync = false;
                         }
