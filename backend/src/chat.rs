@@ -299,11 +299,13 @@ impl Chat {
     /// `resume`: re-attach to the session `token` names and return its events after `cursor`.
     pub async fn resume(&self, token: &str, cursor: u64, mailbox: Mailbox) -> Result<Attached> {
         let token_hash = hash_token(token);
-        // A cursor from before a failover may be ahead of what this new primary has applied yet.
+        // A cursor from before a failover may be ahead of what this new primary has applied yet (never of what
+        // it has committed: a client only ever saw committed events).
         if cursor > self.applied_index() {
-            self.wait_applied(cursor).await.map_err(|_| {
-                Error::BadRequest(format!("cursor {cursor} is ahead of this replica's log; resume from a lower cursor"))
-            })?;
+            if cursor > self.replication.status().borrow().commit_index {
+                return Err(Error::BadRequest(format!("cursor {cursor} is beyond the end of the log")));
+            }
+            self.wait_applied(cursor).await?;
         }
         let user = self.db.user_by_token(&token_hash).await?.ok_or(Error::Unauthenticated)?;
         // Attach before reading, so an event committed meanwhile is either read here or pushed.

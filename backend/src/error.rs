@@ -28,7 +28,7 @@ pub enum Error {
     TooLong(&'static str),
     #[error("too many failed logins for this username; wait a minute")]
     RateLimited,
-    #[error("the server is shutting down")]
+    #[error("this replica cannot serve that now (it is not the primary, or could not commit in time); nothing was acknowledged: retry, on the primary")]
     Unavailable,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),

@@ -452,6 +452,8 @@ impl Core {
             self.term = term;
             self.voted_for = None;
             self.db.save_election_state(self.term, None).await?;
+            // Whoever led the old term does not lead this one.
+            self.leader = None;
         }
         if self.role != Role::Backup || (leader.is_some() && self.leader != leader) {
             tracing::info!(term, ?leader, "following");

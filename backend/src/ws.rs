@@ -66,8 +66,12 @@ async fn serve(socket: WebSocket, state: AppState) {
         tokio::select! {
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
             changed = status.changed() => {
+                if changed.is_err() {
+                    // The replication core stopped: the server is shutting down.
+                    break Some((CLOSE_GOING_AWAY, "server shutting down"));
+                }
                 let now = status.borrow_and_update().clone();
-                if changed.is_err() || now.role != Role::Primary || now.term != first.term {
+                if now.role != Role::Primary || now.term != first.term {
                     let _ = write(&mut sink, None, not_leader(&state, &now)).await;
                     break Some((CLOSE_NORMAL, "not the primary any more"));
                 }
