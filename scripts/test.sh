@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export REPLICHAT_TEST_PG="${REPLICHAT_TEST_PG:-$(scripts/postgres.sh)}"
+
+# The partition test cuts replicas apart with iptables rules on loopback addresses (and removes them).
+if ! command -v iptables >/dev/null 2>&1; then
+  echo "test.sh: installing iptables"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables) >/dev/null
+fi
 echo "test.sh: PostgreSQL at ${REPLICHAT_TEST_PG%%@*}@..."
 
 # Throw-away databases left by an interrupted earlier run.
@@ -14,8 +20,11 @@ psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE '
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# Two cores: keep the test threads at two so PostgreSQL and the servers under test get CPU too.
-cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-2}"
+# Two cores: keep the test threads at two so PostgreSQL and the servers under test get CPU too; the cluster
+# suite runs three replica processes per test, so one test at a time.
+cargo test --workspace --locked --lib --bins --test chat -- --test-threads "${TEST_THREADS:-2}"
+cargo test --workspace --locked --doc
+cargo test -p replichat --locked --test cluster -- --test-threads 1
 
 # Drop this run's databases.
 psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'replichat_test_%'" 2>/dev/null |

@@ -1,0 +1,85 @@
+//! Who leads a fresh cluster, and what every replica says about it.
+
+use std::time::Duration;
+
+use replichat_shared::ServerBody;
+
+use crate::harness::*;
+use crate::step;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_elect_id_0_and_agree() {
+    let cluster = Cluster::start(3, Engine::Sqlite).await;
+    let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    assert_eq!(leader, 0, "the lowest id among up-to-date replicas leads a fresh cluster");
+
+    step!("every replica reports leader 0, the same term, and the three replicas; the primary sees all alive");
+    let urls = cluster.http_urls();
+    let term = cluster
+        .wait_until("all three replicas alive in the primary's view", Duration::from_secs(10), |all| {
+            let primary = &all.iter().find(|(id, _)| *id == 0)?.1;
+            let replicas = primary["replicas"].as_array()?;
+            replicas.iter().all(|r| r["alive"].as_bool() == Some(true)).then_some(primary["term"].as_u64()?)
+        })
+        .await;
+    assert!(term >= 1, "term {term}");
+    for id in 0..3u64 {
+        let status = cluster.status(id).await.unwrap_or_else(|| panic!("node {id} answers /api/cluster"));
+        assert_eq!(status["id"].as_u64(), Some(id), "node {id}: {status}");
+        assert_eq!(status["leader"].as_u64(), Some(0), "node {id}: {status}");
+        assert_eq!(status["term"].as_u64(), Some(term), "node {id}: {status}");
+        assert_eq!(status["role"].as_str(), Some(if id == 0 { "primary" } else { "backup" }), "node {id}: {status}");
+        for field in ["commit_index", "last_index", "applied_index"] {
+            assert!(status[field].is_u64(), "node {id}: {field} is a number: {status}");
+        }
+        let replicas = status["replicas"].as_array().unwrap_or_else(|| panic!("node {id}: replicas: {status}"));
+        assert_eq!(replicas.len(), 3, "node {id}: {status}");
+        let mut ids: Vec<u64> = replicas.iter().map(|r| r["id"].as_u64().expect("replica id")).collect();
+        ids.sort();
+        assert_eq!(ids, [0, 1, 2], "node {id}: {status}");
+        for r in replicas {
+            let rid = r["id"].as_u64().unwrap();
+            assert_eq!(r["url"].as_str().map(|u| u.trim_end_matches('/')), Some(urls[rid as usize].as_str()), "{r}");
+            assert!(r["role"].is_string() && r["alive"].is_boolean(), "node {id}: replica entry {r}");
+            assert!(r["last_index"].is_u64() && r["lag"].is_u64(), "node {id}: replica entry {r}");
+        }
+    }
+
+    step!("a client on the primary gets welcome with every endpoint");
+    let mut alice = Client::connect(&cluster.node(0).ws_url()).await;
+    let ServerBody::Welcome { node, term: welcome_term, endpoints, .. } = alice.welcome.clone() else { unreachable!() };
+    assert_eq!((node, welcome_term), (0, term));
+    let mut announced: Vec<String> = endpoints.iter().map(|e| e.trim_end_matches('/').to_owned()).collect();
+    announced.sort();
+    let mut expected = urls.clone();
+    expected.sort();
+    assert_eq!(announced, expected, "welcome lists every replica");
+    alice.register("alice", "password123").await;
+
+    for backup in [1u64, 2] {
+        step!("a client on backup {backup} gets not_leader pointing at node 0, then a close");
+        let (mut client, first) =
+            Client::connect_any(&cluster.node(backup).ws_url()).await.expect("a backup accepts the socket");
+        match first {
+            ServerBody::NotLeader { leader, leader_url, term: hint_term, endpoints } => {
+                assert_eq!(leader, Some(0), "{backup}");
+                assert_eq!(leader_url.as_deref().map(|u| u.trim_end_matches('/')), Some(urls[0].as_str()));
+                assert_eq!(hint_term, term);
+                assert_eq!(endpoints.len(), 3, "{endpoints:?}");
+            }
+            other => panic!("backup {backup}: first frame {other:?}, expected not_leader"),
+        }
+        client.expect_close().await;
+        client.close().await;
+    }
+
+    step!("the registration made on the primary reaches both backups");
+    cluster.wait_applied_equal(Duration::from_secs(10)).await;
+    let dump0 = cluster.dump(0).await;
+    assert_eq!(dump_section(&dump0, "users").len(), 1, "{dump0}");
+    for backup in [1u64, 2] {
+        assert_same_dump("node 0", &dump0, &format!("node {backup}"), &cluster.dump(backup).await);
+    }
+    alice.close().await;
+    cluster.finish().await;
+}

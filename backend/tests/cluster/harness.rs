@@ -1,0 +1,552 @@
+//! Cluster harness: n real `replichat serve` processes on loopback ports, each over its own database (SQLite
+//! file or throw-away PostgreSQL database), wired together with `--peers`. A test can SIGKILL a node, restart
+//! it on the same port and database, poll `/api/cluster` on each node, and read each node's database.
+//!
+//! Every node's stderr (its log) and stdout go to `<test dir>/nodeN.log`; when a test fails the tail of each
+//! log is printed (in `Drop`, while panicking), and the directory is kept.
+//!
+//! Environment: `REPLICHAT_CLUSTER_TEST_LOG` is the nodes' `--log` filter (default `info`);
+//! `REPLICHAT_CLUSTER_TEST_KEEP=1` keeps the directory (logs, SQLite files) of passing tests too.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use replichat_shared::ServerBody;
+use serde_json::Value;
+use sqlx::Connection;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Child;
+use tokio::time::Instant;
+
+#[path = "../common/client.rs"]
+#[allow(dead_code)]
+mod client;
+pub use client::*;
+
+/// Heartbeat and election timeout given to every node (ms).
+pub const HEARTBEAT_MS: u64 = 50;
+pub const ELECTION_TIMEOUT_MS: u64 = 500;
+/// How long a node may take to print its listening line.
+const STARTUP: Duration = Duration::from_secs(20);
+/// Pause between two polls of `/api/cluster` (polling interval, not synchronisation).
+const POLL: Duration = Duration::from_millis(25);
+/// Lines of each node's log printed when a test fails.
+const LOG_TAIL: usize = 80;
+
+/// Which engine the nodes store their state in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// A step marker with the wall-clock time (UTC, like the nodes' logs), so a failing test tells its story
+/// and can be lined up with the node logs.
+#[macro_export]
+macro_rules! step {
+    ($($arg:tt)*) => {
+        eprintln!("[{}] STEP {}", $crate::harness::now_utc(), format_args!($($arg)*))
+    };
+}
+
+/// `HH:MM:SS.mmm` UTC.
+pub fn now_utc() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let secs = now.as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, now.subsec_millis())
+}
+
+/// One replica process.
+pub struct Node {
+    pub id: u64,
+    /// `127.0.0.1:port`, fixed for the node's whole life (restarts reuse it).
+    pub addr: String,
+    /// Its database URL, fixed too.
+    pub db: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    pub engine: Engine,
+    pub secret: String,
+    pub nodes: Vec<Node>,
+    /// `0=http://...,1=http://...`: the `--peers` value every node gets.
+    pub peers: String,
+    dir: PathBuf,
+    pg_databases: Vec<String>,
+    /// More flags for every node (`--ack all-live`, `--compact-keep 20`, ...).
+    extra_args: Vec<String>,
+}
+
+/// How to start a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The loopback address of each node (default 127.0.0.1 for all). Distinct addresses let a firewall rule
+    /// cut one node off from the others while the test still reaches it.
+    pub hosts: Option<Vec<String>>,
+    /// More flags for every node.
+    pub args: Vec<String>,
+}
+
+impl Cluster {
+    /// Start `n` replicas (ids 0..n) and wait until each prints its listening line. Does not wait for an
+    /// election: see [`Cluster::wait_for_primary`].
+    pub async fn start(n: usize, engine: Engine) -> Cluster {
+        Cluster::start_with(n, engine, Options::default()).await
+    }
+
+    /// [`Cluster::start`] with non-default [`Options`].
+    pub async fn start_with(n: usize, engine: Engine, options: Options) -> Cluster {
+        let host = |i: usize| options.hosts.as_ref().map_or("127.0.0.1".to_owned(), |h| h[i].clone());
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join("replichat-cluster-tests").join(&unique);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Hold every listener until all ports are chosen, so no two nodes get the same one.
+        let listeners: Vec<_> =
+            (0..n).map(|i| std::net::TcpListener::bind(format!("{}:0", host(i))).unwrap()).collect();
+        let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(listeners);
+        let peers = ports.iter().enumerate().map(|(i, p)| format!("{i}=http://{}:{p}", host(i))).collect::<Vec<_>>();
+        let mut cluster = Cluster {
+            engine,
+            secret: format!("secret-{}", uuid::Uuid::new_v4().simple()),
+            nodes: Vec::new(),
+            peers: peers.join(","),
+            dir: dir.clone(),
+            pg_databases: Vec::new(),
+            extra_args: options.args.clone(),
+        };
+        for (i, port) in ports.iter().enumerate() {
+            let db = match engine {
+                Engine::Sqlite => format!("sqlite://{}", dir.join(format!("node{i}.db")).display()),
+                Engine::Postgres => {
+                    let (url, name) = fresh_pg_db(&format!("{unique}_n{i}")).await;
+                    cluster.pg_databases.push(name);
+                    url
+                }
+            };
+            cluster.nodes.push(Node {
+                id: i as u64,
+                addr: format!("{}:{port}", host(i)),
+                db,
+                log: dir.join(format!("node{i}.log")),
+                child: None,
+                starts: 0,
+            });
+        }
+        step!("starting {n} replicas ({engine:?}) in {}: {}", dir.display(), cluster.peers);
+        let mut pending = Vec::new();
+        for i in 0..n {
+            pending.push(cluster.spawn(i as u64));
+        }
+        for (i, ready) in pending.into_iter().enumerate() {
+            cluster.await_ready(i as u64, ready).await;
+        }
+        cluster
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[id as usize]
+    }
+
+    /// Ids of the nodes whose process is running (as far as the harness knows).
+    pub fn live(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| n.is_running()).map(|n| n.id).collect()
+    }
+
+    pub fn http_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::http_url).collect()
+    }
+
+    pub fn ws_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::ws_url).collect()
+    }
+
+    /// Spawn node `id`'s process; the receiver yields its announced base URL once it is listening.
+    fn spawn(&mut self, id: u64) -> tokio::sync::oneshot::Receiver<String> {
+        let (peers, secret, extra) = (self.peers.clone(), self.secret.clone(), self.extra_args.clone());
+        let node = &mut self.nodes[id as usize];
+        assert!(node.child.is_none(), "node {id} is already running");
+        node.starts += 1;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
+        {
+            use std::io::Write;
+            writeln!(log, "===== harness {}: starting node {id} (start #{}) =====", now_utc(), node.starts).unwrap();
+        }
+        let node_log = std::env::var("REPLICHAT_CLUSTER_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
+            .args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--peers", &peers, "--db", &node.db])
+            .args(["--cluster-secret", &secret, "--heartbeat-ms", &HEARTBEAT_MS.to_string()])
+            .args(["--election-timeout-ms", &ELECTION_TIMEOUT_MS.to_string(), "--log", &node_log])
+            .args(&extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn replichat");
+        // Forward stdout to the log (the process must never write into a closed pipe), and report the
+        // listening line.
+        let stdout = child.stdout.take().unwrap();
+        let log_path = node.log.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("replichat listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(url.trim().to_owned());
+                    }
+                }
+                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log_path) {
+                    use std::io::Write;
+                    let _ = writeln!(f, "[stdout] {line}");
+                }
+            }
+        });
+        node.child = Some(child);
+        rx
+    }
+
+    async fn await_ready(&mut self, id: u64, ready: tokio::sync::oneshot::Receiver<String>) {
+        match tokio::time::timeout(STARTUP, ready).await {
+            Ok(Ok(url)) => {
+                assert_eq!(url, self.node(id).http_url(), "node {id} announces the address it was given");
+                step!("node {id} listening on {url}");
+            }
+            Ok(Err(_)) => {
+                let status = self.nodes[id as usize].child.as_mut().unwrap().wait().await;
+                panic!("node {id} exited before listening ({status:?}); log:\n{}", self.log_tail(id, LOG_TAIL));
+            }
+            Err(_) => panic!("node {id} did not print its listening line within {STARTUP:?}"),
+        }
+    }
+
+    /// SIGKILL node `id` and reap it: when this returns, the process is gone.
+    pub async fn kill(&mut self, id: u64) {
+        let node = &mut self.nodes[id as usize];
+        let mut child = node.child.take().unwrap_or_else(|| panic!("node {id} is not running"));
+        child.start_kill().expect("SIGKILL");
+        let status = child.wait().await.expect("reap");
+        append_marker(&node.log, &format!("SIGKILL (exit status {status:?})"));
+        step!("node {id} killed with SIGKILL");
+    }
+
+    /// SIGTERM node `id` and wait for it to exit (SIGKILL after 15 s).
+    pub async fn stop(&mut self, id: u64) {
+        let node = &mut self.nodes[id as usize];
+        let Some(mut child) = node.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        let status = match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
+            Ok(status) => format!("{status:?}"),
+            Err(_) => {
+                let _ = child.start_kill();
+                format!("did not stop on SIGTERM within 15 s, killed: {:?}", child.wait().await)
+            }
+        };
+        append_marker(&node.log, &format!("stopped with SIGTERM (exit status {status})"));
+        step!("node {id} stopped: {status}");
+    }
+
+    pub async fn stop_all(&mut self) {
+        for id in self.live() {
+            self.stop(id).await;
+        }
+    }
+
+    /// Start node `id` again, on the same port and database, and wait until it listens.
+    pub async fn restart(&mut self, id: u64) {
+        let ready = self.spawn(id);
+        self.await_ready(id, ready).await;
+    }
+
+    /// `GET /api/cluster` on node `id`: `None` when it does not answer 200 with JSON (dead, starting, ...).
+    pub async fn status(&self, id: u64) -> Option<Value> {
+        match http_get(&self.node(id).addr, "/api/cluster").await {
+            Ok((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
+    /// Statuses of every running node (`None` for a node that did not answer).
+    pub async fn statuses(&self) -> Vec<(u64, Option<Value>)> {
+        let mut out = Vec::new();
+        for id in self.live() {
+            out.push((id, self.status(id).await));
+        }
+        out
+    }
+
+    /// Poll every running node's status until `cond` holds on them (all must answer), or panic at the
+    /// deadline with the last statuses seen.
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut cond: impl FnMut(&[(u64, Value)]) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            let statuses = self.statuses().await;
+            if statuses.iter().all(|(_, s)| s.is_some()) {
+                let all: Vec<(u64, Value)> = statuses.iter().map(|(id, s)| (*id, s.clone().unwrap())).collect();
+                if let Some(result) = cond(&all) {
+                    return result;
+                }
+            }
+            if Instant::now() >= deadline {
+                let mut report = String::new();
+                for (id, status) in &statuses {
+                    let status = status.as_ref().map_or("no answer".into(), Value::to_string);
+                    let _ = writeln!(report, "  node {id}: {status}");
+                }
+                panic!("timed out after {within:?} waiting for {what}; last /api/cluster answers:\n{report}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Wait until every running node answers, they all name the same leader in the same term, that leader is
+    /// running and reports itself `primary`, and every other running node reports `backup`. Returns its id.
+    pub async fn wait_for_primary(&self, within: Duration) -> u64 {
+        let started = Instant::now();
+        let leader = self
+            .wait_until("an agreed primary", within, |all| {
+                let leader = all[0].1["leader"].as_u64()?;
+                let term = all[0].1["term"].as_u64()?;
+                let agreed = all.iter().all(|(id, s)| {
+                    s["leader"].as_u64() == Some(leader)
+                        && s["term"].as_u64() == Some(term)
+                        && s["role"].as_str() == Some(if *id == leader { "primary" } else { "backup" })
+                });
+                (agreed && all.iter().any(|(id, _)| *id == leader)).then_some(leader)
+            })
+            .await;
+        step!("primary is node {leader} (agreed after {:?})", started.elapsed());
+        leader
+    }
+
+    /// Wait until every running node has applied the same index, has nothing more in its log
+    /// (`last_index == applied_index`) and knows it committed (`commit_index == applied_index`): the
+    /// replicated state is at rest and identical everywhere. Returns that index.
+    pub async fn wait_applied_equal(&self, within: Duration) -> u64 {
+        let index = self
+            .wait_until("equal applied_index on every running node", within, |all| {
+                let applied = all[0].1["applied_index"].as_u64()?;
+                all.iter()
+                    .all(|(_, s)| {
+                        s["applied_index"].as_u64() == Some(applied)
+                            && s["last_index"].as_u64() == Some(applied)
+                            && s["commit_index"].as_u64() == Some(applied)
+                    })
+                    .then_some(applied)
+            })
+            .await;
+        step!("nodes {:?} all applied index {index}", self.live());
+        index
+    }
+
+    /// A client connected to the current primary (after waiting for one).
+    pub async fn client_to_primary(&self) -> Client {
+        let leader = self.wait_for_primary(Duration::from_secs(15)).await;
+        let client = Client::connect(&self.node(leader).ws_url()).await;
+        let ServerBody::Welcome { node, .. } = client.welcome else { unreachable!() };
+        assert_eq!(node, leader, "the primary's welcome names it");
+        client
+    }
+
+    /// The canonical dump of node `id`'s database (the process may be running: SQLite WAL allows a reader).
+    pub async fn dump(&self, id: u64) -> String {
+        let db = replichat::storage::Db::open(&self.node(id).db).await.expect("open a node's database");
+        let dump = db.dump().await.expect("dump");
+        db.close().await;
+        dump
+    }
+
+    /// Node `id`'s replicated state without the log (equal on replicas that compacted at different points).
+    pub async fn dump_state(&self, id: u64) -> String {
+        let db = replichat::storage::Db::open(&self.node(id).db).await.expect("open a node's database");
+        let dump = db.dump_state().await.expect("dump");
+        db.close().await;
+        dump
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Stop every node, drop the PostgreSQL databases and remove the test directory. Call at the end of a
+    /// passing test; a failing test keeps everything for inspection.
+    pub async fn finish(mut self) {
+        self.stop_all().await;
+        if !self.pg_databases.is_empty() {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+                for name in &self.pg_databases {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await;
+                }
+            }
+        }
+        if std::env::var_os("REPLICHAT_CLUSTER_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("\n===== cluster test failed ({:?}); node logs are in {} =====", self.engine, self.dir.display());
+            for id in 0..self.nodes.len() {
+                // A process the harness did not stop may have died on its own (or been signalled by someone
+                // else): say so, with its exit status.
+                let state = match self.nodes[id].child.as_mut().map(Child::try_wait) {
+                    None => "not running".to_owned(),
+                    Some(Ok(None)) => "running".to_owned(),
+                    Some(Ok(Some(status))) => format!("EXITED UNEXPECTEDLY: {status}"),
+                    Some(Err(e)) => format!("state unknown: {e}"),
+                };
+                let node = &self.nodes[id];
+                eprintln!(
+                    "----- node {} ({}, {state}) last {LOG_TAIL} log lines -----\n{}",
+                    node.id,
+                    node.addr,
+                    self.log_tail(node.id, LOG_TAIL)
+                );
+            }
+            eprintln!("===== end of node logs =====");
+        }
+        // Otherwise the processes die with the harness (kill_on_drop); without `finish` the files stay.
+    }
+}
+
+fn append_marker(log: &std::path::Path, what: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(log) {
+        let _ = writeln!(f, "===== harness {}: {what} =====", now_utc());
+    }
+}
+
+fn pg_base() -> String {
+    std::env::var("REPLICHAT_TEST_PG")
+        .expect(
+            "REPLICHAT_TEST_PG is not set: run the README's test command (scripts/test.sh), which starts \
+             PostgreSQL and sets it, e.g. postgres://replichat:replichat@127.0.0.1:5432",
+        )
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// A new empty PostgreSQL database; returns its URL and name. Named `replichat_test_*` so `scripts/test.sh`
+/// drops it if a run is interrupted.
+async fn fresh_pg_db(unique: &str) -> (String, String) {
+    let base = pg_base();
+    let name = format!("replichat_test_{unique}");
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create test database");
+    (format!("{base}/{name}"), name)
+}
+
+/// A minimal HTTP/1.1 GET (`Connection: close`) over a raw socket: the status code and the body. Fails fast
+/// (an `Err`) when nothing listens, and after 2 s in any case.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(2), request)
+        .await
+        .map_err(|_| format!("GET {addr}{path}: timed out"))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("GET {addr}{path}: no header end"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("GET {addr}{path}: bad status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked { dechunk(body)? } else { body.to_owned() };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or("bad chunk header")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).map_err(|e| e.to_string())?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..size).ok_or("short chunk")?);
+        rest = after.get(size + 2..).ok_or("short chunk")?;
+    }
+}
+
+// ---- Reading a canonical dump (backend/src/storage.rs `Db::dump`). ----
+
+/// The rows of one `## name` section of a dump, each split on tabs.
+pub fn dump_section<'a>(dump: &'a str, name: &str) -> Vec<Vec<&'a str>> {
+    let header = format!("## {name}");
+    dump.lines()
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .map(|l| l.split('\t').collect())
+        .collect()
+}
+
+/// Assert two dumps are equal, naming the first differing section and line when they are not.
+pub fn assert_same_dump(a_name: &str, a: &str, b_name: &str, b: &str) {
+    if a == b {
+        return;
+    }
+    let sections = |d: &str| -> Vec<String> { d.lines().filter(|l| l.starts_with("## ")).map(str::to_owned).collect() };
+    let mut report = String::new();
+    for section in sections(a).into_iter().chain(sections(b)) {
+        let name = section.trim_start_matches("## ");
+        let (ra, rb) = (dump_section(a, name), dump_section(b, name));
+        if ra != rb {
+            let _ = writeln!(report, "section {name}: {} rows on {a_name}, {} rows on {b_name}", ra.len(), rb.len());
+            if let Some(i) = (0..ra.len().max(rb.len())).find(|i| ra.get(*i) != rb.get(*i)) {
+                let _ = writeln!(report, "  first difference at row {i}:");
+                let _ = writeln!(report, "    {a_name}: {:?}", ra.get(i).map(|r| r.join("\t")));
+                let _ = writeln!(report, "    {b_name}: {:?}", rb.get(i).map(|r| r.join("\t")));
+            }
+            break;
+        }
+    }
+    panic!("the canonical dumps of {a_name} and {b_name} differ:\n{report}");
+}

@@ -1,0 +1,10 @@
+//! The cluster suite: three real `replichat serve` processes replicating one log, spoken to over real
+//! WebSockets and `/api/cluster`; primaries are killed with SIGKILL and restarted. Run it with
+//! `--test-threads 1` on a small machine (each test runs three servers).
+
+mod harness;
+
+mod election;
+mod failover;
+mod faults;
+mod security;
