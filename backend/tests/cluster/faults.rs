@@ -67,7 +67,7 @@ async fn role(cluster: &Cluster, id: u64) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_primary_steps_down_and_nothing_diverges() {
     let hosts: Vec<String> = ["127.0.0.10", "127.0.0.11", "127.0.0.12"].iter().map(|h| h.to_string()).collect();
-    let mut cluster =
+    let cluster =
         Cluster::start_with(3, Engine::Sqlite, Options { hosts: Some(hosts.clone()), args: Vec::new() }).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
     let mut alice = cluster.client_to_primary().await;
