@@ -15,7 +15,7 @@ use replichat_shared::{
     MAX_USERNAME_CHARS, MIN_PASSWORD_CHARS,
 };
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch, MutexGuard};
+use tokio::sync::{mpsc, watch, RwLockWriteGuard};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{ConnId, Hub, Push};
@@ -73,18 +73,23 @@ pub struct Chat {
     db: Db,
     replication: Replication,
     hub: Hub,
-    /// The one writer: held from a request's validation until its entry is applied, so validation always sees
-    /// every earlier write and the index an op is built for is the index it gets. A tokio mutex because it
-    /// is held across those `.await`s.
-    writer: tokio::sync::Mutex<()>,
+    /// The write gate. Every write but `send` takes it exclusively, from its validation until its entry is
+    /// applied, so it validates against every earlier write and the index it builds its op for is the index
+    /// it gets. Sends take it shared, only while they validate and propose: many sends are in flight at once
+    /// and commit in groups, and an exclusive write (a deletion, say) never interleaves with a send's
+    /// validation. A tokio lock because it is held across `.await`s.
+    writer: tokio::sync::RwLock<()>,
+    /// Sends proposed but not yet applied, by (sender, client id): a concurrent retry waits for the original
+    /// instead of storing a second copy. A std mutex: never held across an `.await`.
+    sending: Mutex<std::collections::HashSet<(i64, String)>>,
     /// Highest index applied to the state tables, published by the applier.
     applied: watch::Receiver<u64>,
     failed_logins: Mutex<HashMap<String, VecDeque<Instant>>>,
 }
 
-/// The right to write, with the index the next entry will get.
+/// The exclusive right to write, with the index the next entry will get.
 pub struct Writer<'a> {
-    _guard: MutexGuard<'a, ()>,
+    _guard: RwLockWriteGuard<'a, ()>,
     next: u64,
 }
 
@@ -102,7 +107,8 @@ impl Chat {
             db,
             replication,
             hub: Hub::default(),
-            writer: tokio::sync::Mutex::new(()),
+            writer: tokio::sync::RwLock::new(()),
+            sending: Mutex::default(),
             applied,
             failed_logins: Mutex::default(),
         });
@@ -173,7 +179,7 @@ impl Chat {
 
     /// Wait for the right to write: only the primary writes, and only once everything in its log is applied.
     async fn writer(&self) -> Result<Writer<'_>> {
-        let guard = self.writer.lock().await;
+        let guard = self.writer.write().await;
         let last = {
             let status = self.replication.status();
             let status = status.borrow();
@@ -189,7 +195,7 @@ impl Chat {
 
     /// Propose `op` as the next entry and wait until it is committed and applied (its events pushed).
     async fn commit(&self, writer: &mut Writer<'_>, op: Op) -> Result<u64> {
-        let index = self.replication.propose(writer.next, op.to_json()).await?;
+        let index = self.replication.propose(Some(writer.next), op.to_json()).await?;
         self.wait_applied(index).await?;
         writer.next = index + 1;
         Ok(index)
@@ -366,30 +372,62 @@ impl Chat {
         if client_id.is_empty() || client_id.chars().count() > MAX_CLIENT_ID_CHARS {
             return Err(Error::BadRequest("client_id must have 1 to 64 characters".to_owned()));
         }
-        let mut writer = self.writer().await?;
-        // A retry of a send that was stored: answer with the original, store nothing.
-        if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
-            return Ok(original);
-        }
-        let recipient = self.db.user_by_name(to).await?.ok_or_else(|| Error::UnknownUser(to.to_owned()))?;
-        if recipient.id == me.user_id {
-            return Err(Error::SelfSend);
-        }
-        let message_id = writer.next as i64;
-        let op = Op::Send {
-            message_id,
-            sender_id: me.user_id,
-            recipient_id: recipient.id,
-            client_id: client_id.to_owned(),
-            text: text.to_owned(),
-            at: now_ms(),
+        let key = (me.user_id, client_id.to_owned());
+        let index = loop {
+            let gate = self.writer.read().await;
+            if self.replication.status().borrow().role != Role::Primary {
+                return Err(Error::Unavailable);
+            }
+            // A retry of a send that was stored: answer with the original, store nothing.
+            if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
+                return Ok(original);
+            }
+            let recipient = self.db.user_by_name(to).await?.ok_or_else(|| Error::UnknownUser(to.to_owned()))?;
+            if recipient.id == me.user_id {
+                return Err(Error::SelfSend);
+            }
+            // The same send may be in flight right now (a retry racing its original): wait for it to land.
+            if !self.sending.lock().expect("sending lock").insert(key.clone()) {
+                drop(gate);
+                self.wait_for_send(&key).await?;
+                continue;
+            }
+            let op = Op::Send {
+                sender_id: me.user_id,
+                recipient_id: recipient.id,
+                client_id: client_id.to_owned(),
+                text: text.to_owned(),
+                at: now_ms(),
+            };
+            let proposed = self.replication.propose(None, op.to_json()).await;
+            drop(gate);
+            match proposed {
+                Ok(index) => break index,
+                Err(e) => {
+                    self.sending.lock().expect("sending lock").remove(&key);
+                    return Err(e);
+                }
+            }
         };
-        self.commit(&mut writer, op).await?;
-        drop(writer);
+        let applied = self.wait_applied(index).await;
+        self.sending.lock().expect("sending lock").remove(&key);
+        applied?;
         self.db
             .message_by_client_id(me.user_id, client_id)
             .await?
             .ok_or_else(|| Error::Corrupt("a committed message is missing".to_owned()))
+    }
+
+    /// Wait until the in-flight send `key` is no longer in flight (applied, or failed).
+    async fn wait_for_send(&self, key: &(i64, String)) -> Result<()> {
+        let mut applied = self.applied.clone();
+        let wait = async {
+            while self.sending.lock().expect("sending lock").contains(key) {
+                applied.changed().await.map_err(|_| Error::Unavailable)?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(COMMIT_WAIT, wait).await.map_err(|_| Error::Unavailable)?
     }
 
     /// `history`: one page of the conversation with `with`, oldest first within the page, and whether

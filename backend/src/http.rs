@@ -31,6 +31,9 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
         "last_index": status.last_index,
         "applied_index": state.chat.applied_index(),
         "sessions": state.chat.hub().sessions(),
+        // Group commit at work: entries appended per transaction = proposed_entries / proposal_batches.
+        "proposal_batches": status.proposal_batches,
+        "proposed_entries": status.proposed_entries,
     }))
 }
 

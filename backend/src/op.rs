@@ -17,8 +17,10 @@ pub enum Op {
     Login { user_id: i64, token_hash: String, at: i64 },
     /// A session revoked.
     Logout { token_hash: String },
-    /// A message stored.
-    Send { message_id: i64, sender_id: i64, recipient_id: i64, client_id: String, text: String, at: i64 },
+    /// A message stored. Its id is the index of the entry (sends are proposed concurrently, so the node
+    /// learns the index only when the entry is appended; the index is part of the entry, so applying stays
+    /// deterministic).
+    Send { sender_id: i64, recipient_id: i64, client_id: String, text: String, at: i64 },
     /// The recipient's device got every message to them with an id up to `up_to`.
     Delivered { user_id: i64, up_to: i64, at: i64 },
     /// The recipient read every message from `peer_id` with an id up to `up_to`.

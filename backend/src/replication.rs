@@ -80,6 +80,10 @@ pub struct Status {
     pub last_index: u64,
     /// Every replica as this one sees it.
     pub replicas: Vec<ReplicaView>,
+    /// Transactions that appended local proposals (group commits) since start.
+    pub proposal_batches: u64,
+    /// Entries those transactions appended.
+    pub proposed_entries: u64,
 }
 
 /// When a write counts as committed (`--ack`).
@@ -105,13 +109,22 @@ pub struct Timing {
     pub ack: Ack,
 }
 
+/// An op the local primary wants appended.
+struct Proposal {
+    /// The index the proposer built the op for, if it depends on it; refused if it is not next.
+    expected: Option<u64>,
+    op: String,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+/// Most proposals appended in one transaction (one fsync) and shipped in one frame.
+const MAX_GROUP: usize = 512;
+
 enum Input {
     /// A request from a peer (`append`, `vote`), to be answered on `reply`.
     Request { frame: PeerFrame, reply: oneshot::Sender<PeerFrame> },
     /// An answer from a peer to one of our requests.
     Response(PeerFrame),
-    /// The local primary wants `op` appended as entry `expected`.
-    Propose { expected: u64, op: String, reply: oneshot::Sender<Result<u64>> },
     /// The connection to a peer opened (true) or closed (false).
     Reachable(u64, bool),
 }
@@ -120,6 +133,7 @@ enum Input {
 #[derive(Clone)]
 pub struct Replication {
     inbox: mpsc::Sender<Input>,
+    proposals: mpsc::Sender<Proposal>,
     status: watch::Receiver<Status>,
     /// This replica's id.
     pub id: u64,
@@ -147,6 +161,7 @@ impl Replication {
         let (last_index, last_term) = db.last_entry().await?;
         let commit_index = db.applied_index().await?;
         let (inbox_tx, inbox_rx) = mpsc::channel(1024);
+        let (proposals_tx, proposals_rx) = mpsc::channel(4 * MAX_GROUP);
         let mut outbound = BTreeMap::new();
         for peer in peers.iter().filter(|p| p.id != id) {
             let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
@@ -177,6 +192,8 @@ impl Replication {
             heard_leader: None,
             remote_view: Vec::new(),
             outbound,
+            proposal_batches: 0,
+            proposed_entries: 0,
             reachable: BTreeSet::new(),
             noop,
             status: watch::channel(Status {
@@ -186,6 +203,8 @@ impl Replication {
                 commit_index,
                 last_index,
                 replicas: Vec::new(),
+                proposal_batches: 0,
+                proposed_entries: 0,
             })
             .0,
         };
@@ -197,8 +216,8 @@ impl Replication {
             core.start_election().await?;
         }
         core.publish();
-        tokio::spawn(core.run(inbox_rx, shutdown));
-        Ok(Replication { inbox: inbox_tx, status, id, peers: all })
+        tokio::spawn(core.run(inbox_rx, proposals_rx, shutdown));
+        Ok(Replication { inbox: inbox_tx, proposals: proposals_tx, status, id, peers: all })
     }
 
     /// The latest status; `changed()` on the receiver wakes on every change.
@@ -206,12 +225,13 @@ impl Replication {
         self.status.clone()
     }
 
-    /// Append `op` as entry `expected` (the caller, the only proposer, checked it is next). Returns once the
-    /// entry is durable locally and on its way to the backups; it is committed later, or lost if this
-    /// replica stops being primary first.
-    pub async fn propose(&self, expected: u64, op: String) -> Result<u64> {
+    /// Append `op` to the log, as entry `expected` if given (refused if that is not the next index). Returns
+    /// the entry's index once it is durable locally and on its way to the backups; it is committed later, or
+    /// lost if this replica stops being primary first. Proposals that arrive together are appended in one
+    /// transaction and shipped in one frame (group commit).
+    pub async fn propose(&self, expected: Option<u64>, op: String) -> Result<u64> {
         let (reply, rx) = oneshot::channel();
-        self.inbox.send(Input::Propose { expected, op, reply }).await.map_err(|_| Error::Unavailable)?;
+        self.proposals.send(Proposal { expected, op, reply }).await.map_err(|_| Error::Unavailable)?;
         rx.await.map_err(|_| Error::Unavailable)?
     }
 
@@ -266,6 +286,9 @@ struct Core {
     /// The primary's view of the cluster from its last heartbeat.
     remote_view: Vec<ReplicaView>,
     outbound: BTreeMap<u64, mpsc::Sender<PeerFrame>>,
+    /// Group-commit counters: transactions, and the entries they appended.
+    proposal_batches: u64,
+    proposed_entries: u64,
     /// Peers whose connection is open now.
     reachable: BTreeSet<u64>,
     noop: String,
@@ -273,7 +296,12 @@ struct Core {
 }
 
 impl Core {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Input>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Input>,
+        mut proposals: mpsc::Receiver<Proposal>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let wake = if self.role == Role::Primary {
                 self.last_heartbeat + self.timing.heartbeat
@@ -284,6 +312,20 @@ impl Core {
                 _ = shutdown.cancelled() => break,
                 input = inbox.recv() => match input {
                     Some(input) => self.handle(input).await,
+                    None => break,
+                },
+                proposal = proposals.recv() => match proposal {
+                    Some(first) => {
+                        // Everything proposed meanwhile goes into the same transaction and frame.
+                        let mut group = vec![first];
+                        while group.len() < MAX_GROUP {
+                            match proposals.try_recv() {
+                                Ok(next) => group.push(next),
+                                Err(_) => break,
+                            }
+                        }
+                        self.on_propose(group).await
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake) => self.tick().await,
@@ -329,9 +371,6 @@ impl Core {
                 let _ = reply.send(answer);
             }
             Input::Response(frame) => self.on_response(frame).await?,
-            Input::Propose { expected, op, reply } => {
-                let _ = reply.send(self.on_propose(expected, op).await);
-            }
             Input::Reachable(peer, up) => {
                 if up {
                     self.reachable.insert(peer);
@@ -466,15 +505,41 @@ impl Core {
         Ok(())
     }
 
-    async fn on_propose(&mut self, expected: u64, op: String) -> Result<u64> {
-        if self.role != Role::Primary || expected != self.last_index + 1 {
-            return Err(Error::Unavailable);
+    async fn on_propose(&mut self, group: Vec<Proposal>) -> Result<()> {
+        let mut entries = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        for Proposal { expected, op, reply } in group {
+            let index = self.last_index + 1 + entries.len() as u64;
+            if self.role != Role::Primary || expected.is_some_and(|e| e != index) {
+                tracing::debug!(?expected, index, role = self.role.name(), "proposal refused");
+                let _ = reply.send(Err(Error::Unavailable));
+                continue;
+            }
+            entries.push(WireEntry { index, term: self.term, op });
+            replies.push((index, reply));
         }
-        let entry = WireEntry { index: expected, term: self.term, op };
-        (self.last_index, self.last_term) = self.db.append_entries(std::slice::from_ref(&entry)).await?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match self.db.append_entries(&entries).await {
+            Ok(last) => (self.last_index, self.last_term) = last,
+            Err(e) => {
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(Error::Unavailable));
+                }
+                return Err(e);
+            }
+        }
+        self.proposal_batches += 1;
+        self.proposed_entries += entries.len() as u64;
+        // Publish before answering: a proposer that got its index must find it in the status (the exclusive
+        // writer reads the next index from there once every send that held the gate has its answer).
+        self.publish();
+        for (index, reply) in replies {
+            let _ = reply.send(Ok(index));
+        }
         self.advance_commit();
-        self.broadcast_append().await?;
-        Ok(expected)
+        self.broadcast_append().await
     }
 
     async fn on_request(&mut self, frame: PeerFrame) -> Result<PeerFrame> {
@@ -737,6 +802,8 @@ impl Core {
             commit_index: self.commit_index,
             last_index: self.last_index,
             replicas: self.view(),
+            proposal_batches: self.proposal_batches,
+            proposed_entries: self.proposed_entries,
         };
         self.status.send_if_modified(|current| {
             if *current != status {

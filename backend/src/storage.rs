@@ -699,7 +699,8 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(token_hash).execute(&mut *tx).await?;
             Ok(Vec::new())
         }
-        Op::Send { message_id, sender_id, recipient_id, client_id, text, at } => {
+        Op::Send { sender_id, recipient_id, client_id, text, at } => {
+            let message_id = index;
             sqlx::query(
                 "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",

@@ -7,4 +7,5 @@ mod harness;
 mod election;
 mod failover;
 mod faults;
+mod group_commit;
 mod security;
