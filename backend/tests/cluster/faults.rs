@@ -57,6 +57,18 @@ impl Drop for Partition {
     }
 }
 
+/// Three replicas on SQLite with `options`; node 0 elected; accounts alice and bob registered. Returns the
+/// cluster and alice's socket (on node 0).
+async fn start_with_alice_and_bob(options: Options) -> (Cluster, Client) {
+    let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
+    assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
+    let mut alice = cluster.client_to_primary().await;
+    alice.register("alice", "password123").await;
+    let mut bob = cluster.client_to_primary().await;
+    bob.register("bob", "password123").await;
+    (cluster, alice)
+}
+
 async fn role(cluster: &Cluster, id: u64) -> Option<String> {
     cluster.status(id).await.and_then(|s| s["role"].as_str().map(str::to_owned))
 }
@@ -67,13 +79,7 @@ async fn role(cluster: &Cluster, id: u64) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_primary_steps_down_and_nothing_diverges() {
     let hosts: Vec<String> = ["127.0.0.10", "127.0.0.11", "127.0.0.12"].iter().map(|h| h.to_string()).collect();
-    let cluster =
-        Cluster::start_with(3, Engine::Sqlite, Options { hosts: Some(hosts.clone()), args: Vec::new() }).await;
-    assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (cluster, mut alice) = start_with_alice_and_bob(Options { hosts: Some(hosts.clone()), args: Vec::new() }).await;
     let before = alice.send_message("bob", "before the partition").await;
     step!("acknowledged message {before} before the partition");
 
@@ -133,12 +139,7 @@ async fn isolated_primary_steps_down_and_nothing_diverges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_live_survivor_of_two_crashes_keeps_writing() {
     let options = Options { hosts: None, args: vec!["--ack".into(), "all-live".into()] };
-    let mut cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
-    assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut cluster, mut alice) = start_with_alice_and_bob(options).await;
     let mut acked = Vec::new();
     for i in 0..10 {
         acked.push(alice.send_message("bob", &format!("before #{i}")).await);
@@ -182,12 +183,7 @@ async fn all_live_survivor_of_two_crashes_keeps_writing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_behind_compaction_catches_up_by_snapshot() {
     let options = Options { hosts: None, args: vec!["--compact-keep".into(), "20".into()] };
-    let mut cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
-    assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut cluster, mut alice) = start_with_alice_and_bob(options).await;
     cluster.kill(2).await;
     for i in 0..80 {
         alice.send_message("bob", &format!("while node 2 is down #{i}")).await;

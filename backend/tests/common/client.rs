@@ -30,20 +30,10 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connect and expect `welcome` as the first frame (the replica is the primary).
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connects");
-        let mut client = Client {
-            ws,
-            inbox: VecDeque::new(),
-            next_req: 0,
-            token: None,
-            username: None,
-            cursor: 0,
-            welcome: ServerBody::Ok,
-        };
-        let welcome = client.next_frame().await;
-        assert!(matches!(welcome.body, ServerBody::Welcome { .. }), "first frame is welcome: {welcome:?}");
-        client.welcome = welcome.body;
+        let (client, first) = Client::connect_any(url).await.unwrap_or_else(|e| panic!("connect: {e}"));
+        assert!(matches!(first, ServerBody::Welcome { .. }), "first frame is welcome: {first:?}");
         client
     }
 
