@@ -305,10 +305,11 @@ impl Chat {
     /// `resume`: re-attach to the session `token` names and return its events after `cursor`.
     pub async fn resume(&self, token: &str, cursor: u64, mailbox: Mailbox) -> Result<Attached> {
         let token_hash = hash_token(token);
-        // A cursor from before a failover may be ahead of what this new primary has applied yet (never of what
-        // it has committed: a client only ever saw committed events).
+        // A cursor from before a failover may be ahead of what this new primary has applied, or even knows to
+        // be committed, yet; never of its log: a client only saw committed events, and a new primary holds
+        // every committed entry. It is applied once the new primary's first entry commits.
         if cursor > self.applied_index() {
-            if cursor > self.replication.status().borrow().commit_index {
+            if cursor > self.replication.status().borrow().last_index {
                 return Err(Error::BadRequest(format!("cursor {cursor} is beyond the end of the log")));
             }
             self.wait_applied(cursor).await?;
