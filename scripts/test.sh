@@ -19,11 +19,14 @@ psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE '
   while read -r db; do [ -n "$db" ] && psql "$base/postgres" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
 
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p replichat -p replichat-shared --all-targets --locked -- -D warnings
+# The browser app only builds for wasm32.
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+cargo clippy -p replichat-frontend --target wasm32-unknown-unknown --locked -- -D warnings
 # Two cores: keep the test threads at two so PostgreSQL and the servers under test get CPU too; the cluster
 # suite runs three replica processes per test, so one test at a time.
-cargo test --workspace --locked --lib --bins --test chat -- --test-threads "${TEST_THREADS:-2}"
-cargo test --workspace --locked --doc
+cargo test -p replichat -p replichat-shared --locked --lib --bins --test chat -- --test-threads "${TEST_THREADS:-2}"
+cargo test -p replichat -p replichat-shared --locked --doc
 cargo test -p replichat --locked --test cluster -- --test-threads 1
 
 # Drop this run's databases.

@@ -77,6 +77,11 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_COMPACT_KEEP", default_value_t = 10_000)]
     pub compact_keep: u64,
 
+    /// Directory with the browser app (index.html, style.css, pkg/ from scripts/build-frontend.sh), served at
+    /// `/`; `/admin` and other unknown paths get its index.html.
+    #[arg(long, env = "REPLICHAT_STATIC_DIR", default_value = "static")]
+    pub static_dir: std::path::PathBuf,
+
     /// Log filter in `tracing` EnvFilter syntax (`info`, `replichat=debug`, ...).
     #[arg(long, env = "REPLICHAT_LOG", default_value = "info")]
     pub log: String,
@@ -97,6 +102,7 @@ impl Config {
             election_timeout_ms: 1000,
             compact_keep: 10_000,
             ack: Ack::Majority,
+            static_dir: "static".into(),
             log: "info".to_owned(),
         }
     }

@@ -2,20 +2,34 @@
 
 use axum::extract::State;
 use axum::routing::get;
+use std::path::Path;
+
+use axum::http::{header, HeaderValue};
 use axum::{Json, Router};
 use replichat_shared::ClusterStatus;
 use serde_json::json;
+use tower_http::compression::CompressionLayer;
+use tower_http::services::{ServeDir, ServeFile};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::{ws, AppState};
 
-/// Every route a replica serves.
-pub fn router(state: AppState) -> Router {
+/// Every route a replica serves: the API, and the browser app from `static_dir` for everything else.
+pub fn router(state: AppState, static_dir: &Path) -> Router {
+    // The app's files keep their names from build to build, so browsers must revalidate them (cheap: the
+    // file service answers If-Modified-Since with 304).
+    let app = ServeDir::new(static_dir).fallback(ServeFile::new(static_dir.join("index.html")));
+    let app = tower::ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-cache")))
+        .layer(CompressionLayer::new())
+        .service(app);
     Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/api/cluster", get(cluster))
         .route("/internal/replicate", get(crate::internal::upgrade))
+        .fallback_service(app)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -141,13 +141,14 @@ pub async fn start(config: Config) -> Result<Running> {
         cluster_secret: config.cluster_secret.as_deref().map(Arc::from),
     };
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
-    let task = tokio::spawn(serve(listener, state, db.clone()));
+    let app = http::router(state.clone(), &config.static_dir);
+    let task = tokio::spawn(serve(listener, app, state, db.clone()));
     Ok(Running { addr, db, shutdown, task })
 }
 
-async fn serve(listener: TcpListener, state: AppState, db: Db) -> Result<()> {
+async fn serve(listener: TcpListener, app: axum::Router, state: AppState, db: Db) -> Result<()> {
     let (shutdown, tracker) = (state.shutdown.clone(), state.tracker.clone());
-    let app = http::router(state);
+    drop(state);
     // Small frames (acks, heartbeats, chat messages) should leave at once, not wait for Nagle.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);

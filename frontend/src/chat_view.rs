@@ -1,0 +1,327 @@
+//! The chat page: sign-in, header with the connection banner, sidebar (search, conversations), the open
+//! conversation with its composer, and the delete-account dialog.
+
+use leptos::prelude::*;
+use replichat_shared::Request;
+
+use crate::connection::{self, LinkState};
+use crate::state::{key, Chat, Line, Status};
+
+/// The whole chat page.
+#[component]
+pub fn ChatPage() -> impl IntoView {
+    let chat = Chat::new();
+    provide_context(chat);
+    let conn = connection::get();
+    {
+        let handler_conn = conn.clone();
+        conn.start(move |frame| chat.on_frame(&handler_conn, frame));
+    }
+    // Expire typing indicators.
+    let tick = RwSignal::new(0u32);
+    let _ =
+        set_interval_with_handle(move || tick.update(|t| *t = t.wrapping_add(1)), std::time::Duration::from_secs(1));
+    provide_context(tick);
+    let restoring = conn.token().is_some();
+    view! {
+        <div class="app">
+            <Show
+                when=move || chat.me.get().is_some()
+                fallback=move || view! { <Auth restoring=restoring/> }
+            >
+                <Header/>
+                <main class="layout">
+                    <Sidebar/>
+                    <ConversationPane/>
+                </main>
+                <DeleteDialog/>
+            </Show>
+        </div>
+    }
+}
+
+#[component]
+fn Banner() -> impl IntoView {
+    let state = connection::get().state;
+    let data_state = move || match state.get() {
+        LinkState::Online { .. } => "online",
+        LinkState::Reconnecting { .. } => "reconnecting",
+        LinkState::Connecting => "connecting",
+    };
+    let node = move || match state.get() {
+        LinkState::Online { node, .. } => node.to_string(),
+        _ => String::new(),
+    };
+    let text = move || match state.get() {
+        LinkState::Online { node, term } => format!("Connected to replica {node} (term {term})"),
+        LinkState::Reconnecting { attempt } => {
+            format!("Reconnecting to the cluster… (attempt {attempt}); messages you send are queued")
+        }
+        LinkState::Connecting => "Connecting…".to_owned(),
+    };
+    view! {
+        <div class="banner" data-testid="banner" data-state=data_state data-node=node>{text}</div>
+    }
+}
+
+#[component]
+fn Auth(restoring: bool) -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    let username = RwSignal::new(String::new());
+    let password = RwSignal::new(String::new());
+    let submit = move |register: bool| {
+        let (username, password) = (username.get_untracked().trim().to_owned(), password.get_untracked());
+        chat.auth_error.set(None);
+        if username.is_empty() || username.chars().any(char::is_whitespace) {
+            chat.auth_error.set(Some("Invalid username: use 1 to 32 characters without spaces.".into()));
+            return;
+        }
+        let request =
+            if register { Request::Register { username, password } } else { Request::Login { username, password } };
+        connection::get().request(request);
+    };
+    view! {
+        <div class="auth">
+            <Banner/>
+            <h1>"replichat"</h1>
+            <Show when=move || restoring && chat.auth_error.get().is_none()>
+                <p class="hint">"Restoring your session…"</p>
+            </Show>
+            <form class="auth-form" on:submit=move |ev| { ev.prevent_default(); submit(false); }>
+                <label>"Username"
+                    <input data-testid="auth-username" autocomplete="username" maxlength="64"
+                        prop:value=username on:input=move |ev| username.set(event_target_value(&ev))/>
+                </label>
+                <label>"Password"
+                    <input data-testid="auth-password" type="password" autocomplete="current-password"
+                        prop:value=password on:input=move |ev| password.set(event_target_value(&ev))/>
+                </label>
+                <div class="auth-buttons">
+                    <button data-testid="auth-login" type="submit">"Log in"</button>
+                    <button data-testid="auth-register" type="button" on:click=move |_| submit(true)>"Sign up"</button>
+                </div>
+                <Show when=move || chat.auth_error.get().is_some()>
+                    <p class="error" data-testid="auth-error" role="alert">{move || chat.auth_error.get()}</p>
+                </Show>
+            </form>
+        </div>
+    }
+}
+
+#[component]
+fn Header() -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    let logout = move |_| {
+        connection::get().request(Request::Logout);
+        chat.reset();
+    };
+    view! {
+        <header class="header">
+            <Banner/>
+            <span class="me" data-testid="me">{move || chat.me.get()}</span>
+            <button data-testid="logout" on:click=logout>"Log out"</button>
+            <button data-testid="delete-account" class="danger" on:click=move |_| {
+                chat.delete_error.set(None);
+                chat.deleting.set(true);
+            }>"Delete account"</button>
+        </header>
+    }
+}
+
+#[component]
+fn Sidebar() -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    let pattern = RwSignal::new(String::new());
+    let search = move || {
+        connection::get().request(Request::List { pattern: pattern.get_untracked(), after: None, limit: Some(50) });
+    };
+    let me = move || chat.me.get().unwrap_or_default();
+    view! {
+        <aside class="sidebar">
+            <form class="search" on:submit=move |ev| { ev.prevent_default(); search(); }>
+                <input data-testid="search-input" placeholder="Find people: ali*, *son, bob"
+                    prop:value=pattern on:input=move |ev| pattern.set(event_target_value(&ev))/>
+                <button data-testid="search-button" type="submit">"Search"</button>
+            </form>
+            <Show when=move || chat.results.get().is_some()>
+                <ul class="results">
+                    <For each=move || chat.results.get().unwrap_or_default().into_iter().filter(move |u| key(u) != key(&me()))
+                        key=|u| u.clone() let:user>
+                        {
+                            let name = user.clone();
+                            view! {
+                                <li><button data-testid="search-result" data-username=user.clone() on:click=move |_| {
+                                    chat.results.set(None);
+                                    chat.open(&name);
+                                }>{user.clone()}</button></li>
+                            }
+                        }
+                    </For>
+                    <Show when=move || chat.results.get().is_some_and(|r| r.iter().all(|u| key(u) == key(&me())))>
+                        <li class="hint">"Nobody matches."</li>
+                    </Show>
+                </ul>
+            </Show>
+            <ul class="conversations">
+                <For each=move || chat.conversations.get() key=|c| (c.with.clone(), c.unread, c.last.id, c.deleted) let:c>
+                    {
+                        let with = c.with.clone();
+                        let presence_key = key(&c.with);
+                        let online = Signal::derive(move || chat.online.with(|o| o.get(&presence_key).copied().unwrap_or(false)));
+                        let online = move || online.get();
+                        let active_key = key(&c.with);
+                        let is_active = move || chat.active.get().is_some_and(|a| key(&a) == active_key);
+                        let preview: String = c.last.text.chars().take(40).collect();
+                        let unread = c.unread;
+                        view! {
+                            <li class="conversation" class:active=is_active data-testid="conversation" data-with=c.with.clone()
+                                on:click=move |_| chat.open(&with)>
+                                <span class="presence" data-testid="presence" data-online=move || online().to_string()
+                                    title=move || if online() { "online" } else { "offline" }></span>
+                                <span class="name">{c.with.clone()}{c.deleted.then_some(" (deleted)")}</span>
+                                <span class="preview">{preview}</span>
+                                <Show when=move || { unread > 0 }>
+                                    <span class="unread" data-testid="unread">{unread}</span>
+                                </Show>
+                            </li>
+                        }
+                    }
+                </For>
+            </ul>
+        </aside>
+    }
+}
+
+#[component]
+fn ConversationPane() -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    view! {
+        <section class="conversation-pane">
+            <Show when=move || chat.active.get().is_some()
+                fallback=|| view! { <p class="hint empty">"Search for someone with * as a wildcard, then say hello."</p> }>
+                <OpenConversation/>
+            </Show>
+        </section>
+    }
+}
+
+#[component]
+fn OpenConversation() -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    let tick = expect_context::<RwSignal<u32>>();
+    let peer = move || chat.active.get().unwrap_or_default();
+    let lines = move || chat.lines.with(|l| l.get(&key(&peer())).cloned().unwrap_or_default());
+    let more = move || chat.more.with(|m| m.get(&key(&peer())).copied().unwrap_or(false));
+    let typing = move || {
+        tick.track();
+        chat.typing.with(|t| t.get(&key(&peer())).is_some_and(|until| *until > js_sys::Date::now()))
+    };
+    let draft = RwSignal::new(String::new());
+    let last_typing = StoredValue::new(0f64);
+    let send = move || {
+        if chat.send(&draft.get_untracked()) {
+            draft.set(String::new());
+        }
+    };
+    let history = NodeRef::<leptos::html::Div>::new();
+    // Keep the newest message in view.
+    Effect::new(move |_| {
+        let _ = lines().len();
+        if let Some(el) = history.get() {
+            el.set_scroll_top(el.scroll_height());
+        }
+    });
+    view! {
+        <div class="conversation-view">
+            <h2 data-testid="conversation-title">{peer}</h2>
+            <div class="history" data-testid="history" node_ref=history>
+                <Show when=more>
+                    <button data-testid="load-older" class="load-older" on:click=move |_| chat.load_older()>"Load older messages"</button>
+                </Show>
+                <For each=lines key=|l: &Line| (l.client_id.clone(), l.id, l.status.clone()) let:line>
+                    <MessageLine line=line/>
+                </For>
+            </div>
+            <Show when=typing>
+                <p class="typing" data-testid="typing">{move || format!("{} is typing…", peer())}</p>
+            </Show>
+            <form class="composer-form" on:submit=move |ev| { ev.prevent_default(); send(); }>
+                <textarea data-testid="composer" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)"
+                    prop:value=draft
+                    on:input=move |ev| {
+                        draft.set(event_target_value(&ev));
+                        let now = js_sys::Date::now();
+                        if now - last_typing.get_value() > 2000.0 {
+                            last_typing.set_value(now);
+                            connection::get().request(Request::Typing { to: peer() });
+                        }
+                    }
+                    on:keydown=move |ev| {
+                        if ev.key() == "Enter" && !ev.shift_key() {
+                            ev.prevent_default();
+                            send();
+                        }
+                    }></textarea>
+                <button data-testid="send" type="submit">"Send"</button>
+            </form>
+            <Show when=move || chat.composer_error.get().is_some()>
+                <p class="error" data-testid="composer-error" role="alert">{move || chat.composer_error.get()}</p>
+            </Show>
+        </div>
+    }
+}
+
+#[component]
+fn MessageLine(line: Line) -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    let mine = chat.me.get_untracked().is_some_and(|me| me == line.from);
+    let time = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(line.sent_at as f64));
+    let clock = format!("{:02}:{:02}", time.get_hours(), time.get_minutes());
+    let status_text = match &line.status {
+        Status::Sending => "sending…".to_owned(),
+        Status::Sent => "sent".to_owned(),
+        Status::Delivered => "delivered".to_owned(),
+        Status::Read => "read".to_owned(),
+        Status::Failed(reason) => format!("not sent: {reason}"),
+    };
+    view! {
+        <div class="message" class:mine=mine class:unread=line.unread data-testid="message" data-from=line.from.clone()
+            data-id=line.id.map(|i| i.to_string()).unwrap_or_default() data-client-id=line.client_id.clone()
+            data-status=line.status.name() data-unread=line.unread.to_string()>
+            <span class="from">{line.from.clone()}{line.from_deleted.then_some(" (deleted account)")}</span>
+            // Text is inserted as a text node: never parsed as HTML.
+            <p class="text" data-testid="message-text">{line.text.clone()}</p>
+            <span class="meta">{clock}{mine.then(|| format!(" · {status_text}"))}</span>
+        </div>
+    }
+}
+
+#[component]
+fn DeleteDialog() -> impl IntoView {
+    let chat = expect_context::<Chat>();
+    let password = RwSignal::new(String::new());
+    view! {
+        <Show when=move || chat.deleting.get()>
+            <div class="dialog-backdrop">
+                <div class="dialog" role="dialog" aria-modal="true">
+                    <h2>"Delete your account?"</h2>
+                    <p>"Your account, your sessions and the messages you received are removed for good. \
+                        Messages you sent stay with their recipients, marked as from a deleted account. \
+                        Enter your password to confirm."</p>
+                    <input data-testid="delete-password" type="password" autocomplete="current-password"
+                        prop:value=password on:input=move |ev| password.set(event_target_value(&ev))/>
+                    <div class="dialog-buttons">
+                        <button data-testid="delete-cancel" on:click=move |_| chat.deleting.set(false)>"Cancel"</button>
+                        <button data-testid="delete-confirm" class="danger" on:click=move |_| {
+                            chat.delete_error.set(None);
+                            connection::get().request(Request::DeleteAccount { password: password.get_untracked() });
+                        }>"Delete my account"</button>
+                    </div>
+                    <Show when=move || chat.delete_error.get().is_some()>
+                        <p class="error" data-testid="delete-error" role="alert">{move || chat.delete_error.get()}</p>
+                    </Show>
+                </div>
+            </div>
+        </Show>
+    }
+}
