@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Start a three-replica replichat cluster on this machine and keep it running until Ctrl-C.
+# Start a three-replica replichat cluster on this machine, serving the browser app, until Ctrl-C.
 #
 #   scripts/demo.sh              # SQLite, one file per replica under ./data
 #   scripts/demo.sh --postgres   # one PostgreSQL database per replica (starts the machine's PostgreSQL)
 #
-# Replica i listens on 127.0.0.1:$((BASE_PORT + i)) (BASE_PORT defaults to 8080). Builds a release binary
-# first. Waits until a primary is elected, prints every replica's URL and role, and stops all three on
+# Replica i listens on 127.0.0.1:$((BASE_PORT + i)) (BASE_PORT defaults to 8080). Builds the browser app
+# (scripts/build-frontend.sh) and a release binary first. Waits until a primary is elected, prints every replica's URL and role, and stops all three on
 # Ctrl-C. Logs go to data/node<i>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,7 @@ secret_file=data/cluster-secret
 [ -s "$secret_file" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secret_file"
 export REPLICHAT_CLUSTER_SECRET="$(cat "$secret_file")"
 
+scripts/build-frontend.sh
 cargo build --release --locked -p replichat
 bin=target/release/replichat
 
@@ -60,7 +61,7 @@ trap stop INT TERM EXIT
 
 for i in $(seq 0 $((replicas - 1))); do
   "$bin" serve --id "$i" --listen "127.0.0.1:$((base_port + i))" --peers "$peers" --db "$(db_url "$i")" \
-    >"data/node$i.log" 2>&1 &
+    --static-dir "$PWD/static" >"data/node$i.log" 2>&1 &
   pids+=("$!")
 done
 
@@ -82,6 +83,8 @@ for i in $(seq 0 $((replicas - 1))); do
   printf '  replica %s  http://127.0.0.1:%s  %s\n' "$i" "$((base_port + i))" "${role:-down}"
 done
 echo
-echo "  clients: ws://127.0.0.1:$((base_port + leader))/ws   cluster view: http://127.0.0.1:$base_port/api/cluster"
+echo "  chat in your browser:  http://127.0.0.1:$base_port/   (any replica serves it; it finds the primary)"
+echo "  admin page:           http://127.0.0.1:$base_port/admin"
+echo "  WebSocket API:        ws://127.0.0.1:$((base_port + leader))/ws   cluster JSON: http://127.0.0.1:$base_port/api/cluster"
 echo "  Ctrl-C stops all three."
 wait
