@@ -5,8 +5,8 @@
 #   scripts/demo.sh --postgres   # one PostgreSQL database per replica (starts the machine's PostgreSQL)
 #
 # Replica i listens on 127.0.0.1:$((BASE_PORT + i)) (BASE_PORT defaults to 8080). Builds the browser app
-# (scripts/build-frontend.sh) and a release binary first. Waits until a primary is elected, prints every replica's URL and role, and stops all three on
-# Ctrl-C. Logs go to data/node<i>.log.
+# (scripts/build-frontend.sh) and a release binary first. Waits until a primary is elected, prints every
+# replica's URL and role, and stops all three on Ctrl-C. Logs go to data/node<i>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
