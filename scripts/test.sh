@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every test: formatting, lints, unit tests and the integration suites on SQLite and PostgreSQL.
-# Installs and starts what is missing (PostgreSQL); safe to run on a fresh machine.
+# Run every test: formatting, lints, unit tests, the chat suite on SQLite and PostgreSQL, the cluster suite
+# (real replica processes), and the browser end-to-end suite. Installs and starts what is missing (PostgreSQL,
+# iptables, the wasm32 target, wasm-bindgen, Chromium, npm packages); safe to run on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,10 @@ cargo clippy -p replichat-frontend --target wasm32-unknown-unknown --locked -- -
 cargo test -p replichat -p replichat-shared --locked --lib --bins --test chat -- --test-threads "${TEST_THREADS:-2}"
 cargo test -p replichat -p replichat-shared --locked --doc
 cargo test -p replichat --locked --test cluster -- --test-threads 1
+
+# The browser app end to end: Playwright drives Debian's Chromium against real three-replica clusters of
+# release builds (builds the app and the binary, installs Chromium and the npm packages when missing).
+scripts/e2e.sh
 
 # Drop this run's databases.
 psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'replichat_test_%'" 2>/dev/null |

@@ -18,6 +18,8 @@ pub fn AdminPage() -> impl IntoView {
     let error = RwSignal::new(None::<String>);
     // replica id -> recent (commit or last) index samples.
     let history = RwSignal::new(BTreeMap::<u64, VecDeque<u64>>::new());
+    // Replicas currently down (drawn dashed).
+    let down = RwSignal::new(Vec::<u64>::new());
     leptos::task::spawn_local(async move {
         let conn = connection::get();
         loop {
@@ -27,12 +29,16 @@ pub fn AdminPage() -> impl IntoView {
                     history.update(|h| {
                         for r in &cluster.replicas {
                             let samples = h.entry(r.id).or_default();
-                            samples.push_back(r.last_index);
+                            // A replica that is down keeps its last known index (what the primary reports for it
+                            // then is only what it has confirmed in this term).
+                            let value = if r.alive { r.last_index } else { samples.back().copied().unwrap_or(0) };
+                            samples.push_back(value);
                             if samples.len() > SAMPLES {
                                 samples.pop_front();
                             }
                         }
                     });
+                    down.set(cluster.replicas.iter().filter(|r| !r.alive).map(|r| r.id).collect());
                     source.set(Some(from));
                     error.set(None);
                     status.set(Some(cluster));
@@ -77,7 +83,7 @@ pub fn AdminPage() -> impl IntoView {
                 </tbody>
             </table>
             <h2>"Last log index per replica (last 60 s)"</h2>
-            <Chart history=history/>
+            <Chart history=history down=down/>
             <p class="hint"><a href="/">"Back to the chat"</a></p>
         </div>
     }
@@ -104,37 +110,53 @@ async fn poll(conn: &connection::Connection) -> Option<(String, ClusterStatus)> 
 }
 
 #[component]
-fn Chart(history: RwSignal<BTreeMap<u64, VecDeque<u64>>>) -> impl IntoView {
+fn Chart(history: RwSignal<BTreeMap<u64, VecDeque<u64>>>, down: RwSignal<Vec<u64>>) -> impl IntoView {
     const WIDTH: f64 = 600.0;
     const HEIGHT: f64 = 160.0;
+    const LEGEND: f64 = 110.0;
     const COLOURS: [&str; 5] = ["#2b6cb0", "#2f855a", "#c05621", "#6b46c1", "#b83280"];
     let lines = move || {
+        let down = down.get();
         history.with(|h| {
             let (min, max) = h.values().flatten().fold((u64::MAX, 0u64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
             let span = (max.saturating_sub(min)).max(1) as f64;
             h.iter()
                 .map(|(id, samples)| {
+                    let steps = samples.len().saturating_sub(1).max(1) as f64;
                     let points: Vec<String> = samples
                         .iter()
                         .enumerate()
                         .map(|(i, v)| {
-                            let x = WIDTH * i as f64 / (SAMPLES - 1) as f64;
+                            let x = WIDTH * i as f64 / steps;
                             let y = HEIGHT - 10.0 - (HEIGHT - 20.0) * (v.saturating_sub(min)) as f64 / span;
                             format!("{x:.1},{y:.1}")
                         })
                         .collect();
-                    (*id, points.join(" "), COLOURS[*id as usize % COLOURS.len()])
+                    let label = format!("replica {id}{}", if down.contains(id) { " (down)" } else { "" });
+                    (*id, points.join(" "), COLOURS[*id as usize % COLOURS.len()], down.contains(id), label)
                 })
                 .collect::<Vec<_>>()
         })
     };
+    let range = move || {
+        history.with(|h| {
+            let (min, max) = h.values().flatten().fold((u64::MAX, 0u64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+            if max == 0 {
+                String::new()
+            } else {
+                format!("index {min} – {max}")
+            }
+        })
+    };
     view! {
-        <svg data-testid="admin-chart" class="chart" viewBox=format!("0 0 {WIDTH} {HEIGHT}") width="600" height="160" role="img"
-            aria-label="last log index of each replica over the last minute">
+        <svg data-testid="admin-chart" class="chart" viewBox=format!("0 0 {} {HEIGHT}", WIDTH + LEGEND)
+            width=WIDTH + LEGEND height=HEIGHT role="img" aria-label="last log index of each replica over the last minute">
             <rect x="0" y="0" width=WIDTH height=HEIGHT fill="#f7fafc" stroke="#cbd5e0"/>
-            <For each=lines key=|(id, points, _)| (*id, points.clone()) let:line>
-                <polyline fill="none" stroke=line.2 stroke-width="2" points=line.1/>
-                <text x="6" y=14.0 + 14.0 * line.0 as f64 fill=line.2 font-size="12">{format!("replica {}", line.0)}</text>
+            <text x=WIDTH - 6.0 y="14" text-anchor="end" fill="#718096" font-size="11">{range}</text>
+            <For each=lines key=|l| l.clone() let:line>
+                <polyline fill="none" stroke=line.2 stroke-width="2" points=line.1.clone()
+                    stroke-dasharray=if line.3 { "5 4" } else { "" }/>
+                <text x=WIDTH + 8.0 y=20.0 + 16.0 * line.0 as f64 fill=line.2 font-size="12">{line.4.clone()}</text>
             </For>
         </svg>
     }

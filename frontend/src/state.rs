@@ -330,6 +330,12 @@ impl Chat {
                 added = true;
             }
         });
+        if !mine {
+            // The message they were typing has arrived.
+            self.typing.update(|t| {
+                t.remove(&key(&peer));
+            });
+        }
         if mine {
             conn.acknowledged(&message.client_id);
         } else if added {
