@@ -224,19 +224,44 @@ fn OpenConversation() -> impl IntoView {
         }
     };
     let history = NodeRef::<leptos::html::Div>::new();
-    // Keep the newest message in view.
+    // While an older page is on its way: the history's height before it, to keep the reading position when it
+    // is prepended (and scrolling at the top asks for nothing more meanwhile).
+    let loading_older = StoredValue::new(None::<i32>);
+    // Keep the newest message in view when one arrives; keep the reading position when an older page is
+    // prepended.
+    let newest = StoredValue::new(None::<u64>);
     Effect::new(move |_| {
-        let _ = lines().len();
-        if let Some(el) = history.get() {
+        let lines = lines();
+        let Some(el) = history.get() else { return };
+        let last = lines.last().and_then(|l| l.id.or(Some(u64::MAX)));
+        if last != newest.get_value() {
+            newest.set_value(last);
             el.set_scroll_top(el.scroll_height());
+        } else if let Some(height_before) = loading_older.get_value() {
+            loading_older.set_value(None);
+            el.set_scroll_top(el.scroll_height() - height_before);
         }
     });
     view! {
         <div class="conversation-view">
             <h2 data-testid="conversation-title">{peer}</h2>
-            <div class="history" data-testid="history" node_ref=history>
+            <div class="history" data-testid="history" node_ref=history
+                on:scroll=move |_| {
+                    // Scrolled to the top with older messages on the server: fetch the page before.
+                    if let Some(el) = history.get_untracked() {
+                        if el.scroll_top() <= 0 && more() && loading_older.get_value().is_none() {
+                            loading_older.set_value(Some(el.scroll_height()));
+                            chat.load_older();
+                        }
+                    }
+                }>
                 <Show when=more>
-                    <button data-testid="load-older" class="load-older" on:click=move |_| chat.load_older()>"Load older messages"</button>
+                    <button data-testid="load-older" class="load-older" on:click=move |_| {
+                        if let Some(el) = history.get_untracked() {
+                            loading_older.set_value(Some(el.scroll_height()));
+                        }
+                        chat.load_older();
+                    }>"Load older messages"</button>
                 </Show>
                 <For each=lines key=|l: &Line| (l.client_id.clone(), l.id, l.status.clone()) let:line>
                     <MessageLine line=line/>
