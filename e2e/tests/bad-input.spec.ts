@@ -3,7 +3,7 @@
  * username, a wrong password and too many failed logins at sign-in; an empty, blank or over-long (4001
  * characters) message in the composer, while exactly 4000 characters go through.
  */
-import { expect, PASSWORD, signedUp, step, test } from '../fixtures/app';
+import { aliceAndBob, expect, PASSWORD, signedUp, step, test } from '../fixtures/app';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
@@ -50,9 +50,7 @@ test('empty, blank and over-long messages are refused in the composer; 4000 char
   cluster,
   openPage,
 }) => {
-  const primary = await cluster.primary();
-  const alice = await signedUp(openPage, 'alice', { replica: primary });
-  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  const { alice, bob } = await aliceAndBob(cluster, openPage);
   await act.startChat(alice, 'bob', 'bob');
   await check.conversationOpen(alice, 'bob');
 

@@ -3,15 +3,13 @@
  * the app returns to the sign-in screen, the account cannot log in any more, nobody finds it, and the other
  * user's messages to it fail with a clear error under the composer.
  */
-import { expect, PASSWORD, signedUp, step, test } from '../fixtures/app';
+import { aliceAndBob, expect, PASSWORD, step, test } from '../fixtures/app';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
 
 test('delete account with confirmation; sends to the deleted account fail clearly', async ({ cluster, openPage }) => {
-  const primary = await cluster.primary();
-  const alice = await signedUp(openPage, 'alice', { replica: primary });
-  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  const { alice, bob } = await aliceAndBob(cluster, openPage);
 
   step('alice and bob talk');
   await act.startChat(alice, 'b*', 'bob');

@@ -4,15 +4,13 @@
  */
 import { expect } from '@playwright/test';
 
-import { signedUp, step, test } from '../fixtures/app';
+import { aliceAndBob, step, test } from '../fixtures/app';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
 
 test('scrolling to the top of a long conversation loads the older pages', async ({ cluster, openPage }) => {
-  const primary = await cluster.primary();
-  const alice = await signedUp(openPage, 'alice', { replica: primary });
-  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  const { alice, bob } = await aliceAndBob(cluster, openPage);
   const texts = Array.from({ length: 55 }, (_, i) => `history line ${String(i).padStart(2, '0')}`);
 
   step('alice writes 55 messages (one page is 50)');

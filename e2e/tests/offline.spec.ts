@@ -5,7 +5,7 @@
  */
 import type { Page } from '@playwright/test';
 
-import { loggedIn, PASSWORD, signedUp, step, test } from '../fixtures/app';
+import { aliceAndBob, loggedIn, PASSWORD, step, test } from '../fixtures/app';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 
@@ -57,9 +57,7 @@ test('messages sent while the recipient is logged out wait for their next login,
   cluster,
   openPage,
 }) => {
-  const primary = await cluster.primary();
-  const alice = await signedUp(openPage, 'alice', { replica: primary });
-  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  const { alice, bob } = await aliceAndBob(cluster, openPage);
   const before = await contacts(alice, bob);
   await act.recordStatuses(alice);
 
@@ -82,9 +80,7 @@ test('messages sent while the recipient has closed the browser wait for their ne
   cluster,
   openPage,
 }) => {
-  const primary = await cluster.primary();
-  const alice = await signedUp(openPage, 'alice', { replica: primary });
-  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  const { primary, alice, bob } = await aliceAndBob(cluster, openPage);
   const before = await contacts(alice, bob);
   await act.recordStatuses(alice);
 
