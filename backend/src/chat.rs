@@ -376,9 +376,12 @@ impl Chat {
         let key = (me.user_id, client_id.to_owned());
         let index = loop {
             let gate = self.writer.read().await;
-            if self.replication.status().borrow().role != Role::Primary {
+            let Some(term_start) = self.replication.status().borrow().term_start else {
                 return Err(Error::Unavailable);
-            }
+            };
+            // A new primary may hold an earlier try of this very send from the old primary's term, committed
+            // but not applied yet: validate only once everything before this term is applied.
+            self.wait_applied(term_start).await?;
             // A retry of a send that was stored: answer with the original, store nothing.
             if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
                 return Ok(original);

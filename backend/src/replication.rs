@@ -80,6 +80,9 @@ pub struct Status {
     pub last_index: u64,
     /// Every replica as this one sees it.
     pub replicas: Vec<ReplicaView>,
+    /// While primary: the index of this term's first entry (its no-op). Everything before it came from earlier
+    /// terms; once it is applied, every write this replica did not propose itself is in the state tables.
+    pub term_start: Option<u64>,
     /// Transactions that appended local proposals (group commits) since start.
     pub proposal_batches: u64,
     /// Entries those transactions appended.
@@ -203,6 +206,7 @@ impl Replication {
                 commit_index,
                 last_index,
                 replicas: Vec::new(),
+                term_start: None,
                 proposal_batches: 0,
                 proposed_entries: 0,
             })
@@ -802,6 +806,7 @@ impl Core {
             commit_index: self.commit_index,
             last_index: self.last_index,
             replicas: self.view(),
+            term_start: (self.role == Role::Primary).then_some(self.term_start),
             proposal_batches: self.proposal_batches,
             proposed_entries: self.proposed_entries,
         };

@@ -701,9 +701,11 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
         }
         Op::Send { sender_id, recipient_id, client_id, text, at } => {
             let message_id = index;
-            sqlx::query(
+            // A second send with the same client id (a retry that reached a new primary before it applied the
+            // original) stores nothing and causes nothing, identically on every replica.
+            let inserted = sqlx::query(
                 "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender_id, client_id) DO NOTHING",
             )
             .bind(message_id)
             .bind(sender_id)
@@ -712,7 +714,11 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             .bind(text)
             .bind(at)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Ok(Vec::new());
+            }
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
             let message = message_from_row(&sqlx::query(&sql).bind(message_id).fetch_one(&mut *tx).await?)?;
             let body = ServerBody::Message { index: index as u64, message };

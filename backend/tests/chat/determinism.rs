@@ -72,3 +72,36 @@ both!(a_rejected_request_appends_nothing, |engine| async move {
         .await;
     assert_eq!(server.db().last_index().await.unwrap(), before);
 });
+
+both!(a_send_committed_twice_with_one_client_id_is_stored_once, |engine| async move {
+    // After a failover, a client's retry can reach the new primary before it applied the original try from
+    // the old term; both entries commit. Applying the second must store nothing and fail nothing.
+    use replichat::op::Op;
+    use replichat::storage::Entry;
+    let db = Db::open(&fresh_db(engine).await).await.unwrap();
+    let register = |user_id: i64, name: &str| Op::Register {
+        user_id,
+        username: name.into(),
+        password_hash: "$argon2id$stub".into(),
+        token_hash: format!("token-{name}"),
+        at: 1,
+    };
+    let send =
+        |text: &str| Op::Send { sender_id: 1, recipient_id: 2, client_id: "same".into(), text: text.into(), at: 2 };
+    let ops = [register(1, "alice"), register(2, "bob"), send("first try"), send("retry")];
+    let entries: Vec<Entry> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| Entry { index: i as u64 + 1, term: 1 + i as u64 / 3, op: op.to_json() })
+        .collect();
+    db.append_entries(&entries).await.unwrap();
+    let (applied, deliveries) = db.apply_committed(4).await.unwrap();
+    assert_eq!(applied, 4, "both entries applied, none failed");
+    assert_eq!(
+        deliveries.iter().filter_map(|d| d.body.index()).collect::<Vec<_>>(),
+        [3, 3],
+        "events of the first only"
+    );
+    let history = db.history(1, 2, None, 10).await.unwrap();
+    assert_eq!(history.iter().map(|m| (m.id, m.text.as_str())).collect::<Vec<_>>(), [(3, "first try")]);
+});
