@@ -167,12 +167,6 @@ impl Db {
         Ok(Some((mode, sync)))
     }
 
-    /// The index of the last entry in the log (0 when empty).
-    pub async fn last_index(&self) -> Result<u64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(idx), 0) FROM log").fetch_one(&self.pool).await?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
-    }
-
     /// The index and term of the last entry in the log (the compaction point when the log is empty).
     pub async fn last_entry(&self) -> Result<(u64, u64)> {
         let row = sqlx::query("SELECT idx, term FROM log ORDER BY idx DESC LIMIT 1").fetch_optional(&self.pool).await?;
@@ -228,24 +222,14 @@ impl Db {
             Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ",
         };
         let mut tx = conn.begin_with(begin).await?;
-        let applied = sqlx::query("SELECT value FROM meta WHERE name = 'applied_index'")
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get::<i64, _>("value"))
-            .transpose()?
-            .unwrap_or(0) as u64;
+        let applied = get_meta(&mut *tx, "applied_index").await?.unwrap_or(0) as u64;
         let term = match sqlx::query("SELECT term FROM log WHERE idx = $1")
             .bind(applied as i64)
             .fetch_optional(&mut *tx)
             .await?
         {
             Some(row) => row.try_get::<i64, _>("term")? as u64,
-            None => {
-                let row = sqlx::query("SELECT value FROM meta WHERE name = 'compacted_term'")
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                row.map(|r| r.try_get::<i64, _>("value")).transpose()?.unwrap_or(0) as u64
-            }
+            None => get_meta(&mut *tx, "compacted_term").await?.unwrap_or(0) as u64,
         };
         let mut tables = std::collections::BTreeMap::new();
         for (table, columns, order) in STATE_TABLES {
@@ -347,12 +331,7 @@ impl Db {
     pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
-        let applied = sqlx::query("SELECT value FROM meta WHERE name = 'applied_index'")
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get::<i64, _>("value"))
-            .transpose()?
-            .unwrap_or(0);
+        let applied = get_meta(&mut *tx, "applied_index").await?.unwrap_or(0);
         let rows = sqlx::query("SELECT idx, op FROM log WHERE idx > $1 AND idx <= $2 ORDER BY idx")
             .bind(applied)
             .bind(up_to as i64)
@@ -405,8 +384,7 @@ impl Db {
     }
 
     async fn meta(&self, name: &str) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT value FROM meta WHERE name = $1").bind(name).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok(r.try_get::<i64, _>("value")?)).transpose()
+        get_meta(&self.pool, name).await
     }
 
     /// Log entries with an index greater than `after`, in order, at most `limit`.
@@ -658,6 +636,15 @@ fn sqlite_url(url: &str) -> Result<String> {
     }
     let sep = if url.contains('?') { '&' } else { '?' };
     Ok(format!("{url}{sep}mode=rwc"))
+}
+
+/// A counter from `meta`, read through `executor` (the pool, or an open transaction).
+async fn get_meta<'e, E>(executor: E, name: &str) -> Result<Option<i64>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let row = sqlx::query("SELECT value FROM meta WHERE name = $1").bind(name).fetch_optional(executor).await?;
+    row.map(|r| Ok(r.try_get::<i64, _>("value")?)).transpose()
 }
 
 async fn set_meta(tx: &mut AnyConnection, name: &str, value: i64) -> Result<()> {

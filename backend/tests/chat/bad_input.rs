@@ -44,7 +44,7 @@ both!(malformed_frames_get_error_codes_and_the_socket_stays_open, |engine| async
 both!(requests_that_need_a_session_are_refused_without_one, |engine| async move {
     let server = server(engine).await;
     let mut c = server.client().await;
-    let before = server.db().last_index().await.unwrap();
+    let before = server.db().last_entry().await.unwrap();
     for request in [
         Request::List { pattern: "*".into(), after: None, limit: None },
         Request::Send { to: "x".into(), text: "y".into(), client_id: "z".into() },
@@ -58,7 +58,7 @@ both!(requests_that_need_a_session_are_refused_without_one, |engine| async move 
     ] {
         c.expect_error(request, ErrorCode::Unauthenticated).await;
     }
-    assert_eq!(server.db().last_index().await.unwrap(), before, "nothing was appended");
+    assert_eq!(server.db().last_entry().await.unwrap(), before, "nothing was appended");
 });
 
 both!(a_frame_over_64_kib_closes_with_1009_and_stores_nothing, |engine| async move {

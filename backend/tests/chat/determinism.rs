@@ -56,7 +56,7 @@ both!(replaying_the_log_of_a_busy_run_rebuilds_identical_state, |engine| async m
 both!(a_rejected_request_appends_nothing, |engine| async move {
     let server = server(engine).await;
     let mut alice = server.user("alice").await;
-    let before = server.db().last_index().await.unwrap();
+    let before = server.db().last_entry().await.unwrap();
     alice
         .expect_error(
             Request::Send { to: "ghost".into(), text: "boo".into(), client_id: "x".into() },
@@ -70,7 +70,7 @@ both!(a_rejected_request_appends_nothing, |engine| async move {
             replichat_shared::ErrorCode::UsernameTaken,
         )
         .await;
-    assert_eq!(server.db().last_index().await.unwrap(), before);
+    assert_eq!(server.db().last_entry().await.unwrap(), before);
 });
 
 both!(a_send_committed_twice_with_one_client_id_is_stored_once, |engine| async move {
