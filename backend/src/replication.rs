@@ -546,17 +546,16 @@ impl Core {
         self.broadcast_append().await
     }
 
+    /// This replica's answer to `append` or `snapshot`.
+    fn appended(&self, success: bool, last_index: u64) -> PeerFrame {
+        PeerFrame::Appended { term: self.term, from: self.id, success, last_index }
+    }
+
     async fn on_request(&mut self, frame: PeerFrame) -> Result<PeerFrame> {
         match frame {
             PeerFrame::Append { term, leader, prev_index, prev_term, entries, commit, cluster } => {
-                let refuse = |core: &Core| PeerFrame::Appended {
-                    term: core.term,
-                    from: core.id,
-                    success: false,
-                    last_index: core.last_index,
-                };
                 if term < self.term {
-                    return Ok(refuse(self));
+                    return Ok(self.appended(false, self.last_index));
                 }
                 self.follow(term, Some(leader)).await?;
                 self.heard_leader = Some(Instant::now());
@@ -566,28 +565,18 @@ impl Core {
                 }
                 if prev_index > self.last_index || self.db.term_at(prev_index).await? != Some(prev_term) {
                     let hint = self.last_index.min(prev_index.saturating_sub(1));
-                    return Ok(PeerFrame::Appended {
-                        term: self.term,
-                        from: self.id,
-                        success: false,
-                        last_index: hint,
-                    });
+                    return Ok(self.appended(false, hint));
                 }
                 let matched = prev_index + entries.len() as u64;
                 if !entries.is_empty() {
                     (self.last_index, self.last_term) = self.db.append_entries(&entries).await?;
                 }
                 self.commit_index = self.commit_index.max(commit.min(matched));
-                Ok(PeerFrame::Appended { term: self.term, from: self.id, success: true, last_index: matched })
+                Ok(self.appended(true, matched))
             }
             PeerFrame::Snapshot { term, leader, last_index, last_term, state } => {
                 if term < self.term {
-                    return Ok(PeerFrame::Appended {
-                        term: self.term,
-                        from: self.id,
-                        success: false,
-                        last_index: self.last_index,
-                    });
+                    return Ok(self.appended(false, self.last_index));
                 }
                 self.follow(term, Some(leader)).await?;
                 self.heard_leader = Some(Instant::now());
@@ -599,7 +588,7 @@ impl Core {
                     self.commit_index = last_index;
                     tracing::info!(last_index, "installed a snapshot from the primary");
                 }
-                Ok(PeerFrame::Appended { term: self.term, from: self.id, success: true, last_index })
+                Ok(self.appended(true, last_index))
             }
             PeerFrame::Vote { term, candidate, last_index, last_term, pre } => {
                 let up_to_date = (last_term, last_index) >= (self.last_term, self.last_index);
