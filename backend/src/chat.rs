@@ -330,14 +330,14 @@ impl Chat {
 
     /// Tell `user_id`'s contacts that it came online (after its first socket attached).
     pub async fn announce_online(&self, authed: &Authed) -> Result<()> {
-        self.announce_presence(authed, true).await
+        self.announce_presence(authed.user_id, &authed.username, true).await
     }
 
     /// Detach socket `conn` from `user_id`; if it was the last one, tell the contacts it went offline.
     pub async fn detach(&self, user_id: i64, conn: ConnId) {
         if self.hub.detach(user_id, conn) {
-            if let Ok(Some(user)) = self.user_by_id_for_presence(user_id).await {
-                if let Err(e) = self.announce_presence(&user, false).await {
+            if let Ok(Some(user)) = self.db.user_by_id(user_id).await {
+                if let Err(e) = self.announce_presence(user.id, &user.username, false).await {
                     tracing::warn!(error = %e, "could not announce presence");
                 }
             }
@@ -533,19 +533,11 @@ impl Chat {
         Ok(peer)
     }
 
-    async fn announce_presence(&self, authed: &Authed, online: bool) -> Result<()> {
-        for contact in self.db.contacts(authed.user_id).await? {
-            self.hub.push(contact, Push::Frame(ServerBody::Presence { username: authed.username.clone(), online }));
+    async fn announce_presence(&self, user_id: i64, username: &str, online: bool) -> Result<()> {
+        for contact in self.db.contacts(user_id).await? {
+            self.hub.push(contact, Push::Frame(ServerBody::Presence { username: username.to_owned(), online }));
         }
         Ok(())
-    }
-
-    async fn user_by_id_for_presence(&self, user_id: i64) -> Result<Option<Authed>> {
-        Ok(self.db.user_by_id(user_id).await?.map(|u| Authed {
-            user_id: u.id,
-            username: u.username,
-            token_hash: String::new(),
-        }))
     }
 
     fn recent_failures(&self, key: &str) -> usize {
