@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use leptos::prelude::*;
 use replichat_shared::ClusterStatus;
 
+use crate::chat_view::ErrorLine;
 use crate::connection;
 
 /// How many samples the chart keeps (one a second).
@@ -62,9 +63,7 @@ pub fn AdminPage() -> impl IntoView {
                 " · commit index " {move || status.with(|s| s.as_ref().map(|s| s.commit_index.to_string()))}
                 " · as seen by " <span data-testid="admin-source">{move || source.get()}</span>
             </p>
-            <Show when=move || error.get().is_some()>
-                <p class="error" role="alert">{move || error.get()}</p>
-            </Show>
+            <ErrorLine message=error testid="admin-error"/>
             <table class="replicas">
                 <thead><tr><th>"id"</th><th>"url"</th><th>"role"</th><th>"alive"</th><th>"last index"</th><th>"lag"</th></tr></thead>
                 <tbody>

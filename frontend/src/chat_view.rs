@@ -100,9 +100,7 @@ fn Auth(restoring: bool) -> impl IntoView {
                     <button data-testid="auth-login" type="submit">"Log in"</button>
                     <button data-testid="auth-register" type="button" on:click=move |_| submit(true)>"Sign up"</button>
                 </div>
-                <Show when=move || chat.auth_error.get().is_some()>
-                    <p class="error" data-testid="auth-error" role="alert">{move || chat.auth_error.get()}</p>
-                </Show>
+                <ErrorLine message=chat.auth_error testid="auth-error"/>
             </form>
         </div>
     }
@@ -289,9 +287,7 @@ fn OpenConversation() -> impl IntoView {
                     }></textarea>
                 <button data-testid="send" type="submit">"Send"</button>
             </form>
-            <Show when=move || chat.composer_error.get().is_some()>
-                <p class="error" data-testid="composer-error" role="alert">{move || chat.composer_error.get()}</p>
-            </Show>
+            <ErrorLine message=chat.composer_error testid="composer-error"/>
         </div>
     }
 }
@@ -342,11 +338,19 @@ fn DeleteDialog() -> impl IntoView {
                             connection::get().request(Request::DeleteAccount { password: password.get_untracked() });
                         }>"Delete my account"</button>
                     </div>
-                    <Show when=move || chat.delete_error.get().is_some()>
-                        <p class="error" data-testid="delete-error" role="alert">{move || chat.delete_error.get()}</p>
-                    </Show>
+                    <ErrorLine message=chat.delete_error testid="delete-error"/>
                 </div>
             </div>
+        </Show>
+    }
+}
+
+/// An error message under a form, shown while `message` holds one. Shared with the admin page.
+#[component]
+pub fn ErrorLine(message: RwSignal<Option<String>>, testid: &'static str) -> impl IntoView {
+    view! {
+        <Show when=move || message.get().is_some()>
+            <p class="error" data-testid=testid role="alert">{move || message.get()}</p>
         </Show>
     }
 }
