@@ -156,7 +156,8 @@ async fn answer(session: &mut Session, sink: &mut Sink, text: &str) -> Result<bo
 }
 
 /// Parse a client frame; the `req` is recovered even when the rest is malformed, so errors can echo it.
-fn decode(text: &str) -> (Option<String>, Result<replichat_shared::Request, Error>) {
+/// Public for the fuzz target `client_frame` (`fuzz/`).
+pub fn decode(text: &str) -> (Option<String>, Result<replichat_shared::Request, Error>) {
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(value) => value,
         Err(e) => return (None, Err(Error::BadRequest(format!("not JSON: {e}")))),

@@ -1,0 +1,2 @@
+//! `bench`: measures replichat (see BENCHMARKS.md).
+fn main() {}
