@@ -20,7 +20,7 @@ psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE '
   while read -r db; do [ -n "$db" ] && psql "$base/postgres" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
 
 cargo fmt --all -- --check
-cargo clippy -p replichat -p replichat-shared --all-targets --locked -- -D warnings
+cargo clippy -p replichat -p replichat-shared -p replichat-bench --all-targets --locked -- -D warnings
 # The browser app only builds for wasm32.
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 cargo clippy -p replichat-frontend --target wasm32-unknown-unknown --locked -- -D warnings
@@ -29,6 +29,10 @@ cargo clippy -p replichat-frontend --target wasm32-unknown-unknown --locked -- -
 cargo test -p replichat -p replichat-shared --locked --lib --bins --test chat -- --test-threads "${TEST_THREADS:-2}"
 cargo test -p replichat -p replichat-shared --locked --doc
 cargo test -p replichat --locked --test cluster -- --test-threads 1
+# The bench's unit tests and the short chaos run (kill -9 under load, then the lost/duplicate checker), on
+# the replichat binary the cluster suite built.
+cargo build -p replichat --bin replichat --locked
+cargo test -p replichat-bench --locked -- --test-threads 1
 
 # The browser app end to end: Playwright drives Debian's Chromium against real three-replica clusters of
 # release builds (builds the app and the binary, installs Chromium and the npm packages when missing).

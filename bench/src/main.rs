@@ -1,2 +1,417 @@
-//! `bench`: measures replichat (see BENCHMARKS.md).
-fn main() {}
+//! `bench`: measures replichat and prints numbers (BENCHMARKS.md says which command gives which number).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use replichat_bench::procs::{default_replichat, scratch_dir, Setup, Target};
+use replichat_bench::{catchup, chaos, idle, load, median, plot, procs, quantile, relay, write_json};
+
+#[derive(Parser)]
+#[command(about = "Load generator, failover timer and checker for replichat")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the in-memory reference relay (started by `load --target relay`).
+    Relay {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Users sending one-to-one messages over real WebSockets: throughput, latency, CPU, RSS, lost and
+    /// duplicated messages, for each target, several runs each.
+    Load(LoadArgs),
+    /// kill -9 the primary (sometimes a backup) under load, over and over; failover times and the checker.
+    Chaos(ChaosArgs),
+    /// Time for a backup that missed many messages to be in sync again.
+    Catchup(CatchupArgs),
+    /// Memory of one replica holding many idle sessions.
+    Idle(IdleArgs),
+    /// Render the plots from result files.
+    Plot {
+        /// A `load` result file (its median run per target is drawn).
+        #[arg(long)]
+        latency: Option<PathBuf>,
+        /// A `chaos` result file.
+        #[arg(long)]
+        chaos: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "docs/bench")]
+        out: PathBuf,
+    },
+}
+
+/// How the systems under test are started.
+#[derive(Args, Clone)]
+struct System {
+    /// The replichat binary (build it with `cargo build --release`).
+    #[arg(long, env = "REPLICHAT_BIN")]
+    replichat: Option<PathBuf>,
+    /// PostgreSQL base URL for `pg3` (one database per replica is created and dropped).
+    #[arg(long, env = "REPLICHAT_BENCH_PG", default_value = "postgres://replichat:replichat@127.0.0.1:5432")]
+    pg: String,
+    /// More flags for every replica, e.g. `--replica-arg=--election-timeout-ms=500`.
+    #[arg(long = "replica-arg", allow_hyphen_values = true)]
+    replica_args: Vec<String>,
+    /// Keep the scratch directory (databases, node logs).
+    #[arg(long)]
+    keep: bool,
+}
+
+impl System {
+    fn setup(&self, target: Target, what: &str) -> anyhow::Result<Setup> {
+        let replichat = self.replichat.clone().unwrap_or_else(default_replichat);
+        if target != Target::Relay && !replichat.exists() {
+            bail!(
+                "{} does not exist: run `cargo build --release -p replichat` or pass --replichat",
+                replichat.display()
+            );
+        }
+        Ok(Setup { target, replichat, dir: scratch_dir(what), pg: self.pg.clone(), args: self.replica_args.clone() })
+    }
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    system: System,
+    /// Targets, in order; ratios are to the first `relay` run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Target::Relay, Target::Single, Target::Sqlite3, Target::Pg3])]
+    target: Vec<Target>,
+    #[arg(long, default_value_t = 200)]
+    users: usize,
+    /// Messages per second in all; 0 = as fast as acknowledgements allow.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Unacknowledged messages per user when `--rate 0`.
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_s: f64,
+    #[arg(long, default_value_t = 10.0)]
+    duration_s: f64,
+    /// Runs per target (each on a fresh cluster); the medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChaosArgs {
+    #[command(flatten)]
+    system: System,
+    #[arg(long, default_value_t = 100)]
+    cycles: u32,
+    #[arg(long, default_value_t = 20)]
+    users: usize,
+    /// Messages per second in all.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Every N-th cycle kills a backup instead of the primary (0: never).
+    #[arg(long, default_value_t = 4)]
+    backup_every: u32,
+    /// `sqlite3` or `pg3`.
+    #[arg(long, value_enum, default_value_t = Target::Sqlite3)]
+    target: Target,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CatchupArgs {
+    #[command(flatten)]
+    system: System,
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 50)]
+    users: usize,
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Runs (each on a fresh cluster); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    system: System,
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    #[arg(long, default_value_t = 100)]
+    accounts: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Relay { listen } => relay::serve(listen).await,
+        Command::Load(args) => run_load(args).await,
+        Command::Chaos(args) => run_chaos(args).await,
+        Command::Catchup(args) => run_catchup(args).await,
+        Command::Idle(args) => run_idle(args).await,
+        Command::Plot { latency, chaos, out } => {
+            if let Some(path) = latency {
+                let result: LoadResult = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                let runs: Vec<load::Summary> =
+                    result.medians.iter().filter_map(|m| result.runs.get(m.median_run).cloned()).collect();
+                let name = path.file_stem().context("file name")?.to_string_lossy().into_owned();
+                let title = format!("Send -> delivered latency, {} users, {}", result.users, result.pace);
+                plot::latency(&runs, &title, &out.join(format!("{name}.svg")))?;
+            }
+            if let Some(path) = chaos {
+                let report: chaos::Report = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                plot::failover(&report, 60.0, &out.join("failover.svg"))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A `load` result file: every run, and per target the medians.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoadResult {
+    users: usize,
+    pace: String,
+    runs: Vec<load::Summary>,
+    medians: Vec<Median>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Median {
+    target: String,
+    runs: usize,
+    msgs_per_s: f64,
+    ratio_to_relay: Option<f64>,
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    ack_p999_ms: f64,
+    deliver_p50_ms: f64,
+    deliver_p99_ms: f64,
+    deliver_p999_ms: f64,
+    /// Summed over the runs.
+    lost: u64,
+    duplicated: u64,
+    out_of_order: u64,
+    /// Median CPU % of each server process, then the client.
+    cpu_percent: Vec<f64>,
+    peak_rss_mb: Vec<f64>,
+    /// Index into `runs` of the run with the median throughput (drawn in plots).
+    median_run: usize,
+}
+
+async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
+    let plan = load::Plan::new(
+        args.users,
+        args.rate,
+        args.window,
+        Duration::from_secs_f64(args.warmup_s),
+        Duration::from_secs_f64(args.duration_s),
+    );
+    let mut runs = Vec::new();
+    let mut medians: Vec<Median> = Vec::new();
+    for &target in &args.target {
+        let label = serde_json::to_value(target)?.as_str().unwrap_or("?").to_owned();
+        let first = runs.len();
+        for run in 1..=args.runs {
+            let cluster = procs::Cluster::start(args.system.setup(target, &label)?).await?;
+            let result = load::run(&cluster, &plan, &label).await;
+            cluster.finish(args.system.keep || result.is_err()).await;
+            let (summary, _) = result?;
+            eprintln!(
+                "load: {label} run {run}/{}: {:.0} msg/s acknowledged; ack p50 {:.2} p99 {:.2} ms; delivered p50 {:.2} p99 {:.2} ms; lost {} duplicated {}",
+                args.runs, summary.msgs_per_s, summary.ack_ms.p50, summary.ack_ms.p99, summary.deliver_ms.p50,
+                summary.deliver_ms.p99, summary.lost, summary.duplicated
+            );
+            runs.push(summary);
+        }
+        let these = &runs[first..];
+        let col = |f: &dyn Fn(&load::Summary) -> f64| median(&these.iter().map(f).collect::<Vec<_>>());
+        let throughput = col(&|s| s.msgs_per_s);
+        let median_run = first
+            + these
+                .iter()
+                .enumerate()
+                .min_by(|a, b| (a.1.msgs_per_s - throughput).abs().total_cmp(&(b.1.msgs_per_s - throughput).abs()))
+                .map_or(0, |(i, _)| i);
+        let processes = these[0].processes.len();
+        medians.push(Median {
+            target: label.clone(),
+            runs: these.len(),
+            msgs_per_s: throughput,
+            ratio_to_relay: None,
+            ack_p50_ms: col(&|s| s.ack_ms.p50),
+            ack_p99_ms: col(&|s| s.ack_ms.p99),
+            ack_p999_ms: col(&|s| s.ack_ms.p999),
+            deliver_p50_ms: col(&|s| s.deliver_ms.p50),
+            deliver_p99_ms: col(&|s| s.deliver_ms.p99),
+            deliver_p999_ms: col(&|s| s.deliver_ms.p999),
+            lost: these.iter().map(|s| s.lost).sum(),
+            duplicated: these.iter().map(|s| s.duplicated).sum(),
+            out_of_order: these.iter().map(|s| s.out_of_order).sum(),
+            cpu_percent: (0..processes).map(|p| col(&|s| s.processes[p].cpu_percent)).collect(),
+            peak_rss_mb: (0..processes).map(|p| col(&|s| s.processes[p].peak_rss_mb)).collect(),
+            median_run,
+        });
+    }
+    let relay = medians.iter().find(|m| m.target == "relay").map(|m| m.msgs_per_s);
+    for m in &mut medians {
+        m.ratio_to_relay = relay.map(|r| m.msgs_per_s / r);
+    }
+    println!("| target | msg/s (median of {}) | x relay | ack p50 / p99 / p99.9 ms | delivered p50 / p99 / p99.9 ms | CPU % per process (servers…, client) | peak RSS MB (servers…, client) | lost | dup |", args.runs);
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for m in &medians {
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" / ");
+        println!(
+            "| {} | {:.0} | {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} | {} | {} |",
+            m.target,
+            m.msgs_per_s,
+            m.ratio_to_relay.map_or("-".into(), |r| format!("{r:.2}")),
+            m.ack_p50_ms,
+            m.ack_p99_ms,
+            m.ack_p999_ms,
+            m.deliver_p50_ms,
+            m.deliver_p99_ms,
+            m.deliver_p999_ms,
+            list(&m.cpu_percent),
+            list(&m.peak_rss_mb),
+            m.lost,
+            m.duplicated
+        );
+    }
+    let pace = runs.first().map(|r| r.pace.clone()).unwrap_or_default();
+    let result = LoadResult { users: args.users, pace, runs, medians };
+    if let Some(out) = args.out {
+        write_json(&out, &result)?;
+    }
+    let lost: u64 = result.medians.iter().map(|m| m.lost + m.duplicated + m.out_of_order).sum();
+    if lost > 0 {
+        bail!("{lost} messages lost, duplicated or out of order");
+    }
+    Ok(())
+}
+
+async fn run_chaos(args: ChaosArgs) -> anyhow::Result<()> {
+    if !matches!(args.target, Target::Sqlite3 | Target::Pg3) {
+        bail!("chaos needs three replicas: --target sqlite3 or pg3");
+    }
+    let options =
+        chaos::Options { cycles: args.cycles, users: args.users, rate: args.rate, backup_every: args.backup_every };
+    let report = chaos::run(args.system.setup(args.target, "chaos")?, &options).await?;
+    let primary: Vec<&chaos::Cycle> = report.cycles.iter().filter(|c| c.victim_was_primary).collect();
+    let first: Vec<f64> = primary.iter().filter_map(|c| c.first_write_ms).collect();
+    let resumed: Vec<f64> = primary.iter().filter_map(|c| c.all_resumed_ms).collect();
+    let rejoin: Vec<f64> = report.cycles.iter().map(|c| c.rejoin_ms).collect();
+    println!(
+        "cycles: {} ({} primary kills, {} backup kills)",
+        report.cycles.len(),
+        primary.len(),
+        report.cycles.len() - primary.len()
+    );
+    println!("acknowledged messages: {}", report.acked);
+    println!(
+        "lost: {}  duplicated: {}  out of order: {}  mismatched: {}  failed users: {}",
+        report.history.lost,
+        report.history.duplicated,
+        report.history.out_of_order,
+        report.history.mismatched,
+        report.history.failed_users.len()
+    );
+    println!(
+        "replicas identical: {}  stored messages: {}  acknowledged but missing: {}  stored twice or moved: {}",
+        report.stored.identical,
+        report.stored.messages_stored,
+        report.stored.missing,
+        report.stored.duplicated_or_moved
+    );
+    let dist = |v: &[f64]| {
+        format!(
+            "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (n={})",
+            quantile(v, 0.5),
+            quantile(v, 0.99),
+            quantile(v, 1.0),
+            v.len()
+        )
+    };
+    println!("kill -9 primary -> first write acknowledged: {}", dist(&first));
+    println!("kill -9 primary -> every user resumed: {}", dist(&resumed));
+    println!("restarted replica -> caught up: {}", dist(&rejoin));
+    for e in report.history.examples.iter().chain(&report.stored.examples) {
+        println!("  {e}");
+    }
+    if let Some(out) = &args.out {
+        write_json(out, &report)?;
+    }
+    if !report.is_clean() {
+        bail!("the checker found problems");
+    }
+    Ok(())
+}
+
+async fn run_catchup(args: CatchupArgs) -> anyhow::Result<()> {
+    let mut reports = Vec::new();
+    for run in 1..=args.runs {
+        let report =
+            catchup::run(args.system.setup(Target::Sqlite3, "catchup")?, args.messages, args.users, args.window)
+                .await?;
+        eprintln!(
+            "catchup: run {run}/{}: {} entries behind; in sync {:.0} ms after listening ({:.0} ms after start)",
+            args.runs, report.entries_behind, report.sync_ms, report.total_ms
+        );
+        reports.push(report);
+    }
+    let sync: Vec<f64> = reports.iter().map(|r| r.sync_ms).collect();
+    let total: Vec<f64> = reports.iter().map(|r| r.total_ms).collect();
+    println!(
+        "catch-up of {} missed messages: median {:.0} ms from listening, {:.0} ms from process start (runs: {:?})",
+        args.messages,
+        median(&sync),
+        median(&total),
+        total.iter().map(|t| t.round()).collect::<Vec<_>>()
+    );
+    if let Some(out) = &args.out {
+        write_json(out, &reports)?;
+    }
+    Ok(())
+}
+
+async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
+    let mut reports = Vec::new();
+    for run in 1..=args.runs {
+        let report = idle::run(args.system.setup(Target::Single, "idle")?, args.connections, args.accounts).await?;
+        eprintln!(
+            "idle: run {run}/{}: {} sessions; RSS {:.1} MB -> {:.1} MB ({:.1} KB each); opened in {:.1} s",
+            args.runs,
+            report.connections,
+            report.rss_before_mb,
+            report.rss_after_mb,
+            report.kb_per_connection,
+            report.open_s
+        );
+        reports.push(report);
+    }
+    let rss: Vec<f64> = reports.iter().map(|r| r.rss_after_mb).collect();
+    let per: Vec<f64> = reports.iter().map(|r| r.kb_per_connection).collect();
+    println!(
+        "{} idle sessions on one replica: median RSS {:.1} MB ({:.1} KB per connection)",
+        args.connections,
+        median(&rss),
+        median(&per)
+    );
+    if let Some(out) = &args.out {
+        write_json(out, &reports)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Many users on real sockets: register them, run them at a fixed rate or as fast as acknowledgements
+//! allow, drain, and report throughput, latency percentiles, process CPU and memory, and the checker's
+//! verdict.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::check::{self, Verdict};
+use crate::client::{Pace, Phase, Record, Shared, User, UserSpec};
+use crate::procs::{Cluster, Usage};
+
+/// How to load the system.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub users: usize,
+    pub pace: Pace,
+    /// Run this long before measuring (connections warm, caches warm).
+    pub warmup: Duration,
+    /// The measured window.
+    pub duration: Duration,
+    /// Stop the window early once this many messages are acknowledged in all.
+    pub stop_after: Option<u64>,
+}
+
+impl Plan {
+    /// `rate` messages per second in all (0 = as fast as acknowledgements allow, `window` in flight each).
+    pub fn new(users: usize, rate: f64, window: usize, warmup: Duration, duration: Duration) -> Plan {
+        let pace = if rate > 0.0 {
+            Pace::Every(Duration::from_secs_f64(users as f64 / rate))
+        } else {
+            Pace::Window(window.max(1))
+        };
+        Plan { users, pace, warmup, duration, stop_after: None }
+    }
+}
+
+/// The outcome of one load run.
+pub struct Outcome {
+    pub records: Vec<Record>,
+    pub window: Duration,
+    pub acked_in_window: u64,
+    pub verdict: Verdict,
+}
+
+/// One numbered summary of a run, as written to the results JSON.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub target: String,
+    pub users: usize,
+    /// `rate N/s` or `window N`.
+    pub pace: String,
+    pub window_s: f64,
+    pub acked_in_window: u64,
+    pub msgs_per_s: f64,
+    pub ack_ms: Percentiles,
+    pub deliver_ms: Percentiles,
+    /// (quantile, ms) points of both distributions, for the latency plot.
+    pub ack_curve: Vec<[f64; 2]>,
+    pub deliver_curve: Vec<[f64; 2]>,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    /// One entry per server process, then the bench client itself.
+    pub processes: Vec<ProcessUsage>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Percentiles {
+            p50: ms(h.value_at_quantile(0.5)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// The distribution at the quantiles the latency plot shows.
+fn curve(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+    PLOT_QUANTILES.iter().map(|&q| [q, h.value_at_quantile(q) as f64 / 1000.0]).collect()
+}
+
+/// Quantiles drawn on the latency plot.
+pub const PLOT_QUANTILES: [f64; 10] = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0];
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProcessUsage {
+    pub name: String,
+    /// CPU time over the window / window length (100 = one core busy).
+    pub cpu_percent: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Register `plan.users` users on `cluster`, run the plan, drain, check, and summarise.
+pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<(Summary, Outcome)> {
+    let shared = Shared::new();
+    let users = open_users(cluster, plan.users, &shared).await?;
+    let before: Vec<Usage> = cluster.live().iter().map(|&id| cluster.usage(id)).collect();
+    let own_before = Usage::own();
+    let outcome = drive(users, plan, &shared).await?;
+    let after: Vec<Usage> = cluster.live().iter().map(|&id| cluster.usage(id)).collect();
+    let own_after = Usage::own();
+    let secs = outcome.window.as_secs_f64();
+    let mut processes: Vec<ProcessUsage> = cluster
+        .live()
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(id, (b, a))| ProcessUsage {
+            name: format!("node {id}"),
+            cpu_percent: 100.0 * (a.cpu_seconds - b.cpu_seconds) / secs,
+            peak_rss_mb: a.peak_rss as f64 / 1e6,
+        })
+        .collect();
+    processes.push(ProcessUsage {
+        name: "bench client".into(),
+        cpu_percent: 100.0 * (own_after.cpu_seconds - own_before.cpu_seconds) / secs,
+        peak_rss_mb: own_after.peak_rss as f64 / 1e6,
+    });
+    let mut ack = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut deliver = ack.clone();
+    for r in &outcome.records {
+        ack.add(&r.ack_latency)?;
+        deliver.add(&r.deliver_latency)?;
+    }
+    let pace = match plan.pace {
+        Pace::Every(interval) => format!("rate {:.0}/s", plan.users as f64 / interval.as_secs_f64()),
+        Pace::Window(w) => format!("window {w}"),
+    };
+    let summary = Summary {
+        target: label.to_owned(),
+        users: plan.users,
+        pace,
+        window_s: secs,
+        acked_in_window: outcome.acked_in_window,
+        msgs_per_s: outcome.acked_in_window as f64 / secs,
+        ack_ms: Percentiles::of(&ack),
+        deliver_ms: Percentiles::of(&deliver),
+        ack_curve: curve(&ack),
+        deliver_curve: curve(&deliver),
+        lost: outcome.verdict.lost,
+        duplicated: outcome.verdict.duplicated,
+        out_of_order: outcome.verdict.out_of_order,
+        processes,
+    };
+    Ok((summary, outcome))
+}
+
+/// Register `n` users (a ring: user i writes to user i+1) on the cluster's primary.
+pub async fn open_users(cluster: &Cluster, n: usize, shared: &Arc<Shared>) -> anyhow::Result<Vec<(User, WsOf)>> {
+    if n < 2 {
+        bail!("at least 2 users");
+    }
+    cluster.wait_for_primary(Duration::from_secs(30)).await?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let name = |i: usize| format!("u{i}x{run_id}");
+    let mut set = JoinSet::new();
+    let mut users = Vec::new();
+    for i in 0..n {
+        let spec = UserSpec {
+            index: i,
+            name: name(i),
+            password: "bench-password".into(),
+            to: name((i + 1) % n),
+            run_id: run_id.clone(),
+        };
+        let mut user = User::new(spec, cluster.ws_urls(), shared.clone());
+        set.spawn(async move {
+            let ws = user.open(false).await?;
+            anyhow::Ok((i, user, ws))
+        });
+        // Keep at most 16 registrations (argon2 hashes) in flight.
+        while set.len() >= 16 {
+            let (i, user, ws) = set.join_next().await.context("join")???;
+            users.push((i, user, ws));
+        }
+    }
+    while let Some(done) = set.join_next().await {
+        let (i, user, ws) = done??;
+        users.push((i, user, ws));
+    }
+    users.sort_by_key(|(i, _, _)| *i);
+    Ok(users.into_iter().map(|(_, u, ws)| (u, ws)).collect())
+}
+
+/// The socket type a user runs on.
+pub type WsOf = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Run opened users through warmup and the window, then drain until every message is acknowledged and
+/// delivered (60 s at most each), and check the history.
+pub async fn drive(users: Vec<(User, WsOf)>, plan: &Plan, shared: &Arc<Shared>) -> anyhow::Result<Outcome> {
+    let mut tasks = JoinSet::new();
+    for (user, ws) in users {
+        tasks.spawn(user.run(plan.pace, ws));
+    }
+    let start = Instant::now();
+    let from = start + plan.warmup;
+    let to = from + plan.duration;
+    shared.set_window(from, to);
+    tokio::time::sleep_until(from.into()).await;
+    let acked_at_from = shared.acked.load(Ordering::SeqCst);
+    // The window: its end is a duration to measure over, or the moment enough messages were acknowledged.
+    let end = loop {
+        let now = Instant::now();
+        let acked = shared.acked.load(Ordering::SeqCst);
+        if now >= to || plan.stop_after.is_some_and(|n| acked >= n) || tasks.is_empty() {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(5).min(to - now)).await;
+    };
+    let acked_in_window = shared.acked.load(Ordering::SeqCst) - acked_at_from;
+    shared.set_window(from, end);
+    shared.phase.send_replace(Phase::Drain);
+    wait_for(Duration::from_secs(60), || shared.acked.load(Ordering::SeqCst) >= shared.created.load(Ordering::SeqCst))
+        .await;
+    wait_for(Duration::from_secs(60), || {
+        shared.delivered.load(Ordering::SeqCst) >= shared.acked.load(Ordering::SeqCst)
+    })
+    .await;
+    shared.phase.send_replace(Phase::Finish);
+    let mut records = Vec::new();
+    while let Some(record) = tasks.join_next().await {
+        records.push(record?);
+    }
+    records.sort_by_key(|r| r.index);
+    let verdict = check::history(&records);
+    Ok(Outcome { records, window: end - from, acked_in_window, verdict })
+}
+
+/// Poll `done` every 5 ms until it holds or `within` passes (the verdict then shows what is missing).
+pub async fn wait_for(within: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}

@@ -1,0 +1,61 @@
+//! The short form of the chaos run (`bench chaos` is the long form, see BENCHMARKS.md): real replica
+//! processes under steady load, kill -9 of the primary and of a backup, and the checker's verdict. Only
+//! correctness is asserted, never speed.
+//!
+//! Needs the `replichat` binary next to the test (`cargo build -p replichat`; `scripts/test.sh` does it)
+//! or `REPLICHAT_BIN`. The PostgreSQL variant runs when `REPLICHAT_TEST_PG` is set.
+
+use replichat_bench::chaos::{self, Options};
+use replichat_bench::procs::{default_replichat, scratch_dir, Setup, Target};
+
+fn setup(target: Target, pg: String) -> Setup {
+    let replichat = default_replichat();
+    assert!(replichat.exists(), "{} missing: run `cargo build -p replichat` first", replichat.display());
+    Setup {
+        target,
+        replichat,
+        dir: scratch_dir("chaos-test"),
+        pg,
+        // Test timing (as in the cluster suite), so a cycle takes about a second.
+        args: vec!["--heartbeat-ms=50".into(), "--election-timeout-ms=500".into()],
+    }
+}
+
+async fn short_chaos(target: Target, pg: String) {
+    // Cycles 1-3 kill the primary, cycle 4 a backup.
+    let options = Options { cycles: 4, users: 10, rate: 100.0, backup_every: 4 };
+    let report = chaos::run(setup(target, pg), &options).await.expect("chaos run");
+    let h = &report.history;
+    let s = &report.stored;
+    eprintln!("history: {h:?}\nstored: {s:?}\ncycles: {:#?}", report.cycles);
+    assert_eq!(report.cycles.len(), 4);
+    assert_eq!(report.cycles.iter().filter(|c| c.victim_was_primary).count(), 3, "three primary kills");
+    assert!(
+        report
+            .cycles
+            .iter()
+            .filter(|c| c.victim_was_primary)
+            .all(|c| c.first_write_ms.is_some() && c.all_resumed_ms.is_some()),
+        "after every primary kill a write was acknowledged and every user resumed"
+    );
+    assert!(report.acked >= 40, "the load ran: {} acknowledged", report.acked);
+    assert!(h.failed_users.is_empty(), "no user gave up: {:?}", h.failed_users);
+    assert_eq!((h.lost, h.duplicated, h.out_of_order, h.mismatched), (0, 0, 0, 0), "{:?}", h.examples);
+    assert!(s.identical, "every replica holds the same state: {:?}", s.examples);
+    assert_eq!(s.messages_stored, report.acked, "every acknowledged message is stored, nothing else");
+    assert_eq!((s.missing, s.duplicated_or_moved), (0, 0), "{:?}", s.examples);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_chaos_on_sqlite_loses_and_duplicates_nothing() {
+    short_chaos(Target::Sqlite3, String::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_chaos_on_postgres_loses_and_duplicates_nothing() {
+    let Ok(pg) = std::env::var("REPLICHAT_TEST_PG") else {
+        eprintln!("REPLICHAT_TEST_PG is not set: skipping (scripts/test.sh sets it)");
+        return;
+    };
+    short_chaos(Target::Pg3, pg).await;
+}
