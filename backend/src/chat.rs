@@ -103,6 +103,7 @@ impl Chat {
         shutdown: CancellationToken,
     ) -> Result<std::sync::Arc<Chat>> {
         let (applied_tx, applied) = watch::channel(db.applied_index().await?);
+        crate::metrics::applied_index(*applied.borrow());
         let chat = std::sync::Arc::new(Chat {
             db,
             replication,
@@ -150,6 +151,7 @@ impl Chat {
                             self.hub.push(user_id, Push::Frame(body));
                         }
                         applied.send_replace(index);
+                        crate::metrics::applied_index(index);
                         // Compact in steps of a tenth of what is kept, not after every entry.
                         if index >= compacted_at + compact_keep / 10 + compact_keep.max(1) {
                             match self.db.compact(compact_keep).await {

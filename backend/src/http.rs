@@ -1,4 +1,5 @@
-//! The HTTP surface: the router, `/healthz`, and the browser-origin policy for `/ws`.
+//! The HTTP surface: the router, `/healthz`, `/api/cluster`, `/metrics`, and the browser-origin policy for
+//! `/ws`.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -27,6 +28,7 @@ pub fn router(state: AppState, static_dir: &Path) -> Router {
     Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/api/cluster", get(cluster))
         .route("/internal/replicate", get(crate::internal::upgrade))
         .fallback_service(app)
@@ -49,6 +51,14 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
         "proposal_batches": status.proposal_batches,
         "proposed_entries": status.proposed_entries,
     }))
+}
+
+/// The Prometheus text exposition format, version 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `GET /metrics`: every series in the Prometheus text format (the list is in docs/ARCHITECTURE.md).
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], state.metrics.render())
 }
 
 /// `GET /api/cluster`: this replica's view of the cluster (CORS-open, so an admin page served by any

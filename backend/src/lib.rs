@@ -19,7 +19,9 @@
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
 //! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
-//! - [`http`]: the router, `/healthz`, `/api/cluster`, and the allowed browser origins.
+//! - [`http`]: the router, `/healthz`, `/api/cluster`, `/metrics`, and the allowed browser origins.
+//! - [`metrics`]: the Prometheus recorder behind `/metrics`, every series' name and help text, and one
+//!   function per thing measured (the other modules call those, never a series name).
 //!
 //! [`start`] wires them together and serves until [`Running::shutdown`].
 
@@ -29,6 +31,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod internal;
+pub mod metrics;
 pub mod op;
 pub mod replication;
 pub mod session;
@@ -83,6 +86,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// The secret peers must present on `/internal/replicate`; `None` refuses every peer.
     pub cluster_secret: Option<Arc<str>>,
+    /// Renders `/metrics` (the process-wide recorder: see [`metrics`]).
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// A started server.
@@ -98,6 +103,8 @@ pub struct Running {
 /// Open the database (running migrations), bind `config.listen`, start replication, and serve in the
 /// background.
 pub async fn start(config: Config) -> Result<Running> {
+    // First, so every series recorded while starting is kept.
+    let metrics = metrics::install();
     let db = Db::open(&config.db).await?;
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -139,7 +146,9 @@ pub async fn start(config: Config) -> Result<Running> {
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
         cluster_secret: config.cluster_secret.as_deref().map(Arc::from),
+        metrics: metrics.clone(),
     };
+    tokio::spawn(metrics::upkeep(metrics, shutdown.clone()));
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
     let app = http::router(state.clone(), &config.static_dir);
     let task = tokio::spawn(serve(listener, app, state, db.clone()));

@@ -198,6 +198,7 @@ impl Replication {
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
+            gauges: crate::metrics::ReplicaGauges::new(all.keys().copied().filter(|&peer| peer != id)),
             noop,
             status: watch::channel(Status {
                 role: Role::Backup,
@@ -214,6 +215,7 @@ impl Replication {
         };
         core.reset_election_deadline();
         let status = core.status.subscribe();
+        crate::metrics::peer_connections(0);
         tracing::info!(id, term, last_index, commit_index, replicas = all.len(), "replication starting");
         if core.cluster_size() == 1 {
             // Alone: no one to wait for or to ask.
@@ -297,6 +299,8 @@ struct Core {
     reachable: BTreeSet<u64>,
     noop: String,
     status: watch::Sender<Status>,
+    /// What `/metrics` shows of the status.
+    gauges: crate::metrics::ReplicaGauges,
 }
 
 impl Core {
@@ -381,6 +385,7 @@ impl Core {
                 } else {
                     self.reachable.remove(&peer);
                 }
+                crate::metrics::peer_connections(self.reachable.len());
             }
         }
         Ok(())
@@ -454,6 +459,7 @@ impl Core {
         self.votes = BTreeSet::from([self.id]);
         self.reset_election_deadline();
         tracing::info!(term = self.term, "election started");
+        crate::metrics::election_started();
         if self.votes.len() >= self.votes_needed() {
             return self.become_primary().await;
         }
@@ -485,6 +491,7 @@ impl Core {
         (self.last_index, self.last_term) = self.db.append_entries(std::slice::from_ref(&noop)).await?;
         self.term_start = next;
         tracing::info!(term = self.term, last_index = self.last_index, "became primary");
+        crate::metrics::election_won();
         self.advance_commit();
         self.broadcast_append().await
     }
@@ -799,6 +806,7 @@ impl Core {
             proposal_batches: self.proposal_batches,
             proposed_entries: self.proposed_entries,
         };
+        self.gauges.record(&status);
         self.status.send_if_modified(|current| {
             if *current != status {
                 *current = status;

@@ -38,6 +38,25 @@ pub enum Pushed {
     TooSlow,
 }
 
+/// The protocol `type` of a request (the label of its metric).
+fn kind(request: &Request) -> &'static str {
+    match request {
+        Request::Register { .. } => "register",
+        Request::Login { .. } => "login",
+        Request::Resume { .. } => "resume",
+        Request::List { .. } => "list",
+        Request::Send { .. } => "send",
+        Request::History { .. } => "history",
+        Request::Delivered { .. } => "delivered",
+        Request::Read { .. } => "read",
+        Request::Conversations => "conversations",
+        Request::Typing { .. } => "typing",
+        Request::Logout => "logout",
+        Request::DeleteAccount { .. } => "delete_account",
+        Request::Ping => "ping",
+    }
+}
+
 /// The state of one socket.
 pub struct Session {
     chat: Arc<Chat>,
@@ -55,6 +74,7 @@ impl Session {
 
     /// Answer one request.
     pub async fn handle(&mut self, request: Request) -> Result<Response> {
+        crate::metrics::request(kind(&request));
         let chat = Arc::clone(&self.chat);
         match request {
             Request::Ping => Ok(ServerBody::Pong.into()),
@@ -173,6 +193,35 @@ impl Session {
     async fn detach(&mut self) {
         if let Some((authed, conn, _)) = self.attached.take() {
             self.chat.detach(authed.user_id, conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_kinds_are_the_wire_types() {
+        let text = String::new;
+        let requests = [
+            Request::Register { username: text(), password: text() },
+            Request::Login { username: text(), password: text() },
+            Request::Resume { token: text(), cursor: 0 },
+            Request::List { pattern: text(), after: None, limit: None },
+            Request::Send { to: text(), text: text(), client_id: text() },
+            Request::History { with: text(), before: None, limit: None },
+            Request::Delivered { up_to: 0 },
+            Request::Read { with: text(), up_to: 0 },
+            Request::Conversations,
+            Request::Typing { to: text() },
+            Request::Logout,
+            Request::DeleteAccount { password: text() },
+            Request::Ping,
+        ];
+        for request in requests {
+            let wire = serde_json::to_value(&request).unwrap();
+            assert_eq!(wire["type"].as_str(), Some(kind(&request)), "{wire}");
         }
     }
 }

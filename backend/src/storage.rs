@@ -6,7 +6,7 @@
 //! stores the log entry, reading nothing but the database and the op.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use replichat_shared::{Conversation, Message, ReceiptKind, ServerBody};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
@@ -288,8 +288,10 @@ impl Db {
     /// the new last (index, term).
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
         let mut conn = self.pool.acquire().await?;
+        let started = Instant::now();
         let mut tx = conn.begin_with(self.begin_write()).await?;
         let mut truncated = false;
+        let mut written = 0;
         for entry in entries {
             if !truncated {
                 let existing = sqlx::query("SELECT term FROM log WHERE idx = $1")
@@ -316,8 +318,10 @@ impl Db {
                 .bind(&entry.op)
                 .execute(&mut *tx)
                 .await?;
+            written += 1;
         }
         tx.commit().await?;
+        crate::metrics::log_appended(written, started.elapsed());
         self.last_entry().await
     }
 
@@ -339,6 +343,7 @@ impl Db {
             .await?;
         let mut deliveries = Vec::new();
         let mut last = applied;
+        let mut messages = 0;
         for row in rows {
             let index: i64 = row.try_get("idx")?;
             if index != last + 1 {
@@ -347,6 +352,10 @@ impl Db {
             let op: String = row.try_get("op")?;
             let op: Op = serde_json::from_str(&op).map_err(|e| Error::Corrupt(format!("entry {index}: {e}")))?;
             let caused = apply(&mut tx, index, &op).await?;
+            // A send that stored its message causes its pushes; a duplicate stores and causes nothing.
+            if matches!(op, Op::Send { .. }) && !caused.is_empty() {
+                messages += 1;
+            }
             for d in &caused {
                 let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
                 sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
@@ -363,6 +372,7 @@ impl Db {
             set_meta(&mut tx, "applied_index", last).await?;
         }
         tx.commit().await?;
+        crate::metrics::messages_stored(messages);
         Ok((last as u64, deliveries))
     }
 

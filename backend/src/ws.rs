@@ -43,6 +43,7 @@ pub async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebS
 type Sink = SplitSink<WebSocket, Message>;
 
 async fn serve(socket: WebSocket, state: AppState) {
+    let _counted = crate::metrics::ClientConnection::open();
     let (mut sink, mut stream) = socket.split();
     let mut status = state.chat.replication().status();
     let first = status.borrow_and_update().clone();
@@ -178,6 +179,7 @@ async fn write(sink: &mut Sink, req: Option<String>, body: ServerBody) -> Result
 }
 
 async fn write_error(sink: &mut Sink, req: Option<String>, error: &Error) -> Result<(), ()> {
+    crate::metrics::request_failed(error.code());
     if error.code() == ErrorCode::Internal {
         tracing::error!(%error, "request failed");
     }

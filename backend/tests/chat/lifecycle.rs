@@ -69,6 +69,29 @@ async fn sigterm_closes_sockets_with_1001_and_exits_0() {
     assert!(exit.success(), "exit status {exit:?}");
 }
 
+// `/metrics` on an in-process server. Every server this test binary starts shares one recorder (one per
+// process), so only growth is asserted here; the cluster suite checks exact values on real processes.
+both!(metrics_grow_with_a_send, |engine| async move {
+    let server = server(engine).await;
+    let url = format!("{}/metrics", server.addr);
+    let before = http_get(&url).await;
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    assert!(before.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{before}");
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    alice.send_message("bob", "counted").await;
+    let after = http_get(&url).await;
+    for series in ["replichat_messages_stored_total", r#"replichat_requests_total{type="send"}"#] {
+        assert!(sample(&after, series) >= sample(&before, series) + 1.0, "{series}:\n{after}");
+    }
+    assert!(sample(&after, "replichat_log_append_seconds_count") >= 1.0, "{after}");
+});
+
+/// The value of `series` on a Prometheus page (0 when it is not there yet).
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
 /// A minimal HTTP/1.1 GET over a raw socket (no HTTP client dependency needed for one request).
 async fn http_get(host_and_path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

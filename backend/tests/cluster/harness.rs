@@ -474,6 +474,11 @@ async fn fresh_pg_db(unique: &str) -> (String, String) {
 /// A minimal HTTP/1.1 GET (`Connection: close`) over a raw socket: the status code and the body. Fails fast
 /// (an `Err`) when nothing listens, and after 2 s in any case.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    http_get_with_head(addr, path).await.map(|(status, _, body)| (status, body))
+}
+
+/// [`http_get`], with the response head (status line and headers) too.
+pub async fn http_get_with_head(addr: &str, path: &str) -> Result<(u16, String, String), String> {
     let request = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
         stream
@@ -499,7 +504,7 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let body = if chunked { dechunk(body)? } else { body.to_owned() };
-    Ok((status, body))
+    Ok((status, head.to_owned(), body))
 }
 
 fn dechunk(mut rest: &str) -> Result<String, String> {

@@ -8,4 +8,5 @@ mod election;
 mod failover;
 mod faults;
 mod group_commit;
+mod metrics;
 mod security;
