@@ -7,8 +7,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use rand::RngCore;
 use replichat_shared::{
     Conversation, Message, ServerBody, DEFAULT_PAGE, MAX_CLIENT_ID_CHARS, MAX_PAGE, MAX_PASSWORD_CHARS, MAX_TEXT_CHARS,
@@ -237,7 +235,7 @@ impl Chat {
     pub async fn register(&self, username: &str, password: &str, mailbox: Mailbox) -> Result<Attached> {
         validate_username(username)?;
         validate_password(password)?;
-        let password_hash = hash_password(password).await?;
+        let password_hash = crate::password::hash(password).await?;
         let (token, token_hash) = new_token();
         let mut writer = self.writer().await?;
         if self.db.user_by_name(username).await?.is_some() {
@@ -267,10 +265,10 @@ impl Chat {
         }
         let user = self.db.user_by_name(username).await?;
         let verified = match &user {
-            Some(User { password_hash: Some(hash), .. }) => verify_password(password, hash).await?,
+            Some(User { password_hash: Some(hash), .. }) => crate::password::verify(password, hash).await?,
             _ => {
                 // Spend the same time as a real check so response times don't reveal which names exist.
-                let _ = verify_password(password, dummy_hash()).await;
+                let _ = crate::password::verify(password, dummy_hash()).await;
                 false
             }
         };
@@ -513,7 +511,7 @@ impl Chat {
         let Some(User { password_hash: Some(hash), .. }) = user else {
             return Err(Error::Unauthenticated);
         };
-        if !verify_password(password, &hash).await? {
+        if !crate::password::verify(password, &hash).await? {
             return Err(Error::BadCredentials);
         }
         let mut writer = self.writer().await?;
@@ -594,37 +592,10 @@ fn validate_password(password: &str) -> Result<()> {
     }
 }
 
-/// argon2id with the crate's default parameters and a random salt, off the async threads.
-async fn hash_password(password: &str) -> Result<String> {
-    let password = password.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|hash| hash.to_string())
-            .map_err(|e| Error::Hash(e.to_string()))
-    })
-    .await
-    .map_err(|e| Error::Hash(e.to_string()))?
-}
-
-async fn verify_password(password: &str, hash: &str) -> Result<bool> {
-    let (password, hash) = (password.to_owned(), hash.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let parsed = PasswordHash::new(&hash).map_err(|e| Error::Hash(e.to_string()))?;
-        Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-    })
-    .await
-    .map_err(|e| Error::Hash(e.to_string()))?
-}
-
 /// A valid argon2id hash of a password nobody has, for constant-time failures on unknown names.
 fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default().hash_password(b"no account has this password", &salt).expect("argon2").to_string()
-    })
+    HASH.get_or_init(|| crate::password::hash_now(b"no account has this password").expect("argon2"))
 }
 
 /// A fresh 256-bit session token (hex) and the hash that is stored.

@@ -8,6 +8,7 @@
 //! - [`config`]: the command line and environment (clap).
 //! - [`error`]: the crate's error enum and the client-facing code of each variant.
 //! - [`op`]: the operations stored in the log.
+//! - [`password`]: argon2id hashing, bounded to one hash per core, in reused memory.
 //! - [`storage`]: all SQL, for SQLite and PostgreSQL: migrations, committing an entry with its effect (the
 //!   state machine), and the read queries.
 //! - [`replication`]: terms, elections, log shipping and the commit index (Raft's rules, lowest live id
@@ -33,6 +34,7 @@ pub mod hub;
 pub mod internal;
 pub mod metrics;
 pub mod op;
+pub mod password;
 pub mod replication;
 pub mod session;
 pub mod storage;

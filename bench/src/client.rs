@@ -321,7 +321,7 @@ impl User {
                 url
             });
             if let Ok(Ok((mut ws, _))) =
-                tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(url.as_str())).await
+                tokio::time::timeout(Duration::from_secs(2), connect(url.as_str())).await
             {
                 match tokio::time::timeout(Duration::from_secs(2), read_frame(&mut ws)).await {
                     Ok(Ok(Some(ServerFrame { body: ServerBody::Welcome { node, term, .. }, .. })))
@@ -488,6 +488,13 @@ async fn send(ws: &mut Ws, to: &str, p: &Pending) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Open a WebSocket with Nagle's algorithm off, as a browser does: small frames leave at once.
+async fn connect(
+    url: &str,
+) -> Result<(Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+    tokio_tungstenite::connect_async_with_config(url, None, true).await
+}
+
 /// The next server frame; `None` when the socket closed.
 async fn read_frame(ws: &mut Ws) -> anyhow::Result<Option<ServerFrame>> {
     loop {
@@ -518,7 +525,7 @@ pub async fn request_reply(ws: &mut Ws, request: Request) -> anyhow::Result<Serv
 
 /// Connect to one URL and read its first frame (for the idle-connection count).
 pub async fn connect_raw(url: &str) -> anyhow::Result<(Ws, ServerBody)> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (mut ws, _) = connect(url).await?;
     let first = read_frame(&mut ws).await?.context("closed before the first frame")?;
     Ok((ws, first.body))
 }

@@ -33,6 +33,10 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let app = Router::new().route("/ws", get(upgrade)).with_state(relay);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("relay listening on http://{}", listener.local_addr()?);
+    // Nagle off, as replichat does.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -1,0 +1,117 @@
+//! Password hashing: argon2id with the crate's default parameters (19 MiB, 2 passes), at most one hash per
+//! core at a time, each in a memory buffer that is reused rather than allocated per hash.
+//!
+//! Why both: every hash fills 19 MiB. Run without a bound on the blocking pool, a burst of registrations
+//! or logins costs 19 MiB each at once; and allocated per hash, the freed buffers fragment the allocator's
+//! arenas (small allocations land in them), so the memory is never returned. `bench load` measured a
+//! replica at 3 GB RSS after 200 registrations 16 at a time before this module; see BENCHMARKS.md.
+
+use std::sync::{Mutex, OnceLock};
+
+use argon2::password_hash::{rand_core::OsRng, Output, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use tokio::sync::Semaphore;
+
+use crate::{Error, Result};
+
+/// Hash `password` with a fresh random salt; the PHC string that is stored.
+pub async fn hash(password: &str) -> Result<String> {
+    let password = password.to_owned();
+    run(move || hash_now(password.as_bytes())).await
+}
+
+/// Whether `password` matches the stored PHC string `phc` (compared in constant time).
+pub async fn verify(password: &str, phc: &str) -> Result<bool> {
+    let (password, phc) = (password.to_owned(), phc.to_owned());
+    run(move || verify_now(password.as_bytes(), &phc)).await
+}
+
+/// Hash on the calling thread (for the one-off dummy hash; everything else goes through [`hash`]).
+pub fn hash_now(password: &[u8]) -> Result<String> {
+    let argon = Argon2::default();
+    let salt = SaltString::generate(&mut OsRng);
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.as_salt().decode_b64(&mut salt_bytes).map_err(hash_error)?;
+    let params = argon.params().clone();
+    let output = Output::init_with(params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN), |out| {
+        with_memory(params.block_count(), |memory| {
+            argon.hash_password_into_with_memory(password, salt_bytes, out, memory)
+        })
+        .map_err(Into::into)
+    })
+    .map_err(hash_error)?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: (&params).try_into().map_err(hash_error)?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(phc.to_string())
+}
+
+fn verify_now(password: &[u8], phc: &str) -> Result<bool> {
+    let parsed = PasswordHash::new(phc).map_err(hash_error)?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(hash_error)?;
+    let version = parsed.version.map(Version::try_from).transpose().map_err(hash_error)?.unwrap_or_default();
+    let params = Params::try_from(&parsed).map_err(hash_error)?;
+    let expected = parsed.hash.ok_or_else(|| Error::Hash("stored hash has no output".into()))?;
+    let salt = parsed.salt.ok_or_else(|| Error::Hash("stored hash has no salt".into()))?;
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(hash_error)?;
+    let argon = Argon2::new(algorithm, version, params.clone());
+    let computed = Output::init_with(expected.len(), |out| {
+        with_memory(params.block_count(), |memory| {
+            argon.hash_password_into_with_memory(password, salt_bytes, out, memory)
+        })
+        .map_err(Into::into)
+    })
+    .map_err(hash_error)?;
+    // `Output`'s equality is constant-time.
+    Ok(computed == expected)
+}
+
+/// Run `f` on the blocking pool once one of the per-core permits is free.
+async fn run<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    static GATE: OnceLock<Semaphore> = OnceLock::new();
+    let gate = GATE.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
+    let _permit = gate.acquire().await.map_err(|e| Error::Hash(e.to_string()))?;
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Hash(e.to_string()))?
+}
+
+/// Lend `f` a zeroed-on-first-use buffer of `blocks` argon2 blocks from the pool (argon2 overwrites every
+/// block it uses before reading it, so a reused buffer needs no clearing).
+fn with_memory<T>(blocks: usize, f: impl FnOnce(&mut [Block]) -> T) -> T {
+    // A std mutex: held only to pop and push, never across the hash.
+    static POOL: Mutex<Vec<Vec<Block>>> = Mutex::new(Vec::new());
+    let mut memory = POOL.lock().expect("argon2 pool lock").pop().unwrap_or_default();
+    memory.resize(blocks, Block::default());
+    let result = f(&mut memory);
+    POOL.lock().expect("argon2 pool lock").push(memory);
+    result
+}
+
+fn hash_error(e: impl std::fmt::Display) -> Error {
+    Error::Hash(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::password_hash::PasswordVerifier;
+
+    #[test]
+    fn hashes_verify_here_and_with_the_argon2_crate() {
+        let phc = hash_now(b"correct horse").unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        assert!(verify_now(b"correct horse", &phc).unwrap());
+        assert!(!verify_now(b"wrong horse", &phc).unwrap());
+        // The stored format is the crate's own: hashes made before this module still verify, and back.
+        let parsed = PasswordHash::new(&phc).unwrap();
+        assert!(Argon2::default().verify_password(b"correct horse", &parsed).is_ok());
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = argon2::PasswordHasher::hash_password(&Argon2::default(), b"pw 12345", &salt).unwrap().to_string();
+        assert!(verify_now(b"pw 12345", &theirs).unwrap());
+        assert!(!verify_now(b"pw 12346", &theirs).unwrap());
+    }
+}
