@@ -60,8 +60,8 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_HEARTBEAT_MS", default_value_t = 100)]
     pub heartbeat_ms: u64,
 
-    /// A backup that hears no primary for this long (plus `id` × half of it, plus up to 10% jitter, so the
-    /// lowest id tries first) starts an election; a primary that hears no majority for this long steps down.
+    /// A backup that hears no primary for this long (plus half of it per lower id other than the primary it
+    /// followed, plus up to 10% jitter, so the lowest live id tries first) starts an election; a primary that hears no majority for this long steps down.
     /// Milliseconds.
     #[arg(long, env = "REPLICHAT_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
     pub election_timeout_ms: u64,

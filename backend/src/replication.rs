@@ -9,7 +9,8 @@
 //! - Terms and votes are persisted before a replica acts on them. A frame with a higher term makes the
 //!   receiver adopt it and become a backup; requests with a lower term are refused.
 //! - An election starts when a backup has not heard a primary for its election timeout: the base timeout
-//!   plus `id` × half of it plus ≤10 % jitter, so the lowest live id tries first. It first asks for pre-votes
+//!   plus half of it for each lower id (not counting the primary it last followed) plus ≤10 % jitter, so the
+//!   lowest live id tries first. It first asks for pre-votes
 //!   (no term change), so a replica cut off from the others cannot inflate its term and disrupt the cluster
 //!   when it returns; a replica that heard a primary recently refuses both pre-votes and votes.
 //! - A vote is granted at most once per term, to a candidate whose log is at least as up to date (last term,
@@ -365,7 +366,14 @@ impl Core {
     fn election_timeout(&self) -> Duration {
         let base = self.timing.election;
         let jitter = rand::thread_rng().gen_range(0..=base.as_millis() as u64 / 10);
-        base + base / 2 * self.id as u32 + Duration::from_millis(jitter)
+        base + base / 2 * self.election_rank() + Duration::from_millis(jitter)
+    }
+
+    /// This replica's place in the election order: the replicas with a lower id, except the primary it last
+    /// followed (when this timer runs out, that primary is the one presumed gone). With primary 0 dead,
+    /// replica 1 waits one base timeout and replica 2 one and a half; the lowest live id still goes first.
+    fn election_rank(&self) -> u32 {
+        self.urls.keys().filter(|&&id| id < self.id && Some(id) != self.leader).count() as u32
     }
 
     fn reset_election_deadline(&mut self) {
