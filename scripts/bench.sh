@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every number in BENCHMARKS.md: builds release binaries, then runs each measurement against real processes
+# on this machine and writes the results to bench/results/ and the plots to docs/bench/. About 25 minutes on
+# 2 cores. Run it on an otherwise idle machine; each figure is the median of several runs.
+#
+#   scripts/bench.sh            everything
+#   scripts/bench.sh load       one part: load | idle | catchup | chaos | plot
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export REPLICHAT_BENCH_PG="${REPLICHAT_BENCH_PG:-$(scripts/postgres.sh)}"
+cargo build --release --locked -p replichat -p replichat-bench
+# 10,000 sockets on each side of the idle measurement.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+bench=target/release/bench
+out=bench/results
+what="${1:-all}"
+part() { [ "$what" = all ] || [ "$what" = "$1" ]; }
+
+if part load; then
+  # 200 users, as fast as acknowledgements allow: throughput, for (a) relay (b) single (c) sqlite3 (d) pg3.
+  $bench load --runs 3 --users 200 --out "$out/load-max.json"
+  # The same users at a fixed 1,000 msg/s in all: latency.
+  $bench load --runs 3 --users 200 --rate 1000 --out "$out/load-1000.json"
+fi
+if part idle; then
+  $bench idle --runs 3 --connections 10000 --accounts 100 --out "$out/idle.json"
+fi
+if part catchup; then
+  $bench catchup --runs 3 --messages 100000 --out "$out/catchup.json"
+fi
+if part chaos; then
+  # Defaults of replichat (heartbeat 100 ms, election timeout 1000 ms); every 4th cycle kills a backup.
+  $bench chaos --cycles 100 --users 20 --rate 200 --out "$out/chaos.json"
+fi
+if part plot || [ "$what" = all ]; then
+  $bench plot --latency "$out/load-1000.json" --chaos "$out/chaos.json" --out docs/bench
+fi
