@@ -320,9 +320,7 @@ impl User {
                 self.next_endpoint += 1;
                 url
             });
-            if let Ok(Ok((mut ws, _))) =
-                tokio::time::timeout(Duration::from_secs(2), connect(url.as_str())).await
-            {
+            if let Ok(Ok((mut ws, _))) = tokio::time::timeout(Duration::from_secs(2), connect(url.as_str())).await {
                 match tokio::time::timeout(Duration::from_secs(2), read_frame(&mut ws)).await {
                     Ok(Ok(Some(ServerFrame { body: ServerBody::Welcome { node, term, .. }, .. })))
                         if term >= self.term =>
