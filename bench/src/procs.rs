@@ -247,19 +247,23 @@ impl Cluster {
         None
     }
 
-    /// Wait until node `id` has applied everything the primary had committed when asked, polling every
-    /// 10 ms. Returns when the condition held.
+    /// Wait until node `id` has applied everything the primary had committed one poll (10 ms) earlier.
+    /// Under load the primary's commit index moves on all the time, and a backup learns of each commit only
+    /// with the next append, so "applied up to the commit index read just now" would measure that race,
+    /// not the catch-up. Returns when the condition held.
     pub async fn wait_caught_up(&self, id: u64, within: Duration) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + within;
+        let mut previous_commit: Option<u64> = None;
         loop {
             if let Some(primary) = self.primary().await {
-                if let (Ok(p), Ok(me)) = (
-                    http::cluster_status(&self.node(primary).addr).await,
+                if let (Ok(me), Ok(p)) = (
                     http::cluster_status(&self.node(id).addr).await,
+                    http::cluster_status(&self.node(primary).addr).await,
                 ) {
-                    if me.applied_index >= p.commit_index && me.last_index >= p.commit_index {
+                    if previous_commit.is_some_and(|c| me.applied_index >= c) {
                         return Ok(Instant::now());
                     }
+                    previous_commit = Some(p.commit_index);
                 }
             }
             if Instant::now() > deadline {
