@@ -28,6 +28,8 @@ cargo clippy -p replichat-frontend --target wasm32-unknown-unknown --locked -- -
 # suite runs three replica processes per test, so one test at a time.
 cargo test -p replichat -p replichat-shared --locked --lib --bins --test chat -- --test-threads "${TEST_THREADS:-2}"
 cargo test -p replichat -p replichat-shared --locked --doc
+# Every input of the fuzz corpora (fuzz/corpus, fuzz/seeds) through the same checks as the cargo-fuzz targets.
+cargo test -p replichat --locked --test fuzz_corpus
 cargo test -p replichat --locked --test cluster -- --test-threads 1
 # The bench's unit tests and the short chaos run (kill -9 under load, then the lost/duplicate checker), on
 # the replichat binary the cluster suite built.
