@@ -11,8 +11,9 @@ use subtle::ConstantTimeEq;
 use crate::replication::Replication;
 use crate::AppState;
 
-/// Largest replication frame accepted (a batch of entries).
-const MAX_PEER_FRAME: usize = 64 << 20;
+/// Largest replication frame accepted: a batch of entries, or a whole snapshot, which travels as one frame
+/// (see BENCHMARKS.md, catch-up, for the size of a 100,000-message snapshot).
+const MAX_PEER_FRAME: usize = 512 << 20;
 
 /// `GET /internal/replicate`: upgrade for a peer presenting `Authorization: Bearer <cluster secret>`.
 pub async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {

@@ -131,6 +131,8 @@ enum Input {
     Response(PeerFrame),
     /// The connection to a peer opened (true) or closed (false).
     Reachable(u64, bool),
+    /// The background task building and sending a snapshot to this peer finished (sent or not).
+    SnapshotDone(u64),
 }
 
 /// Handle on the replication core. Cheap to clone.
@@ -196,6 +198,7 @@ impl Replication {
             heard_leader: None,
             remote_view: Vec::new(),
             outbound,
+            inbox: inbox_tx.downgrade(),
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
@@ -259,10 +262,21 @@ struct Progress {
     matched: u64,
     /// When it last answered.
     last_ack: Option<Instant>,
-    /// When a snapshot was last sent to it (one at a time).
-    snapshot_sent: Option<Instant>,
+    /// Where its snapshot is, if it needs one (one at a time).
+    snapshot: SnapshotState,
     /// In the in-sync set (`--ack all-live`): every commit waits for it.
     in_sync: bool,
+}
+
+/// A backup's snapshot, as the primary tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotState {
+    /// None under way.
+    Idle,
+    /// A background task is reading the state and sending it.
+    InFlight,
+    /// Sent at this instant; not sent again for a while, so the backup can install it and answer.
+    Sent(Instant),
 }
 
 struct Core {
@@ -293,6 +307,8 @@ struct Core {
     /// The primary's view of the cluster from its last heartbeat.
     remote_view: Vec<ReplicaView>,
     outbound: BTreeMap<u64, mpsc::Sender<PeerFrame>>,
+    /// The core's own inbox, for background tasks to report back (weak: the core stops when the inbox closes).
+    inbox: mpsc::WeakSender<Input>,
     /// Group-commit counters: transactions, and the entries they appended.
     proposal_batches: u64,
     proposed_entries: u64,
@@ -395,6 +411,11 @@ impl Core {
                 }
                 crate::metrics::peer_connections(self.reachable.len());
             }
+            Input::SnapshotDone(peer) => {
+                if let Some(progress) = self.progress.get_mut(&peer) {
+                    progress.snapshot = SnapshotState::Sent(Instant::now());
+                }
+            }
         }
         Ok(())
     }
@@ -491,7 +512,16 @@ impl Core {
             .keys()
             .map(|&id| {
                 let in_sync = self.reachable.contains(&id);
-                (id, Progress { next, matched: 0, last_ack: Some(Instant::now()), snapshot_sent: None, in_sync })
+                (
+                    id,
+                    Progress {
+                        next,
+                        matched: 0,
+                        last_ack: Some(Instant::now()),
+                        snapshot: SnapshotState::Idle,
+                        in_sync,
+                    },
+                )
             })
             .collect();
         self.primary_since = Instant::now();
@@ -743,25 +773,41 @@ impl Core {
         Ok(())
     }
 
+    /// Send the whole state to a backup that needs entries compacted away. Reading and serialising a large
+    /// state takes seconds, so a background task does it: the core keeps heartbeating and committing
+    /// meanwhile (done inline, a 100,000-message state stalled the core past the election timeout, and the
+    /// cluster lost its primary over and over while the backup never caught up). The backup's answer moves
+    /// `next` past the snapshot through the usual path.
     async fn send_snapshot(&mut self, peer: u64) -> Result<()> {
         let progress = self.progress.get_mut(&peer).expect("peer");
-        if progress.snapshot_sent.is_some_and(|t| t.elapsed() < self.timing.election) {
-            return Ok(());
+        let resend_after = self.timing.election * 10;
+        match progress.snapshot {
+            SnapshotState::InFlight => return Ok(()),
+            SnapshotState::Sent(at) if at.elapsed() < resend_after => return Ok(()),
+            _ => {}
         }
-        progress.snapshot_sent = Some(Instant::now());
-        let snapshot = self.db.snapshot().await?;
-        tracing::info!(peer, last_index = snapshot.last_index, "sending a snapshot to a backup that is far behind");
-        self.progress.get_mut(&peer).expect("peer").next = snapshot.last_index + 1;
-        let frame = PeerFrame::Snapshot {
-            term: self.term,
-            leader: self.id,
-            last_index: snapshot.last_index,
-            last_term: snapshot.last_term,
-            state: serde_json::to_string(&snapshot.tables).map_err(|e| Error::Corrupt(e.to_string()))?,
-        };
-        if let Some(tx) = self.outbound.get(&peer) {
-            let _ = tx.try_send(frame);
-        }
+        let Some(tx) = self.outbound.get(&peer).cloned() else { return Ok(()) };
+        progress.snapshot = SnapshotState::InFlight;
+        let (db, inbox, term, leader) = (self.db.clone(), self.inbox.clone(), self.term, self.id);
+        tokio::spawn(async move {
+            match db.snapshot().await {
+                Ok(snapshot) => match serde_json::to_string(&snapshot.tables) {
+                    Ok(state) => {
+                        let (last_index, last_term) = (snapshot.last_index, snapshot.last_term);
+                        let bytes = state.len();
+                        tracing::info!(peer, last_index, bytes, "sending a snapshot to a backup that is far behind");
+                        drop(snapshot);
+                        let frame = PeerFrame::Snapshot { term, leader, last_index, last_term, state };
+                        let _ = tx.send(frame).await;
+                    }
+                    Err(e) => tracing::error!(peer, error = %e, "serialising a snapshot failed"),
+                },
+                Err(e) => tracing::error!(peer, error = %e, "reading a snapshot failed"),
+            }
+            if let Some(inbox) = inbox.upgrade() {
+                let _ = inbox.send(Input::SnapshotDone(peer)).await;
+            }
+        });
         Ok(())
     }
 
