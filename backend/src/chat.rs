@@ -577,10 +577,31 @@ pub fn validate_username(username: &str) -> Result<()> {
     if username.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(Error::InvalidUsername("it contains whitespace or a control character"));
     }
+    if username.chars().any(is_invisible) {
+        return Err(Error::InvalidUsername("it contains an invisible formatting character"));
+    }
     if username.contains('*') {
         return Err(Error::InvalidUsername("it contains '*', the search wildcard"));
     }
     Ok(())
+}
+
+/// Characters that render as nothing or reorder text (Unicode format characters: zero-width spaces and
+/// joiners, bidirectional controls, the byte-order mark, invisible operators, tag characters). In a name
+/// they let `alice\u{200B}` pass for `alice`.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 fn validate_password(password: &str) -> Result<()> {

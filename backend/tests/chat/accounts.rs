@@ -42,7 +42,11 @@ both!(usernames_are_unique_ignoring_case, |engine| async move {
 both!(username_and_password_rules, |engine| async move {
     let server = server(engine).await;
     let mut c = server.client().await;
-    for bad in ["", "has space", "tab\there", "new\nline", "star*", &"x".repeat(33), "bell\u{7}"] {
+    // Invisible formatting characters would let "alice\u{200B}" pass for "alice" in every list and chat.
+    let invisible = ["alice\u{200B}", "\u{FEFF}alice", "ali\u{202E}ce", "al\u{2060}ice", "ali\u{00AD}ce"];
+    for bad in
+        ["", "has space", "tab\there", "new\nline", "star*", &"x".repeat(33), "bell\u{7}"].into_iter().chain(invisible)
+    {
         c.expect_error(
             Request::Register { username: bad.into(), password: "password123".into() },
             ErrorCode::InvalidUsername,
