@@ -46,6 +46,8 @@ pub struct Outcome {
     pub window: Duration,
     pub acked_in_window: u64,
     pub verdict: Verdict,
+    /// Each process's CPU time and memory when the window opened and when it closed.
+    pub usage: (Vec<(String, Usage)>, Vec<(String, Usage)>),
 }
 
 /// One numbered summary of a run, as written to the results JSON.
@@ -110,27 +112,29 @@ pub struct ProcessUsage {
 pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<(Summary, Outcome)> {
     let shared = Shared::new();
     let users = open_users(cluster, plan.users, &shared).await?;
-    let before: Vec<Usage> = cluster.live().iter().map(|&id| cluster.usage(id)).collect();
-    let own_before = Usage::own();
-    let outcome = drive(users, plan, &shared).await?;
-    let after: Vec<Usage> = cluster.live().iter().map(|&id| cluster.usage(id)).collect();
-    let own_after = Usage::own();
+    let pg = cluster.setup.target == crate::procs::Target::Pg3;
+    let sample = || {
+        let mut usage: Vec<(String, Usage)> =
+            cluster.live().iter().map(|&id| (format!("node {id}"), cluster.usage(id))).collect();
+        if pg {
+            usage.push(("postgres (all processes)".into(), Usage::postgres()));
+        }
+        usage.push(("bench client".into(), Usage::own()));
+        usage
+    };
+    let outcome = drive(users, plan, &shared, &sample).await?;
     let secs = outcome.window.as_secs_f64();
-    let mut processes: Vec<ProcessUsage> = cluster
-        .live()
+    let processes: Vec<ProcessUsage> = outcome
+        .usage
+        .0
         .iter()
-        .zip(before.iter().zip(&after))
-        .map(|(id, (b, a))| ProcessUsage {
-            name: format!("node {id}"),
+        .zip(&outcome.usage.1)
+        .map(|((name, b), (_, a))| ProcessUsage {
+            name: name.clone(),
             cpu_percent: 100.0 * (a.cpu_seconds - b.cpu_seconds) / secs,
             peak_rss_mb: a.peak_rss as f64 / 1e6,
         })
         .collect();
-    processes.push(ProcessUsage {
-        name: "bench client".into(),
-        cpu_percent: 100.0 * (own_after.cpu_seconds - own_before.cpu_seconds) / secs,
-        peak_rss_mb: own_after.peak_rss as f64 / 1e6,
-    });
     let mut ack = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut deliver = ack.clone();
     for r in &outcome.records {
@@ -202,7 +206,13 @@ pub type WsOf = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsSt
 
 /// Run opened users through warmup and the window, then drain until every message is acknowledged and
 /// delivered (60 s at most each), and check the history.
-pub async fn drive(users: Vec<(User, WsOf)>, plan: &Plan, shared: &Arc<Shared>) -> anyhow::Result<Outcome> {
+/// `sample` reads the processes' CPU time and memory; it is called when the window opens and when it closes.
+pub async fn drive(
+    users: Vec<(User, WsOf)>,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    sample: &dyn Fn() -> Vec<(String, Usage)>,
+) -> anyhow::Result<Outcome> {
     let mut tasks = JoinSet::new();
     for (user, ws) in users {
         tasks.spawn(user.run(plan.pace, ws));
@@ -213,6 +223,7 @@ pub async fn drive(users: Vec<(User, WsOf)>, plan: &Plan, shared: &Arc<Shared>) 
     shared.set_window(from, to);
     tokio::time::sleep_until(from.into()).await;
     let acked_at_from = shared.acked.load(Ordering::SeqCst);
+    let usage_from = sample();
     // The window: its end is a duration to measure over, or the moment enough messages were acknowledged.
     let end = loop {
         let now = Instant::now();
@@ -223,6 +234,7 @@ pub async fn drive(users: Vec<(User, WsOf)>, plan: &Plan, shared: &Arc<Shared>) 
         tokio::time::sleep(Duration::from_millis(5).min(to - now)).await;
     };
     let acked_in_window = shared.acked.load(Ordering::SeqCst) - acked_at_from;
+    let usage_to = sample();
     shared.set_window(from, end);
     shared.phase.send_replace(Phase::Drain);
     wait_for(Duration::from_secs(60), || shared.acked.load(Ordering::SeqCst) >= shared.created.load(Ordering::SeqCst))
@@ -238,7 +250,7 @@ pub async fn drive(users: Vec<(User, WsOf)>, plan: &Plan, shared: &Arc<Shared>) 
     }
     records.sort_by_key(|r| r.index);
     let verdict = check::history(&records);
-    Ok(Outcome { records, window: end - from, acked_in_window, verdict })
+    Ok(Outcome { records, window: end - from, acked_in_window, verdict, usage: (usage_from, usage_to) })
 }
 
 /// Poll `done` every 5 ms until it holds or `within` passes (the verdict then shows what is missing).

@@ -343,6 +343,22 @@ impl Usage {
     pub fn own() -> Usage {
         Usage::of(std::process::id())
     }
+
+    /// Every PostgreSQL server process together (the pg3 replicas' databases do their work there). The
+    /// peak RSS is the sum of the processes' peaks, which over-counts shared buffers.
+    pub fn postgres() -> Usage {
+        let mut total = Usage::default();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres") {
+                let u = Usage::of(pid);
+                total.cpu_seconds += u.cpu_seconds;
+                total.rss += u.rss;
+                total.peak_rss += u.peak_rss;
+            }
+        }
+        total
+    }
 }
 
 /// `getconf CLK_TCK`, read once (100 on Linux in practice).
