@@ -28,6 +28,9 @@ pub enum Backend {
     Postgres,
 }
 
+/// Bound parameters per statement when installing a snapshot (SQLite allows 32,766, PostgreSQL 65,535).
+const SNAPSHOT_BINDS: usize = 900;
+
 /// A handle on the node's database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -262,16 +265,30 @@ impl Db {
         for (table, columns, _) in STATE_TABLES {
             sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *tx).await?;
             let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-            let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("INSERT INTO {table} ({}) VALUES ({})", names.join(", "), params.join(", "));
-            for row in snapshot.tables.get(*table).map(Vec::as_slice).unwrap_or_default() {
-                if row.len() != columns.len() {
-                    return Err(Error::Corrupt(format!("snapshot row of {table} has {} cells", row.len())));
-                }
+            let rows = snapshot.tables.get(*table).map(Vec::as_slice).unwrap_or_default();
+            // Many rows per statement: one statement per row made a 100,000-message snapshot take seconds to
+            // install (every statement is a round trip to the driver's thread).
+            for chunk in rows.chunks((SNAPSHOT_BINDS / columns.len()).max(1)) {
+                let tuples: Vec<String> = (0..chunk.len())
+                    .map(|r| {
+                        let params: Vec<String> =
+                            (1..=columns.len()).map(|c| format!("${}", r * columns.len() + c)).collect();
+                        format!("({})", params.join(", "))
+                    })
+                    .collect();
+                let sql = format!("INSERT INTO {table} ({}) VALUES {}", names.join(", "), tuples.join(", "));
                 let mut query = sqlx::query(&sql);
-                for (cell, (_, integer)) in row.iter().zip(columns.iter()) {
-                    query =
-                        if *integer { query.bind(cell.as_i64()) } else { query.bind(cell.as_str().map(str::to_owned)) };
+                for row in chunk {
+                    if row.len() != columns.len() {
+                        return Err(Error::Corrupt(format!("snapshot row of {table} has {} cells", row.len())));
+                    }
+                    for (cell, (_, integer)) in row.iter().zip(columns.iter()) {
+                        query = if *integer {
+                            query.bind(cell.as_i64())
+                        } else {
+                            query.bind(cell.as_str().map(str::to_owned))
+                        };
+                    }
                 }
                 query.execute(&mut *tx).await?;
             }

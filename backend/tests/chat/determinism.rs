@@ -105,3 +105,21 @@ both!(a_send_committed_twice_with_one_client_id_is_stored_once, |engine| async m
     let history = db.history(1, 2, None, 10).await.unwrap();
     assert_eq!(history.iter().map(|m| (m.id, m.text.as_str())).collect::<Vec<_>>(), [(3, "first try")]);
 });
+
+both!(a_snapshot_installs_as_the_identical_state, |engine| async move {
+    let server = server(engine).await;
+    let mut ann = server.user("ann").await;
+    let _ben = server.user("ben").await;
+    // Enough rows that installing takes several multi-row statements per table.
+    for i in 0..400 {
+        ann.send_message("ben", &format!("message {i}")).await;
+    }
+    let snapshot = server.db().snapshot().await.unwrap();
+    let applied = server.db().applied_index().await.unwrap();
+    assert_eq!(snapshot.last_index, applied);
+    let replica = Db::open(&fresh_db(engine).await).await.unwrap();
+    replica.install_snapshot(&snapshot).await.unwrap();
+    assert_eq!(replica.dump_state().await.unwrap(), server.db().dump_state().await.unwrap());
+    assert_eq!(replica.applied_index().await.unwrap(), applied);
+    assert!(replica.dump_state().await.unwrap().contains("message 399"));
+});
