@@ -83,8 +83,17 @@ impl Cluster {
             Target::Relay | Target::Single => 1,
             Target::Sqlite3 | Target::Pg3 => 3,
         };
-        // Hold every listener until all ports are chosen, so no two nodes get the same one.
-        let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+        // Ports below the kernel's ephemeral range (32768 and up by default): a killed node's port must still
+        // be free when it restarts, and the bench's own outgoing connections (thousands of them, every poll a
+        // new one) would take a port from the ephemeral range. Every listener is held until all are chosen,
+        // so no two nodes get the same one.
+        let mut listeners = Vec::new();
+        while listeners.len() < n {
+            let port = 20_000 + rand::random::<u16>() % 12_000;
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                listeners.push(listener);
+            }
+        }
         let addrs: Vec<String> =
             listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
         drop(listeners);
