@@ -47,7 +47,7 @@ pub struct Outcome {
     pub acked_in_window: u64,
     pub verdict: Verdict,
     /// Each process's CPU time and memory when the window opened and when it closed.
-    pub usage: (Vec<(String, Usage)>, Vec<(String, Usage)>),
+    pub usage: (Sample, Sample),
 }
 
 /// One numbered summary of a run, as written to the results JSON.
@@ -201,6 +201,9 @@ pub async fn open_users(cluster: &Cluster, n: usize, shared: &Arc<Shared>) -> an
     Ok(users.into_iter().map(|(_, u, ws)| (u, ws)).collect())
 }
 
+/// Each process's name with its CPU time and memory at one instant.
+pub type Sample = Vec<(String, Usage)>;
+
 /// The socket type a user runs on.
 pub type WsOf = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -211,7 +214,7 @@ pub async fn drive(
     users: Vec<(User, WsOf)>,
     plan: &Plan,
     shared: &Arc<Shared>,
-    sample: &dyn Fn() -> Vec<(String, Usage)>,
+    sample: &dyn Fn() -> Sample,
 ) -> anyhow::Result<Outcome> {
     let mut tasks = JoinSet::new();
     for (user, ws) in users {
