@@ -627,11 +627,19 @@ impl Core {
                 self.heard_leader = Some(Instant::now());
                 self.reset_election_deadline();
                 if last_index > self.commit_index {
+                    let started = Instant::now();
                     let tables = serde_json::from_str(&state).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
+                    let parsed = started.elapsed();
                     self.db.install_snapshot(&Snapshot { last_index, last_term, tables }).await?;
                     (self.last_index, self.last_term) = (last_index, last_term);
                     self.commit_index = last_index;
-                    tracing::info!(last_index, "installed a snapshot from the primary");
+                    tracing::info!(
+                        last_index,
+                        bytes = state.len(),
+                        parse_ms = parsed.as_millis() as u64,
+                        install_ms = (started.elapsed() - parsed).as_millis() as u64,
+                        "installed a snapshot from the primary"
+                    );
                 }
                 Ok(self.appended(true, last_index))
             }
@@ -790,12 +798,20 @@ impl Core {
         progress.snapshot = SnapshotState::InFlight;
         let (db, inbox, term, leader) = (self.db.clone(), self.inbox.clone(), self.term, self.id);
         tokio::spawn(async move {
+            let started = Instant::now();
             match db.snapshot().await {
                 Ok(snapshot) => match serde_json::to_string(&snapshot.tables) {
                     Ok(state) => {
                         let (last_index, last_term) = (snapshot.last_index, snapshot.last_term);
                         let bytes = state.len();
-                        tracing::info!(peer, last_index, bytes, "sending a snapshot to a backup that is far behind");
+                        let build_ms = started.elapsed().as_millis() as u64;
+                        tracing::info!(
+                            peer,
+                            last_index,
+                            bytes,
+                            build_ms,
+                            "sending a snapshot to a backup that is far behind"
+                        );
                         drop(snapshot);
                         let frame = PeerFrame::Snapshot { term, leader, last_index, last_term, state };
                         let _ = tx.send(frame).await;

@@ -23,6 +23,9 @@ pub struct Options {
     pub rate: f64,
     /// Every `backup_every`-th cycle kills a backup instead of the primary (0: never).
     pub backup_every: u32,
+    /// Steady load before each kill, counted in acknowledgements: `rate × steady` of them after the
+    /// previous victim caught up.
+    pub steady: Duration,
 }
 
 /// One kill.
@@ -98,11 +101,10 @@ async fn cycles(cluster: &mut Cluster, options: &Options, replica_args: Vec<Stri
         } else {
             primary
         };
-        // Let some writes through first, so every cycle kills a replica that is busy.
+        // Steady load first (at least one write per user), so every cycle kills a replica that is busy.
         let acked = shared.acked.load(Ordering::SeqCst);
-        if !wait_for(Duration::from_secs(30), || shared.acked.load(Ordering::SeqCst) >= acked + options.users as u64)
-            .await
-        {
+        let steady = ((options.rate * options.steady.as_secs_f64()) as u64).max(options.users as u64);
+        if !wait_for(Duration::from_secs(30), || shared.acked.load(Ordering::SeqCst) >= acked + steady).await {
             bail!("cycle {cycle}: no writes acknowledged before the kill");
         }
         shared.arm_probe(Instant::now(), victim);

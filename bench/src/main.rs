@@ -61,6 +61,9 @@ struct System {
     /// Keep the scratch directory (databases, node logs).
     #[arg(long)]
     keep: bool,
+    /// The replicas' log filter (`info` shows elections and snapshot timings; add `--keep` to read them).
+    #[arg(long, default_value = "warn")]
+    node_log: String,
 }
 
 impl System {
@@ -72,7 +75,14 @@ impl System {
                 replichat.display()
             );
         }
-        Ok(Setup { target, replichat, dir: scratch_dir(what), pg: self.pg.clone(), args: self.replica_args.clone() })
+        Ok(Setup {
+            target,
+            replichat,
+            dir: scratch_dir(what),
+            pg: self.pg.clone(),
+            args: self.replica_args.clone(),
+            node_log: self.node_log.clone(),
+        })
     }
 }
 
@@ -116,6 +126,9 @@ struct ChaosArgs {
     /// Every N-th cycle kills a backup instead of the primary (0: never).
     #[arg(long, default_value_t = 4)]
     backup_every: u32,
+    /// Seconds of steady load (counted as rate × seconds acknowledgements) before each kill.
+    #[arg(long, default_value_t = 1.0)]
+    steady_s: f64,
     /// `sqlite3` or `pg3`.
     #[arg(long, value_enum, default_value_t = Target::Sqlite3)]
     target: Target,
@@ -163,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Catchup(args) => run_catchup(args).await,
         Command::Idle(args) => run_idle(args).await,
         Command::Plot { latency, chaos, out } => {
+            std::fs::create_dir_all(&out)?;
             if let Some(path) = latency {
                 let result: LoadResult = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
                 let runs: Vec<load::Summary> =
@@ -173,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(path) = chaos {
                 let report: chaos::Report = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-                plot::failover(&report, 60.0, &out.join("failover.svg"))?;
+                plot::failover(&report, 20.0, &out.join("failover.svg"))?;
             }
             Ok(())
         }
@@ -307,8 +321,13 @@ async fn run_chaos(args: ChaosArgs) -> anyhow::Result<()> {
     if !matches!(args.target, Target::Sqlite3 | Target::Pg3) {
         bail!("chaos needs three replicas: --target sqlite3 or pg3");
     }
-    let options =
-        chaos::Options { cycles: args.cycles, users: args.users, rate: args.rate, backup_every: args.backup_every };
+    let options = chaos::Options {
+        cycles: args.cycles,
+        users: args.users,
+        rate: args.rate,
+        backup_every: args.backup_every,
+        steady: Duration::from_secs_f64(args.steady_s),
+    };
     let report = chaos::run(args.system.setup(args.target, "chaos")?, &options).await?;
     let primary: Vec<&chaos::Cycle> = report.cycles.iter().filter(|c| c.victim_was_primary).collect();
     let first: Vec<f64> = primary.iter().filter_map(|c| c.first_write_ms).collect();

@@ -97,11 +97,14 @@ pub fn failover(report: &chaos::Report, seconds: f64, out: &Path) -> anyhow::Res
         .label("acknowledged msg/s")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], COLORS[0].stroke_width(2)));
     let kills: Vec<&chaos::Cycle> = report.cycles.iter().filter(|c| c.killed_at_ms / 1000.0 < seconds).collect();
-    for (i, c) in kills.iter().enumerate() {
+    let mut labelled = (false, false);
+    for c in kills {
         let x = c.killed_at_ms / 1000.0;
         let color = if c.victim_was_primary { COLORS[3] } else { COLORS[1] };
         let series = chart.draw_series(LineSeries::new(vec![(x, 0.0), (x, top)], color.stroke_width(1))).map_err(e)?;
-        if i < 2 {
+        let first = if c.victim_was_primary { &mut labelled.0 } else { &mut labelled.1 };
+        if !*first {
+            *first = true;
             let what = if c.victim_was_primary { "kill -9 primary" } else { "kill -9 backup" };
             series.label(what).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
         }

@@ -38,6 +38,8 @@ pub struct Setup {
     pub pg: String,
     /// Flags for every replica (`--heartbeat-ms`, ...).
     pub args: Vec<String>,
+    /// The replicas' `--log` filter (their logs go to `<dir>/nodeN.log`).
+    pub node_log: String,
 }
 
 /// One process of the system under test.
@@ -155,7 +157,8 @@ impl Cluster {
             }
             _ => {
                 let mut c = tokio::process::Command::new(&setup.replichat);
-                c.args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--db", &node.db, "--log", "warn"]);
+                c.args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--db", &node.db]);
+                c.args(["--log", &setup.node_log]);
                 if !self.peers.is_empty() {
                     c.args(["--peers", &self.peers, "--cluster-secret", &self.secret]);
                 }

@@ -5,6 +5,8 @@
 //! Needs the `replichat` binary next to the test (`cargo build -p replichat`; `scripts/test.sh` does it)
 //! or `REPLICHAT_BIN`. The PostgreSQL variant runs when `REPLICHAT_TEST_PG` is set.
 
+use std::time::Duration;
+
 use replichat_bench::chaos::{self, Options};
 use replichat_bench::procs::{default_replichat, scratch_dir, Setup, Target};
 
@@ -18,12 +20,14 @@ fn setup(target: Target, pg: String) -> Setup {
         pg,
         // Test timing (as in the cluster suite), so a cycle takes about a second.
         args: vec!["--heartbeat-ms=50".into(), "--election-timeout-ms=500".into()],
+        // Kept (with the databases) when the run fails.
+        node_log: "info".into(),
     }
 }
 
 async fn short_chaos(target: Target, pg: String) {
     // Cycles 1-3 kill the primary, cycle 4 a backup.
-    let options = Options { cycles: 4, users: 10, rate: 100.0, backup_every: 4 };
+    let options = Options { cycles: 4, users: 10, rate: 100.0, backup_every: 4, steady: Duration::from_millis(500) };
     let report = chaos::run(setup(target, pg), &options).await.expect("chaos run");
     let h = &report.history;
     let s = &report.stored;
