@@ -28,11 +28,11 @@ pub struct Report {
     pub replica_args: Vec<String>,
 }
 
-pub async fn run(setup: Setup, messages: u64, users: usize, window: usize) -> anyhow::Result<Report> {
+pub async fn run(setup: Setup, messages: u64, users: usize, window: usize, keep: bool) -> anyhow::Result<Report> {
     let replica_args = setup.args.clone();
     let mut cluster = Cluster::start(setup).await?;
     let result = measure(&mut cluster, messages, users, window, replica_args).await;
-    cluster.finish(result.is_err()).await;
+    cluster.finish(keep || result.is_err()).await;
     result
 }
 

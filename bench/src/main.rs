@@ -382,9 +382,14 @@ async fn run_chaos(args: ChaosArgs) -> anyhow::Result<()> {
 async fn run_catchup(args: CatchupArgs) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for run in 1..=args.runs {
-        let report =
-            catchup::run(args.system.setup(Target::Sqlite3, "catchup")?, args.messages, args.users, args.window)
-                .await?;
+        let report = catchup::run(
+            args.system.setup(Target::Sqlite3, "catchup")?,
+            args.messages,
+            args.users,
+            args.window,
+            args.system.keep,
+        )
+        .await?;
         eprintln!(
             "catchup: run {run}/{}: {} entries behind; in sync {:.0} ms after listening ({:.0} ms after start)",
             args.runs, report.entries_behind, report.sync_ms, report.total_ms
