@@ -28,6 +28,18 @@ pub enum Backend {
     Postgres,
 }
 
+/// The rows of one `## name` section of a [`Db::dump`], each split on tabs (for tests and the bench's
+/// checker, which compare replicas).
+pub fn dump_section<'a>(dump: &'a str, name: &str) -> Vec<Vec<&'a str>> {
+    let header = format!("## {name}");
+    dump.lines()
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .map(|l| l.split('\t').collect())
+        .collect()
+}
+
 /// Bound parameters per statement when installing a snapshot (SQLite allows 32,766, PostgreSQL 65,535).
 const SNAPSHOT_BINDS: usize = 900;
 

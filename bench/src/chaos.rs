@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::check::{self, Stored, Verdict};
-use crate::client::{Pace, Phase, Shared};
+use crate::client::{Pace, Shared};
 use crate::load::{self, wait_for};
 use crate::procs::{Cluster, Setup};
 
@@ -151,20 +151,7 @@ async fn cycles(cluster: &mut Cluster, options: &Options, replica_args: Vec<Stri
         report_cycles.push(c);
     }
     let duration_s = started.elapsed().as_secs_f64();
-    // Drain: nothing new, everything acknowledged and delivered.
-    shared.phase.send_replace(Phase::Drain);
-    wait_for(Duration::from_secs(60), || shared.acked.load(Ordering::SeqCst) >= shared.created.load(Ordering::SeqCst))
-        .await;
-    wait_for(Duration::from_secs(60), || {
-        shared.delivered.load(Ordering::SeqCst) >= shared.acked.load(Ordering::SeqCst)
-    })
-    .await;
-    shared.phase.send_replace(Phase::Finish);
-    let mut records = Vec::new();
-    while let Some(record) = tasks.join_next().await {
-        records.push(record?);
-    }
-    records.sort_by_key(|r| r.index);
+    let records = load::drain(&shared, tasks).await?;
     let history = check::history(&records);
     // Every replica applies everything, then each database is read.
     cluster.wait_applied_equal(Duration::from_secs(60)).await?;

@@ -124,7 +124,7 @@ pub fn stored(dumps: &[(u64, String)], records: &[Record]) -> Stored {
         }
     }
     // messages: id, sender_id, recipient_id, client_id, body, sent_at, delivered_at, read_at
-    let rows = section(first, "messages");
+    let rows = replichat::storage::dump_section(first, "messages");
     s.messages_stored = rows.len() as u64;
     let mut by_client_id: HashMap<&str, Vec<u64>> = HashMap::new();
     for row in &rows {
@@ -158,15 +158,4 @@ impl Stored {
     pub fn is_clean(&self) -> bool {
         self.identical && self.missing == 0 && self.duplicated_or_moved == 0
     }
-}
-
-/// The rows of one `## name` section of a dump, split on tabs.
-fn section<'a>(dump: &'a str, name: &str) -> Vec<Vec<&'a str>> {
-    let header = format!("## {name}");
-    dump.lines()
-        .skip_while(|l| *l != header)
-        .skip(1)
-        .take_while(|l| !l.starts_with("## "))
-        .map(|l| l.split('\t').collect())
-        .collect()
 }

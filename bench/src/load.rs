@@ -239,6 +239,14 @@ pub async fn drive(
     let acked_in_window = shared.acked.load(Ordering::SeqCst) - acked_at_from;
     let usage_to = sample();
     shared.set_window(from, end);
+    let records = drain(shared, tasks).await?;
+    let verdict = check::history(&records);
+    Ok(Outcome { records, window: end - from, acked_in_window, verdict, usage: (usage_from, usage_to) })
+}
+
+/// Stop new sends, wait (60 s at most each) until every message is acknowledged and then delivered, close
+/// every user, and return their records in user order.
+pub async fn drain(shared: &Shared, mut tasks: JoinSet<Record>) -> anyhow::Result<Vec<Record>> {
     shared.phase.send_replace(Phase::Drain);
     wait_for(Duration::from_secs(60), || shared.acked.load(Ordering::SeqCst) >= shared.created.load(Ordering::SeqCst))
         .await;
@@ -252,8 +260,7 @@ pub async fn drive(
         records.push(record?);
     }
     records.sort_by_key(|r| r.index);
-    let verdict = check::history(&records);
-    Ok(Outcome { records, window: end - from, acked_in_window, verdict, usage: (usage_from, usage_to) })
+    Ok(records)
 }
 
 /// Poll `done` every 5 ms until it holds or `within` passes (the verdict then shows what is missing).

@@ -58,9 +58,7 @@ pub fn latency(runs: &[Summary], title: &str, out: &Path) -> anyhow::Result<()> 
         .border_style(BLACK)
         .draw()
         .map_err(e)?;
-    root.present().map_err(e)?;
-    eprintln!("bench: wrote {}", out.display());
-    Ok(())
+    finish(&root, out)
 }
 
 /// Acknowledged messages per second over the first `seconds` of a chaos run, with each kill marked.
@@ -116,7 +114,12 @@ pub fn failover(report: &chaos::Report, seconds: f64, out: &Path) -> anyhow::Res
         .border_style(BLACK)
         .draw()
         .map_err(e)?;
-    root.present().map_err(e)?;
+    finish(&root, out)
+}
+
+/// Write the file and say so.
+fn finish(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, out: &Path) -> anyhow::Result<()> {
+    root.present().map_err(|e| anyhow!("plot: {e:?}"))?;
     eprintln!("bench: wrote {}", out.display());
     Ok(())
 }

@@ -522,16 +522,7 @@ fn dechunk(mut rest: &str) -> Result<String, String> {
 
 // ---- Reading a canonical dump (backend/src/storage.rs `Db::dump`). ----
 
-/// The rows of one `## name` section of a dump, each split on tabs.
-pub fn dump_section<'a>(dump: &'a str, name: &str) -> Vec<Vec<&'a str>> {
-    let header = format!("## {name}");
-    dump.lines()
-        .skip_while(|l| *l != header)
-        .skip(1)
-        .take_while(|l| !l.starts_with("## "))
-        .map(|l| l.split('\t').collect())
-        .collect()
-}
+pub use replichat::storage::dump_section;
 
 /// Assert two dumps are equal, naming the first differing section and line when they are not.
 pub fn assert_same_dump(a_name: &str, a: &str, b_name: &str, b: &str) {
