@@ -8,7 +8,7 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use argon2::password_hash::{rand_core::OsRng, Output, PasswordHash, SaltString};
+use argon2::password_hash::{rand_core::OsRng, Output, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::Semaphore;
 
@@ -30,16 +30,8 @@ pub async fn verify(password: &str, phc: &str) -> Result<bool> {
 pub fn hash_now(password: &[u8]) -> Result<String> {
     let argon = Argon2::default();
     let salt = SaltString::generate(&mut OsRng);
-    let mut salt_bytes = [0u8; 64];
-    let salt_bytes = salt.as_salt().decode_b64(&mut salt_bytes).map_err(hash_error)?;
     let params = argon.params().clone();
-    let output = Output::init_with(params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN), |out| {
-        with_memory(params.block_count(), |memory| {
-            argon.hash_password_into_with_memory(password, salt_bytes, out, memory)
-        })
-        .map_err(Into::into)
-    })
-    .map_err(hash_error)?;
+    let output = derive(&argon, password, salt.as_salt(), params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN))?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
@@ -57,18 +49,22 @@ fn verify_now(password: &[u8], phc: &str) -> Result<bool> {
     let params = Params::try_from(&parsed).map_err(hash_error)?;
     let expected = parsed.hash.ok_or_else(|| Error::Hash("stored hash has no output".into()))?;
     let salt = parsed.salt.ok_or_else(|| Error::Hash("stored hash has no salt".into()))?;
+    let computed = derive(&Argon2::new(algorithm, version, params), password, salt, expected.len())?;
+    // `Output`'s equality is constant-time.
+    Ok(computed == expected)
+}
+
+/// The `len`-byte argon2 output for `password` and `salt` (base64, as stored), in a pooled buffer.
+fn derive(argon: &Argon2, password: &[u8], salt: Salt, len: usize) -> Result<Output> {
     let mut salt_bytes = [0u8; 64];
     let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(hash_error)?;
-    let argon = Argon2::new(algorithm, version, params.clone());
-    let computed = Output::init_with(expected.len(), |out| {
-        with_memory(params.block_count(), |memory| {
+    Output::init_with(len, |out| {
+        with_memory(argon.params().block_count(), |memory| {
             argon.hash_password_into_with_memory(password, salt_bytes, out, memory)
         })
         .map_err(Into::into)
     })
-    .map_err(hash_error)?;
-    // `Output`'s equality is constant-time.
-    Ok(computed == expected)
+    .map_err(hash_error)
 }
 
 /// Run `f` on the blocking pool once one of the per-core permits is free.
