@@ -164,6 +164,8 @@ async fn serve(listener: TcpListener, app: axum::Router, state: AppState, db: Db
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    // Each request carries its client's address (login limits are per address).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
     // Sockets see the same token: each finishes its in-flight request, closes with 1001 and ends.
     tracker.close();

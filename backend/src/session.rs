@@ -1,6 +1,7 @@
 //! One socket's session: which account it is logged in as, its push queue, and turning each typed request
 //! into calls on [`Chat`] and typed replies. Knows nothing of frames or JSON.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use replichat_shared::{Request, ServerBody};
@@ -60,6 +61,9 @@ fn kind(request: &Request) -> &'static str {
 /// The state of one socket.
 pub struct Session {
     chat: Arc<Chat>,
+    /// The client's address: login attempts are limited per address as well as per account.
+    #[allow(dead_code)]
+    client: IpAddr,
     /// Logged in as, with the queue the hub pushes to; `None` before `register`/`login`/`resume`.
     attached: Option<(Authed, ConnId, mpsc::Receiver<Push>)>,
     /// Highest event index this socket has been sent; pushes at or below it are already covered.
@@ -68,8 +72,8 @@ pub struct Session {
 
 impl Session {
     /// A session with no account yet.
-    pub fn new(chat: Arc<Chat>) -> Session {
-        Session { chat, attached: None, floor: 0 }
+    pub fn new(chat: Arc<Chat>, client: IpAddr) -> Session {
+        Session { chat, client, attached: None, floor: 0 }
     }
 
     /// Answer one request.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -13,6 +13,7 @@ use replichat_shared::{
     ClientFrame, ErrorCode, ServerBody, ServerFrame, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TOO_BIG, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
+use std::net::SocketAddr;
 
 use crate::replication::{Role, Status};
 use crate::session::{Pushed, Session};
@@ -31,7 +32,12 @@ const SOCKET_BUFFER: usize = 8 * 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// `GET /ws`: upgrade if the origin is allowed.
-pub async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> HttpResponse {
+pub async fn upgrade(
+    State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> HttpResponse {
     let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
     if !state.origins.allows(origin) {
         tracing::warn!(?origin, "refused a WebSocket from a foreign origin");
@@ -43,14 +49,14 @@ pub async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebS
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| async move {
-            serve(socket, state).await;
+            serve(socket, state, client).await;
             drop(token);
         })
 }
 
 type Sink = SplitSink<WebSocket, Message>;
 
-async fn serve(socket: WebSocket, state: AppState) {
+async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     let _counted = crate::metrics::ClientConnection::open();
     let (mut sink, mut stream) = socket.split();
     let mut status = state.chat.replication().status();
@@ -70,7 +76,7 @@ async fn serve(socket: WebSocket, state: AppState) {
     if write(&mut sink, None, welcome).await.is_err() {
         return;
     }
-    let mut session = Session::new(state.chat.clone());
+    let mut session = Session::new(state.chat.clone(), client.ip());
     let close_with = loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
