@@ -83,6 +83,11 @@ pub struct Chat {
     /// Highest index applied to the state tables, published by the applier.
     applied: watch::Receiver<u64>,
     failed_logins: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Why applying committed entries is failing right now (storage trouble being retried); `/healthz`
+    /// reports it. A std mutex: never held across an `.await`.
+    storage_problem: Mutex<Option<String>>,
+    /// Why this replica stopped itself (an entry it cannot apply); `Running::wait` returns it.
+    fatal: Mutex<Option<String>>,
 }
 
 /// The exclusive right to write, with the index the next entry will get.
@@ -110,6 +115,8 @@ impl Chat {
             sending: Mutex::default(),
             applied,
             failed_logins: Mutex::default(),
+            storage_problem: Mutex::default(),
+            fatal: Mutex::default(),
         });
         tokio::spawn(std::sync::Arc::clone(&chat).apply_committed(applied_tx, compact_keep, shutdown));
         Ok(chat)
@@ -123,6 +130,19 @@ impl Chat {
     /// The replication core's handle.
     pub fn replication(&self) -> &Replication {
         &self.replication
+    }
+
+    /// What is wrong with this replica right now, if anything: `/healthz` answers 503 with it.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(fatal) = self.fatal.lock().expect("fatal lock").clone() {
+            return Some(format!("stopping: {fatal}"));
+        }
+        self.storage_problem.lock().expect("problem lock").clone().map(|p| format!("storage failing: {p}"))
+    }
+
+    /// Why the replica stopped itself, if it did.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().expect("fatal lock").clone()
     }
 
     /// Highest index applied to the state tables.
@@ -140,11 +160,17 @@ impl Chat {
     ) {
         let mut status = self.replication.status();
         let mut compacted_at = 0;
+        let mut failures = 0u32;
         loop {
             let commit = status.borrow_and_update().commit_index;
             if commit > *applied.borrow() {
                 match self.db.apply_committed(commit).await {
                     Ok((index, deliveries)) => {
+                        if failures > 0 {
+                            failures = 0;
+                            *self.storage_problem.lock().expect("problem lock") = None;
+                            tracing::info!(index, "applying committed entries works again");
+                        }
                         for Delivery { user_id, body } in deliveries {
                             self.hub.push(user_id, Push::Frame(body));
                         }
@@ -161,11 +187,23 @@ impl Chat {
                         }
                         continue;
                     }
+                    Err(e) if e.is_deterministic() => {
+                        // Retrying cannot help and every write would time out behind it: stop, loudly.
+                        tracing::error!(error = %e, commit, "a committed entry cannot be applied; stopping the replica");
+                        *self.fatal.lock().expect("fatal lock") = Some(e.to_string());
+                        shutdown.cancel();
+                        return;
+                    }
                     Err(e) => {
+                        // The machine, not the data (a full disk, a lost connection): report it on /healthz and
+                        // retry with a growing pause until it passes.
                         tracing::error!(error = %e, commit, "applying committed entries failed; retrying");
+                        *self.storage_problem.lock().expect("problem lock") = Some(e.to_string());
+                        failures += 1;
+                        let pause = Duration::from_millis(100 << failures.min(5));
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                            _ = tokio::time::sleep(pause) => continue,
                         }
                     }
                 }

@@ -40,6 +40,13 @@ pub enum Error {
     Hash(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A committed entry that cannot be applied: a bug (or a foreign writer), never a passing condition.
+    /// The replica stops rather than retry it for ever (docs/ARCHITECTURE.md, "An entry that cannot be applied").
+    #[error("committed entry {index} cannot be applied: {reason}")]
+    Unapplicable { index: u64, reason: String },
+    /// The replica stopped itself; the reason says why and what the operator can do.
+    #[error("the replica stopped: {0}")]
+    Stopped(String),
 }
 
 /// `Result` with this crate's [`Error`].
@@ -61,7 +68,37 @@ impl Error {
             Error::TooLong(_) => ErrorCode::TooLong,
             Error::RateLimited => ErrorCode::RateLimited,
             Error::Unavailable => ErrorCode::Unavailable,
-            Error::Db(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::Hash(_) | Error::Io(_) => ErrorCode::Internal,
+            Error::Db(_)
+            | Error::Migrate(_)
+            | Error::Corrupt(_)
+            | Error::Hash(_)
+            | Error::Io(_)
+            | Error::Unapplicable { .. }
+            | Error::Stopped(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether this error says something about the data rather than about the machine: an op that breaks
+    /// a constraint or holds a value the engine refuses fails the same way every time it is retried, while
+    /// a full disk, a lost connection or a lock timeout may pass.
+    pub fn is_deterministic(&self) -> bool {
+        match self {
+            Error::Corrupt(_) | Error::Unapplicable { .. } => true,
+            Error::Db(sqlx::Error::Database(e)) => {
+                let code = e.code().unwrap_or_default();
+                if code.len() == 5 {
+                    // A PostgreSQL SQLSTATE: class 22 is a data exception, 23 an integrity constraint violation.
+                    code.starts_with("22") || code.starts_with("23")
+                } else {
+                    // A SQLite result code (extended; the primary code is the low byte): TOOBIG, CONSTRAINT,
+                    // MISMATCH, RANGE.
+                    matches!(code.parse::<u32>().map(|c| c & 0xff), Ok(18 | 19 | 20 | 25))
+                }
+            }
+            Error::Db(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::TypeNotFound { .. }) => {
+                true
+            }
+            _ => false,
         }
     }
 

@@ -98,6 +98,7 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Its database (tests read it directly).
     pub db: Db,
+    chat: Arc<Chat>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
 }
@@ -153,8 +154,9 @@ pub async fn start(config: Config) -> Result<Running> {
     tokio::spawn(metrics::upkeep(metrics, shutdown.clone()));
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
     let app = http::router(state.clone(), &config.static_dir);
+    let chat = state.chat.clone();
     let task = tokio::spawn(serve(listener, app, state, db.clone()));
-    Ok(Running { addr, db, shutdown, task })
+    Ok(Running { addr, db, chat, shutdown, task })
 }
 
 async fn serve(listener: TcpListener, app: axum::Router, state: AppState, db: Db) -> Result<()> {
@@ -177,8 +179,18 @@ async fn serve(listener: TcpListener, app: axum::Router, state: AppState, db: Db
 
 impl Running {
     /// Stop accepting, close every socket with 1001 after its in-flight request, close the database.
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(mut self) -> Result<()> {
         self.shutdown.cancel();
-        self.task.await.map_err(|e| Error::Io(std::io::Error::other(e)))?
+        self.wait().await
+    }
+
+    /// Wait until the replica stops: after [`Running::shutdown`], or by itself when it meets a committed
+    /// entry it cannot apply (then the error names the entry, and the binary exits non-zero).
+    pub async fn wait(&mut self) -> Result<()> {
+        (&mut self.task).await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        match self.chat.fatal() {
+            Some(reason) => Err(Error::Stopped(reason)),
+            None => Ok(()),
+        }
     }
 }

@@ -16,9 +16,13 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
         }
     }
-    let running = replichat::start(config).await.context("starting the replica")?;
+    let mut running = replichat::start(config).await.context("starting the replica")?;
     println!("replichat listening on http://{}", running.addr);
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        // It stopped by itself (an entry it cannot apply): exit non-zero with the reason.
+        stopped = running.wait() => return stopped.context("the replica stopped itself"),
+    }
     tracing::info!("shutting down");
     running.shutdown().await.context("shutting down")?;
     Ok(())

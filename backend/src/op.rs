@@ -38,3 +38,52 @@ impl Op {
         serde_json::to_string(self).expect("an op always serialises")
     }
 }
+
+impl Op {
+    /// Whether the op is one a replica may apply: the rules validation holds every request to, checked
+    /// again on what comes out of the log, so an entry written by a buggy or foreign node is refused the same
+    /// way on every engine instead of failing on one and succeeding on another.
+    pub fn check(&self) -> Result<(), String> {
+        let texts: &[&str] = match self {
+            Op::Register { username, password_hash, token_hash, .. } => &[username, password_hash, token_hash],
+            Op::Login { token_hash, .. } | Op::Logout { token_hash } => &[token_hash],
+            Op::Send { client_id, text, .. } => {
+                if text.chars().count() > replichat_shared::MAX_TEXT_CHARS {
+                    return Err("message text over the length limit".to_owned());
+                }
+                if client_id.is_empty() || client_id.chars().count() > replichat_shared::MAX_CLIENT_ID_CHARS {
+                    return Err("client_id outside its length limits".to_owned());
+                }
+                &[client_id, text]
+            }
+            Op::Delivered { .. } | Op::Read { .. } | Op::DeleteAccount { .. } | Op::Noop => &[],
+        };
+        if texts.iter().any(|t| t.contains('\0')) {
+            return Err("text containing U+0000, which PostgreSQL cannot store".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_with_nul_or_oversized_text_are_refused() {
+        let send = |text: &str, client_id: &str| Op::Send {
+            sender_id: 1,
+            recipient_id: 2,
+            client_id: client_id.into(),
+            text: text.into(),
+            at: 0,
+        };
+        assert!(send("hello 😀", "c").check().is_ok());
+        assert!(send("x\0y", "c").check().is_err());
+        assert!(send("x", "c\0").check().is_err());
+        assert!(send("x", "").check().is_err());
+        assert!(send(&"x".repeat(replichat_shared::MAX_TEXT_CHARS + 1), "c").check().is_err());
+        assert!(Op::Logout { token_hash: "\0".into() }.check().is_err());
+        assert!(Op::Noop.check().is_ok());
+    }
+}

@@ -58,6 +58,29 @@ fn kind(request: &Request) -> &'static str {
     }
 }
 
+/// Refuse text that the two engines cannot store alike. PostgreSQL's text type cannot hold U+0000 (SQLite
+/// can), so a NUL anywhere would commit an entry that PostgreSQL replicas fail to apply. Every other Unicode
+/// scalar value is stored identically by both (JSON's lone surrogates never parse into a `String`). Checked
+/// for every text field of every request, even those never stored, so the rule is one sentence.
+pub fn storable(request: &Request) -> Result<()> {
+    let fields: Vec<&str> = match request {
+        Request::Register { username, password } | Request::Login { username, password } => vec![username, password],
+        Request::Resume { token, .. } => vec![token],
+        Request::List { pattern, after, .. } => {
+            [Some(pattern), after.as_ref()].into_iter().flatten().map(|s| s.as_str()).collect()
+        }
+        Request::Send { to, text, client_id } => vec![to, text, client_id],
+        Request::History { with, .. } | Request::Read { with, .. } => vec![with],
+        Request::Typing { to } => vec![to],
+        Request::DeleteAccount { password } => vec![password],
+        Request::Delivered { .. } | Request::Conversations | Request::Logout | Request::Ping => Vec::new(),
+    };
+    if fields.iter().any(|field| field.contains('\0')) {
+        return Err(Error::BadRequest("text fields must not contain U+0000 (NUL)".to_owned()));
+    }
+    Ok(())
+}
+
 /// The state of one socket.
 pub struct Session {
     chat: Arc<Chat>,
@@ -79,6 +102,7 @@ impl Session {
     /// Answer one request.
     pub async fn handle(&mut self, request: Request) -> Result<Response> {
         crate::metrics::request(kind(&request));
+        storable(&request)?;
         let chat = Arc::clone(&self.chat);
         match request {
             Request::Ping => Ok(ServerBody::Pong.into()),

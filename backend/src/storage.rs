@@ -379,8 +379,15 @@ impl Db {
                 return Err(Error::Corrupt(format!("log gap: entry {index} follows applied {last}")));
             }
             let op: String = row.try_get("op")?;
-            let op: Op = serde_json::from_str(&op).map_err(|e| Error::Corrupt(format!("entry {index}: {e}")))?;
-            let caused = apply(&mut tx, index, &op).await?;
+            let unapplicable = |reason: String| Error::Unapplicable { index: index as u64, reason };
+            let op: Op = serde_json::from_str(&op).map_err(|e| unapplicable(format!("not an op: {e}")))?;
+            op.check().map_err(unapplicable)?;
+            // The same op fails the same way on every retry when the data is at fault; say which entry.
+            let caused = match apply(&mut tx, index, &op).await {
+                Ok(caused) => caused,
+                Err(e) if e.is_deterministic() => return Err(unapplicable(e.to_string())),
+                Err(e) => return Err(e),
+            };
             // A send that stored its message causes its pushes; a duplicate stores and causes nothing.
             if matches!(op, Op::Send { .. }) && !caused.is_empty() {
                 messages += 1;

@@ -5,6 +5,7 @@ mod util;
 mod accounts;
 mod bad_input;
 mod determinism;
+mod hostile;
 mod lifecycle;
 mod messaging;
 mod sessions;
