@@ -88,6 +88,8 @@ pub struct Chat {
     storage_problem: Mutex<Option<String>>,
     /// Why this replica stopped itself (an entry it cannot apply); `Running::wait` returns it.
     fatal: Mutex<Option<String>>,
+    /// Sessions unused for this long expire (`--session-idle-secs`).
+    session_idle: Duration,
 }
 
 /// The exclusive right to write, with the index the next entry will get.
@@ -103,6 +105,7 @@ impl Chat {
         db: Db,
         replication: Replication,
         compact_keep: u64,
+        session_idle: Duration,
         shutdown: CancellationToken,
     ) -> Result<std::sync::Arc<Chat>> {
         let (applied_tx, applied) = watch::channel(db.applied_index().await?);
@@ -117,6 +120,7 @@ impl Chat {
             failed_logins: Mutex::default(),
             storage_problem: Mutex::default(),
             fatal: Mutex::default(),
+            session_idle,
         });
         tokio::spawn(std::sync::Arc::clone(&chat).apply_committed(applied_tx, compact_keep, shutdown));
         Ok(chat)
@@ -171,8 +175,13 @@ impl Chat {
                             *self.storage_problem.lock().expect("problem lock") = None;
                             tracing::info!(index, "applying committed entries works again");
                         }
-                        for Delivery { user_id, body } in deliveries {
-                            self.hub.push(user_id, Push::Frame(body));
+                        for Delivery { user_id, body, session } in deliveries {
+                            match body {
+                                ServerBody::SessionEnded { reason } => {
+                                    self.hub.push(user_id, Push::Ended { session, reason })
+                                }
+                                body => self.hub.push(user_id, Push::Frame(body)),
+                            }
                         }
                         applied.send_replace(index);
                         crate::metrics::applied_index(index);
@@ -352,7 +361,18 @@ impl Chat {
             }
             self.wait_applied(cursor).await?;
         }
-        let user = self.db.user_by_token(&token_hash).await?.ok_or(Error::Unauthenticated)?;
+        let (user, used) = self.db.session_by_token(&token_hash).await?.ok_or(Error::Unauthenticated)?;
+        let now = now_ms();
+        let idle = self.session_idle.as_millis() as i64;
+        if now.saturating_sub(used) > idle {
+            // Expired: revoke it for good (best effort; it stays refused either way).
+            let _ = self.propose_quietly(Op::Logout { token_hash: token_hash.clone() }).await;
+            return Err(Error::Unauthenticated);
+        }
+        // Renew the idle timeout, recorded at most once a day (or a quarter of the timeout, if shorter).
+        if now.saturating_sub(used) > (idle / 4).min(24 * 3600 * 1000) {
+            let _ = self.propose_quietly(Op::Touch { token_hash: token_hash.clone(), at: now }).await;
+        }
         // Attach before reading, so an event committed meanwhile is either read here or pushed.
         let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
         let backlog = match self.db.events_after(user.id, cursor).await {
@@ -460,6 +480,16 @@ impl Chat {
             .ok_or_else(|| Error::Corrupt("a committed message is missing".to_owned()))
     }
 
+    /// Append `op` alongside the sends (under the shared gate) without waiting for it to be applied: for
+    /// bookkeeping ops whose effect nobody waits for (session touches and expiries).
+    async fn propose_quietly(&self, op: Op) -> Result<u64> {
+        let _gate = self.writer.read().await;
+        if self.replication.status().borrow().role != Role::Primary {
+            return Err(Error::Unavailable);
+        }
+        self.replication.propose(None, op.to_json()).await
+    }
+
     /// Wait until the in-flight send `key` is no longer in flight (applied, or failed).
     async fn wait_for_send(&self, key: &(i64, String)) -> Result<()> {
         let mut applied = self.applied.clone();
@@ -539,6 +569,13 @@ impl Chat {
     pub async fn logout(&self, me: &Authed) -> Result<()> {
         let mut writer = self.writer().await?;
         self.commit(&mut writer, Op::Logout { token_hash: me.token_hash.clone() }).await?;
+        Ok(())
+    }
+
+    /// `logout_all`: revoke every session of the account. The caller detaches the socket.
+    pub async fn logout_all(&self, me: &Authed) -> Result<()> {
+        let mut writer = self.writer().await?;
+        self.commit(&mut writer, Op::LogoutAll { user_id: me.user_id }).await?;
         Ok(())
     }
 

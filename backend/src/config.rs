@@ -77,6 +77,12 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_COMPACT_KEEP", default_value_t = 10_000)]
     pub compact_keep: u64,
 
+    /// A session (a token from `register` or `login`) that no socket has used for this long expires: `resume`
+    /// with it answers `unauthenticated`. Each use renews it (recorded at most once a day, so the timeout is
+    /// exact to a day). Seconds; default 30 days.
+    #[arg(long, env = "REPLICHAT_SESSION_IDLE_SECS", default_value_t = 30 * 24 * 3600)]
+    pub session_idle_secs: u64,
+
     /// Directory with the browser app (index.html, style.css, pkg/ from scripts/build-frontend.sh), served at
     /// `/`; `/admin` and other unknown paths get its index.html.
     #[arg(long, env = "REPLICHAT_STATIC_DIR", default_value = "static")]
@@ -101,6 +107,7 @@ impl Config {
             heartbeat_ms: 100,
             election_timeout_ms: 1000,
             compact_keep: 10_000,
+            session_idle_secs: 30 * 24 * 3600,
             ack: Ack::Majority,
             static_dir: "static".into(),
             log: "info".to_owned(),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use replichat_shared::ServerBody;
+use replichat_shared::{ServerBody, SessionEnd};
 use tokio::sync::mpsc;
 
 /// How many pushes may wait for one socket before it counts as too slow.
@@ -21,6 +21,9 @@ pub enum Push {
     Frame(ServerBody),
     /// Write `account_deleted`, then close the socket.
     AccountDeleted,
+    /// A session of the user ended: sockets on it (`session`: that token hash; `None`: every session) write
+    /// `session_ended` and close.
+    Ended { session: Option<String>, reason: SessionEnd },
 }
 
 /// A socket's identity in the hub.

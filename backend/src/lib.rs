@@ -143,7 +143,14 @@ pub async fn start(config: Config) -> Result<Running> {
     .await?;
     let urls = replication.peers.clone();
     let state = AppState {
-        chat: Chat::start(db.clone(), replication, config.compact_keep, shutdown.clone()).await?,
+        chat: Chat::start(
+            db.clone(),
+            replication,
+            config.compact_keep,
+            std::time::Duration::from_secs(config.session_idle_secs),
+            shutdown.clone(),
+        )
+        .await?,
         node: Arc::new(NodeInfo { id: config.id, urls }),
         origins: Arc::new(origins),
         shutdown: shutdown.clone(),

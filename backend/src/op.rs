@@ -17,6 +17,10 @@ pub enum Op {
     Login { user_id: i64, token_hash: String, at: i64 },
     /// A session revoked.
     Logout { token_hash: String },
+    /// Every session of an account revoked ("log out everywhere").
+    LogoutAll { user_id: i64 },
+    /// A session was used (resumed) at `at`: it renews the idle timeout. Recorded at most once a day.
+    Touch { token_hash: String, at: i64 },
     /// A message stored. Its id is the index of the entry (sends are proposed concurrently, so the node
     /// learns the index only when the entry is appended; the index is part of the entry, so applying stays
     /// deterministic).
@@ -46,7 +50,7 @@ impl Op {
     pub fn check(&self) -> Result<(), String> {
         let texts: &[&str] = match self {
             Op::Register { username, password_hash, token_hash, .. } => &[username, password_hash, token_hash],
-            Op::Login { token_hash, .. } | Op::Logout { token_hash } => &[token_hash],
+            Op::Login { token_hash, .. } | Op::Logout { token_hash } | Op::Touch { token_hash, .. } => &[token_hash],
             Op::Send { client_id, text, .. } => {
                 if text.chars().count() > replichat_shared::MAX_TEXT_CHARS {
                     return Err("message text over the length limit".to_owned());
@@ -56,7 +60,7 @@ impl Op {
                 }
                 &[client_id, text]
             }
-            Op::Delivered { .. } | Op::Read { .. } | Op::DeleteAccount { .. } | Op::Noop => &[],
+            Op::Delivered { .. } | Op::Read { .. } | Op::DeleteAccount { .. } | Op::LogoutAll { .. } | Op::Noop => &[],
         };
         if texts.iter().any(|t| t.contains('\0')) {
             return Err("text containing U+0000, which PostgreSQL cannot store".to_owned());

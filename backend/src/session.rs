@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use replichat_shared::{Request, ServerBody};
+use replichat_shared::{Request, ServerBody, SessionEnd};
 use tokio::sync::mpsc;
 
 use crate::chat::{Attached, Authed, Chat, Mailbox};
@@ -37,6 +37,8 @@ pub enum Pushed {
     AccountDeleted,
     /// The socket fell too far behind and the hub dropped it: close it; the client resumes.
     TooSlow,
+    /// The socket's session ended (logged out elsewhere): write `session_ended` and close.
+    SessionEnded(SessionEnd),
 }
 
 /// The protocol `type` of a request (the label of its metric).
@@ -53,6 +55,7 @@ fn kind(request: &Request) -> &'static str {
         Request::Conversations => "conversations",
         Request::Typing { .. } => "typing",
         Request::Logout => "logout",
+        Request::LogoutAll => "logout_all",
         Request::DeleteAccount { .. } => "delete_account",
         Request::Ping => "ping",
     }
@@ -73,7 +76,9 @@ pub fn storable(request: &Request) -> Result<()> {
         Request::History { with, .. } | Request::Read { with, .. } => vec![with],
         Request::Typing { to } => vec![to],
         Request::DeleteAccount { password } => vec![password],
-        Request::Delivered { .. } | Request::Conversations | Request::Logout | Request::Ping => Vec::new(),
+        Request::Delivered { .. } | Request::Conversations | Request::Logout | Request::LogoutAll | Request::Ping => {
+            Vec::new()
+        }
     };
     if fields.iter().any(|field| field.contains('\0')) {
         return Err(Error::BadRequest("text fields must not contain U+0000 (NUL)".to_owned()));
@@ -152,6 +157,11 @@ impl Session {
                 self.detach().await;
                 Ok(ServerBody::Ok.into())
             }
+            Request::LogoutAll => {
+                chat.logout_all(self.authed()?).await?;
+                self.detach().await;
+                Ok(ServerBody::Ok.into())
+            }
             Request::DeleteAccount { password } => {
                 chat.delete_account(self.authed()?, &password).await?;
                 // The hub already forgot this account's sockets; nothing to announce.
@@ -164,13 +174,18 @@ impl Session {
     /// The next push for this socket, skipping events it was already sent. Pending forever while the
     /// socket has no session.
     pub async fn next_push(&mut self) -> Pushed {
-        let Some((_, _, rx)) = self.attached.as_mut() else {
+        let Some((authed, _, rx)) = self.attached.as_mut() else {
             return std::future::pending().await;
         };
         loop {
             match rx.recv().await {
                 None => return Pushed::TooSlow,
                 Some(Push::AccountDeleted) => return Pushed::AccountDeleted,
+                Some(Push::Ended { session, reason }) => {
+                    if session.is_none_or(|s| s == authed.token_hash) {
+                        return Pushed::SessionEnded(reason);
+                    }
+                }
                 Some(Push::Frame(body)) => match body.index() {
                     Some(index) if index <= self.floor => continue,
                     Some(index) => {
@@ -244,6 +259,7 @@ mod tests {
             Request::Conversations,
             Request::Typing { to: text() },
             Request::Logout,
+            Request::LogoutAll,
             Request::DeleteAccount { password: text() },
             Request::Ping,
         ];

@@ -8,7 +8,7 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use replichat_shared::{Conversation, Message, ReceiptKind, ServerBody};
+use replichat_shared::{Conversation, Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
 
@@ -66,8 +66,11 @@ pub struct User {
 pub struct Delivery {
     /// Who sees it.
     pub user_id: i64,
-    /// The event frame (an event variant: `message`, `receipt`, `peer_deleted`).
+    /// The event frame: a stored event (`message`, `receipt`, `peer_deleted`), or the live-only
+    /// `session_ended`, which is not stored.
     pub body: ServerBody,
+    /// Only the sockets of this session (by token hash); `None`: every socket of the user.
+    pub session: Option<String>,
 }
 
 /// One entry of the log as stored: the op is opaque JSON here, parsed only when applied.
@@ -92,7 +95,11 @@ const STATE_TABLES: &[Table] = &[
         ],
         "id",
     ),
-    ("sessions", &[("token_hash", false), ("user_id", true), ("created_at", true)], "token_hash"),
+    (
+        "sessions",
+        &[("token_hash", false), ("user_id", true), ("created_at", true), ("last_used_at", true)],
+        "token_hash",
+    ),
     (
         "messages",
         &[
@@ -392,7 +399,8 @@ impl Db {
             if matches!(op, Op::Send { .. }) && !caused.is_empty() {
                 messages += 1;
             }
-            for d in &caused {
+            // Live-only frames (`session_ended`) are pushed, never stored or replayed.
+            for d in caused.iter().filter(|d| d.body.index().is_some()) {
                 let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
                 sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
                     .bind(d.user_id)
@@ -495,6 +503,19 @@ impl Db {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The account a session token (by its hash) belongs to, and when the session was last used (created,
+    /// or last touched), if the session exists.
+    pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<(User, i64)>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.username, u.password_hash, COALESCE(s.last_used_at, s.created_at) AS used \
+             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(|row| Ok((user_from_row(row)?, row.try_get::<i64, _>("used")?))).transpose()
     }
 
     /// The message `sender_id` already stored under `client_id`, if any (idempotent sends).
@@ -729,7 +750,35 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             Ok(Vec::new())
         }
         Op::Logout { token_hash } => {
-            sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(token_hash).execute(&mut *tx).await?;
+            let row = sqlx::query("DELETE FROM sessions WHERE token_hash = $1 RETURNING user_id")
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(row) = row else { return Ok(Vec::new()) };
+            Ok(vec![Delivery {
+                user_id: row.try_get("user_id")?,
+                body: ServerBody::SessionEnded { reason: SessionEnd::LoggedOut },
+                session: Some(token_hash.clone()),
+            }])
+        }
+        Op::LogoutAll { user_id } => {
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            Ok(vec![Delivery {
+                user_id: *user_id,
+                body: ServerBody::SessionEnded { reason: SessionEnd::LoggedOutEverywhere },
+                session: None,
+            }])
+        }
+        Op::Touch { token_hash, at } => {
+            // Touches may be proposed concurrently and land in any order: keep the latest.
+            sqlx::query(
+                "UPDATE sessions SET last_used_at = $2 \
+                 WHERE token_hash = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+            )
+            .bind(token_hash)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
             Ok(Vec::new())
         }
         Op::Send { sender_id, recipient_id, client_id, text, at } => {
@@ -755,7 +804,10 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
             let message = message_from_row(&sqlx::query(&sql).bind(message_id).fetch_one(&mut *tx).await?)?;
             let body = ServerBody::Message { index: index as u64, message };
-            Ok(vec![Delivery { user_id: *recipient_id, body: body.clone() }, Delivery { user_id: *sender_id, body }])
+            Ok(vec![
+                Delivery { user_id: *recipient_id, body: body.clone(), session: None },
+                Delivery { user_id: *sender_id, body, session: None },
+            ])
         }
         Op::Delivered { user_id, up_to, at } => {
             let by = username_of(tx, *user_id).await?;
@@ -786,6 +838,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                             up_to: row.try_get::<i64, _>("up_to")? as u64,
                             at: *at,
                         },
+                        session: None,
                     })
                 })
                 .collect()
@@ -823,6 +876,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                     up_to: covered as u64,
                     at: *at,
                 },
+                session: None,
             }])
         }
         Op::Noop => Ok(Vec::new()),
@@ -846,6 +900,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 .map(|peer| Delivery {
                     user_id: peer,
                     body: ServerBody::PeerDeleted { index: index as u64, username: username.clone() },
+                    session: None,
                 })
                 .collect())
         }

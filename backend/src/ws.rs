@@ -100,6 +100,10 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                     break Some((CLOSE_NORMAL, "account deleted"));
                 }
                 Pushed::TooSlow => break Some((CLOSE_TOO_SLOW, "too slow for pushes; resume")),
+                Pushed::SessionEnded(reason) => {
+                    let _ = write(&mut sink, None, ServerBody::SessionEnded { reason }).await;
+                    break Some((CLOSE_NORMAL, "session ended"));
+                }
             },
             incoming = stream.next() => match incoming {
                 None | Some(Ok(Message::Close(_))) => break None,

@@ -113,11 +113,17 @@ fn Header() -> impl IntoView {
         connection::get().request(Request::Logout);
         chat.reset();
     };
+    let logout_all = move |_| {
+        connection::get().request(Request::LogoutAll);
+        chat.reset();
+    };
     view! {
         <header class="header">
             <Banner/>
             <span class="me" data-testid="me">{move || chat.me.get()}</span>
             <button data-testid="logout" on:click=logout>"Log out"</button>
+            <button data-testid="logout-all" title="End every session of this account, on every device"
+                on:click=logout_all>"Log out everywhere"</button>
             <button data-testid="delete-account" class="danger" on:click=move |_| {
                 chat.delete_error.set(None);
                 chat.deleting.set(true);

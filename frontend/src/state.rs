@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use leptos::prelude::*;
-use replichat_shared::{Conversation, ErrorCode, Message, ReceiptKind, Request, ServerBody, ServerFrame};
+use replichat_shared::{Conversation, ErrorCode, Message, ReceiptKind, Request, ServerBody, ServerFrame, SessionEnd};
 
 use crate::connection::{self, Connection, Pending, RESUME_REQ, SEND_REQ};
 
@@ -254,6 +254,13 @@ impl Chat {
                 });
             }
             ServerBody::AccountDeleted => self.reset(),
+            ServerBody::SessionEnded { reason } => {
+                self.reset();
+                self.auth_error.set(Some(match reason {
+                    SessionEnd::LoggedOut => "You were logged out.".to_owned(),
+                    SessionEnd::LoggedOutEverywhere => "You were logged out on every device.".to_owned(),
+                }));
+            }
             ServerBody::Conversations { conversations } => {
                 self.online.update(|o| {
                     for c in &conversations {

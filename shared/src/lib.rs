@@ -138,6 +138,10 @@ pub enum Request {
     },
     /// Revoke the session this socket is using. Reply: [`ServerFrame::Ok`]; the socket stays open, logged out.
     Logout,
+    /// Log out everywhere: revoke every session of my account, this one included. Reply:
+    /// [`ServerFrame::Ok`]; this socket stays open, logged out; every other socket of the account gets
+    /// [`ServerFrame::SessionEnded`] and is closed.
+    LogoutAll,
     /// Delete my account; the password is the confirmation. Reply: [`ServerFrame::AccountDeleted`], sent to
     /// every open socket of the account, each then closed.
     DeleteAccount {
@@ -146,6 +150,16 @@ pub enum Request {
     },
     /// Liveness check. Reply: [`ServerFrame::Pong`]. Allowed without a session.
     Ping,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEnd {
+    /// Another socket of the same session sent `logout`.
+    LoggedOut,
+    /// A socket of the account sent `logout_all`.
+    LoggedOutEverywhere,
 }
 
 /// Whether a receipt says a message reached a device or was read.
@@ -355,6 +369,12 @@ pub enum ServerBody {
     },
     /// My account was deleted (by this or another of my sessions); the socket closes next.
     AccountDeleted,
+    /// Live only: the session this socket uses has ended (logged out elsewhere, or expired); the socket
+    /// closes next (1000). Drop the token and sign in again.
+    SessionEnded {
+        /// Why.
+        reason: SessionEnd,
+    },
     /// This replica is not the primary: connect to `leader_url` (or try the `endpoints`). Sent instead of
     /// `welcome` by a backup, or to open sockets of a primary that was deposed; the socket closes next.
     NotLeader {

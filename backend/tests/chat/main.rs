@@ -8,4 +8,5 @@ mod determinism;
 mod hostile;
 mod lifecycle;
 mod messaging;
+mod revocation;
 mod sessions;
