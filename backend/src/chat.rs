@@ -3,9 +3,9 @@
 //!
 //! Nothing here touches a socket: callers pass the queue a session's pushes should go to.
 
-use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 use replichat_shared::{
@@ -20,13 +20,9 @@ use crate::hub::{ConnId, Hub, Push};
 use crate::op::Op;
 use crate::replication::{Replication, Role};
 use crate::storage::{Db, Delivery, User};
+use crate::throttle::{SendRate, Throttle};
 use crate::wildcard::Pattern;
 use crate::{Error, Result};
-
-/// Failed logins allowed per username per [`LOGIN_WINDOW`] before `rate_limited`.
-pub const MAX_FAILED_LOGINS: usize = 5;
-/// The window failed logins are counted over.
-pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
 /// The account a socket is logged in as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +59,19 @@ pub struct Mailbox {
     pub tx: mpsc::Sender<Push>,
 }
 
+/// The chat's configurable limits (from [`crate::Config`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Applied entries kept in the log before compaction.
+    pub compact_keep: u64,
+    /// Sessions unused for this long expire.
+    pub session_idle: Duration,
+    /// Sends per second per account, on average.
+    pub send_rate: f64,
+    /// Sends per account in a burst.
+    pub send_burst: u32,
+}
+
 /// How long a write waits for its entry to be committed and applied before answering `unavailable`.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -82,7 +91,10 @@ pub struct Chat {
     sending: Mutex<std::collections::HashSet<(i64, String)>>,
     /// Highest index applied to the state tables, published by the applier.
     applied: watch::Receiver<u64>,
-    failed_logins: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Delays after failed password checks, per client address and per address and account.
+    throttle: Throttle,
+    /// Each account's send rate (`--send-rate`, `--send-burst`).
+    send_rate: SendRate,
     /// Why applying committed entries is failing right now (storage trouble being retried); `/healthz`
     /// reports it. A std mutex: never held across an `.await`.
     storage_problem: Mutex<Option<String>>,
@@ -104,10 +116,10 @@ impl Chat {
     pub async fn start(
         db: Db,
         replication: Replication,
-        compact_keep: u64,
-        session_idle: Duration,
+        limits: Limits,
         shutdown: CancellationToken,
     ) -> Result<std::sync::Arc<Chat>> {
+        let Limits { compact_keep, session_idle, .. } = limits;
         let (applied_tx, applied) = watch::channel(db.applied_index().await?);
         crate::metrics::applied_index(*applied.borrow());
         let chat = std::sync::Arc::new(Chat {
@@ -117,7 +129,8 @@ impl Chat {
             writer: tokio::sync::RwLock::new(()),
             sending: Mutex::default(),
             applied,
-            failed_logins: Mutex::default(),
+            throttle: Throttle::default(),
+            send_rate: SendRate::new(limits.send_rate, limits.send_burst),
             storage_problem: Mutex::default(),
             fatal: Mutex::default(),
             session_idle,
@@ -279,7 +292,7 @@ impl Chat {
     }
 
     /// `register`: create the account and its first session, attached to `mailbox`.
-    pub async fn register(&self, username: &str, password: &str, mailbox: Mailbox) -> Result<Attached> {
+    pub async fn register(&self, username: &str, password: &str, mailbox: Mailbox, client: IpAddr) -> Result<Attached> {
         validate_username(username)?;
         validate_password(password)?;
         let password_hash = crate::password::hash(password).await?;
@@ -299,30 +312,18 @@ impl Chat {
         let cursor = self.commit(&mut writer, op).await?;
         let first = self.hub.attach(user_id, mailbox.conn, mailbox.tx);
         drop(writer);
+        self.throttle.succeeded(client, &crate::wildcard::name_key(username));
         let authed = Authed { user_id, username: username.to_owned(), token_hash };
         Ok(Attached { authed, token: Some(token), cursor, backlog: Vec::new(), first })
     }
 
     /// `login`: check the password (rate-limited per username), open a session attached to `mailbox`, and
     /// return the messages no session of the account has acknowledged, oldest first.
-    pub async fn login(&self, username: &str, password: &str, mailbox: Mailbox) -> Result<Attached> {
+    pub async fn login(&self, username: &str, password: &str, mailbox: Mailbox, client: IpAddr) -> Result<Attached> {
         let key = crate::wildcard::name_key(username);
-        if self.recent_failures(&key) >= MAX_FAILED_LOGINS {
-            return Err(Error::RateLimited);
-        }
         let user = self.db.user_by_name(username).await?;
-        let verified = match &user {
-            Some(User { password_hash: Some(hash), .. }) => crate::password::verify(password, hash).await?,
-            _ => {
-                // Spend the same time as a real check so response times don't reveal which names exist.
-                let _ = crate::password::verify(password, dummy_hash()).await;
-                false
-            }
-        };
-        let Some(user) = user.filter(|_| verified) else {
-            self.record_failure(key);
-            return Err(Error::BadCredentials);
-        };
+        self.check_password(user.as_ref(), &key, password, client).await?;
+        let Some(user) = user else { return Err(Error::BadCredentials) };
         let (token, token_hash) = new_token();
         let mut writer = self.writer().await?;
         // The account may have been deleted while the password was being checked.
@@ -331,6 +332,7 @@ impl Chat {
         }
         let op = Op::Login { user_id: user.id, token_hash: token_hash.clone(), at: now_ms() };
         let cursor = self.commit(&mut writer, op).await?;
+        self.throttle.succeeded(client, &key);
         let mailbox_conn = mailbox.conn;
         let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
         drop(writer);
@@ -422,6 +424,7 @@ impl Chat {
 
     /// `send`: store a message (or find the one this `client_id` already stored) and push it to both sides.
     pub async fn send(&self, me: &Authed, to: &str, text: &str, client_id: &str) -> Result<Message> {
+        self.send_rate.take(me.user_id).map_err(|retry_after| Error::RateLimited { what: "messages", retry_after })?;
         if text.trim().is_empty() {
             return Err(Error::TooLong("the message is empty"));
         }
@@ -581,14 +584,12 @@ impl Chat {
 
     /// `delete_account`: with the password as confirmation, delete the account; every open socket of it
     /// is told and closed.
-    pub async fn delete_account(&self, me: &Authed, password: &str) -> Result<()> {
+    pub async fn delete_account(&self, me: &Authed, password: &str, client: IpAddr) -> Result<()> {
         let user = self.db.user_by_name(&me.username).await?.filter(|u| u.id == me.user_id);
-        let Some(User { password_hash: Some(hash), .. }) = user else {
+        if user.as_ref().is_none_or(|u| u.password_hash.is_none()) {
             return Err(Error::Unauthenticated);
-        };
-        if !crate::password::verify(password, &hash).await? {
-            return Err(Error::BadCredentials);
         }
+        self.check_password(user.as_ref(), &crate::wildcard::name_key(&me.username), password, client).await?;
         let mut writer = self.writer().await?;
         // Another session of the account may have deleted it while the password was being checked.
         if self.db.user_by_id(me.user_id).await?.and_then(|u| u.password_hash).is_none() {
@@ -615,20 +616,40 @@ impl Chat {
         Ok(())
     }
 
-    fn recent_failures(&self, key: &str) -> usize {
-        let mut failures = self.failed_logins.lock().expect("rate limiter lock");
-        let Some(times) = failures.get_mut(key) else { return 0 };
-        while times.front().is_some_and(|t| t.elapsed() > LOGIN_WINDOW) {
-            times.pop_front();
+    /// Check `password` for `user` (absent: no such live account; the check then takes as long and fails),
+    /// under the limits of [`crate::throttle`]: `rate_limited` before any hashing while a delay is running
+    /// for this address, this address and account, or this account (unless this address logged in to it
+    /// recently). A failure counts for the address, the pair and, replicated, the account.
+    async fn check_password(&self, user: Option<&User>, key: &str, password: &str, client: IpAddr) -> Result<()> {
+        let limited = |retry_after| Error::RateLimited { what: "failed password checks", retry_after };
+        if let Some(wait) = self.throttle.wait(client, key) {
+            return Err(limited(wait));
         }
-        times.len()
-    }
-
-    fn record_failure(&self, key: String) {
-        let mut failures = self.failed_logins.lock().expect("rate limiter lock");
-        // Forget names whose window has passed, so the map stays as small as the recent attack.
-        failures.retain(|_, times| times.back().is_some_and(|t| t.elapsed() <= LOGIN_WINDOW));
-        failures.entry(key).or_default().push_back(Instant::now());
+        if let Some(user) = user.filter(|_| !self.throttle.trusted(client, key)) {
+            if let Some((failures, last)) = self.db.login_failures(user.id).await? {
+                if let Some(wait) = crate::throttle::account_wait(failures, last, now_ms()) {
+                    return Err(limited(wait));
+                }
+            }
+        }
+        let verified = match user {
+            Some(User { password_hash: Some(hash), .. }) => crate::password::verify(password, hash).await?,
+            _ => {
+                // Spend the same time as a real check so response times don't reveal which names exist.
+                crate::password::verify(password, dummy_hash()).await?;
+                false
+            }
+        };
+        if verified {
+            return Ok(());
+        }
+        self.throttle.failed(client, key);
+        if let Some(user) = user {
+            // Replicated, so the next check (on this primary or the next) sees it.
+            let index = self.propose_quietly(Op::LoginFailed { user_id: user.id, at: now_ms() }).await?;
+            self.wait_applied(index).await?;
+        }
+        Err(Error::BadCredentials)
     }
 }
 

@@ -83,6 +83,16 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_SESSION_IDLE_SECS", default_value_t = 30 * 24 * 3600)]
     pub session_idle_secs: u64,
 
+    /// Messages each account may send per second, on average (a token bucket; more answer `rate_limited`
+    /// with the time to wait). People type far slower; this stops one account from filling every disk.
+    #[arg(long, env = "REPLICHAT_SEND_RATE", default_value_t = 10.0)]
+    pub send_rate: f64,
+
+    /// Messages each account may send in a burst above `--send-rate` (e.g. re-sending what queued up
+    /// while offline).
+    #[arg(long, env = "REPLICHAT_SEND_BURST", default_value_t = 100)]
+    pub send_burst: u32,
+
     /// Directory with the browser app (index.html, style.css, pkg/ from scripts/build-frontend.sh), served at
     /// `/`; `/admin` and other unknown paths get its index.html.
     #[arg(long, env = "REPLICHAT_STATIC_DIR", default_value = "static")]
@@ -108,6 +118,10 @@ impl Config {
             election_timeout_ms: 1000,
             compact_keep: 10_000,
             session_idle_secs: 30 * 24 * 3600,
+            // Suites send hundreds of messages from one account as fast as they can; the test of the rate
+            // itself sets its own.
+            send_rate: 1_000_000.0,
+            send_burst: 1_000_000,
             ack: Ack::Majority,
             static_dir: "static".into(),
             log: "info".to_owned(),

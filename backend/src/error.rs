@@ -26,8 +26,9 @@ pub enum Error {
     SelfSend,
     #[error("{0}")]
     TooLong(&'static str),
-    #[error("too many failed logins for this username; wait a minute")]
-    RateLimited,
+    /// Too many attempts: `what` names the limit, `retry_after` how long to wait.
+    #[error("too many {what}; try again in {} s", retry_after.as_secs_f64().ceil().max(1.0))]
+    RateLimited { what: &'static str, retry_after: std::time::Duration },
     #[error("this replica cannot serve that now (it is not the primary, or could not commit in time); nothing was acknowledged: retry, on the primary")]
     Unavailable,
     #[error("database: {0}")]
@@ -66,7 +67,7 @@ impl Error {
             Error::UnknownUser(_) => ErrorCode::UnknownUser,
             Error::SelfSend => ErrorCode::SelfSend,
             Error::TooLong(_) => ErrorCode::TooLong,
-            Error::RateLimited => ErrorCode::RateLimited,
+            Error::RateLimited { .. } => ErrorCode::RateLimited,
             Error::Unavailable => ErrorCode::Unavailable,
             Error::Db(_)
             | Error::Migrate(_)
@@ -99,6 +100,14 @@ impl Error {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// For `rate_limited`: how long the client should wait, in milliseconds (at least 1).
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Error::RateLimited { retry_after, .. } => Some((retry_after.as_millis() as u64).max(1)),
+            _ => None,
         }
     }
 

@@ -17,6 +17,8 @@
 //! - [`chat`]: each chat operation: validate against current state, build the op, propose it, wait until it
 //!   is committed and applied; and the applier, which applies committed entries and publishes their events.
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
+//! - [`throttle`]: growing delays after failed password checks (per address, per address and account, per
+//!   account) and each account's send rate.
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
 //! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
@@ -38,6 +40,7 @@ pub mod password;
 pub mod replication;
 pub mod session;
 pub mod storage;
+pub mod throttle;
 pub mod wildcard;
 pub mod ws;
 
@@ -146,8 +149,12 @@ pub async fn start(config: Config) -> Result<Running> {
         chat: Chat::start(
             db.clone(),
             replication,
-            config.compact_keep,
-            std::time::Duration::from_secs(config.session_idle_secs),
+            chat::Limits {
+                compact_keep: config.compact_keep,
+                session_idle: std::time::Duration::from_secs(config.session_idle_secs),
+                send_rate: config.send_rate,
+                send_burst: config.send_burst,
+            },
             shutdown.clone(),
         )
         .await?,

@@ -19,6 +19,8 @@ pub enum Op {
     Logout { token_hash: String },
     /// Every session of an account revoked ("log out everywhere").
     LogoutAll { user_id: i64 },
+    /// A wrong password for the account (at `login` or `delete_account`): counts toward its login delay.
+    LoginFailed { user_id: i64, at: i64 },
     /// A session was used (resumed) at `at`: it renews the idle timeout. Recorded at most once a day.
     Touch { token_hash: String, at: i64 },
     /// A message stored. Its id is the index of the entry (sends are proposed concurrently, so the node
@@ -60,7 +62,12 @@ impl Op {
                 }
                 &[client_id, text]
             }
-            Op::Delivered { .. } | Op::Read { .. } | Op::DeleteAccount { .. } | Op::LogoutAll { .. } | Op::Noop => &[],
+            Op::Delivered { .. }
+            | Op::Read { .. }
+            | Op::DeleteAccount { .. }
+            | Op::LogoutAll { .. }
+            | Op::LoginFailed { .. }
+            | Op::Noop => &[],
         };
         if texts.iter().any(|t| t.contains('\0')) {
             return Err("text containing U+0000, which PostgreSQL cannot store".to_owned());

@@ -6,7 +6,9 @@
 //! arenas (small allocations land in them), so the memory is never returned. `bench load` measured a
 //! replica at 3 GB RSS after 200 registrations 16 at a time before this module; see BENCHMARKS.md.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use argon2::password_hash::{rand_core::OsRng, Output, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
@@ -67,10 +69,32 @@ fn derive(argon: &Argon2, password: &[u8], salt: Salt, len: usize) -> Result<Out
     .map_err(hash_error)
 }
 
-/// Run `f` on the blocking pool once one of the per-core permits is free.
+/// Hashes allowed to wait for a core, per core, beyond those running. At about 50 ms a hash in a release
+/// build, a full queue is under a second of work: a flood of wrong passwords is answered `rate_limited` at
+/// once instead of making a real login wait behind it.
+pub const QUEUE_PER_CORE: usize = 8;
+
+/// Run `f` on the blocking pool once one of the per-core permits is free; `rate_limited` when the queue of
+/// waiting hashes is full.
 async fn run<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    static GATE: OnceLock<Semaphore> = OnceLock::new();
-    let gate = GATE.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
+    static GATE: OnceLock<(Semaphore, usize)> = OnceLock::new();
+    static QUEUED: AtomicUsize = AtomicUsize::new(0);
+    let (gate, bound) = GATE.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        (Semaphore::new(cores), cores * (QUEUE_PER_CORE + 1))
+    });
+    // Counts the hashes waiting or running; released when this call ends, however it ends.
+    struct Queued;
+    impl Drop for Queued {
+        fn drop(&mut self) {
+            QUEUED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    if QUEUED.fetch_add(1, Ordering::Relaxed) >= *bound {
+        QUEUED.fetch_sub(1, Ordering::Relaxed);
+        return Err(Error::RateLimited { what: "password checks at once", retry_after: Duration::from_secs(1) });
+    }
+    let _queued = Queued;
     let _permit = gate.acquire().await.map_err(|e| Error::Hash(e.to_string()))?;
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Hash(e.to_string()))?
 }

@@ -90,7 +90,6 @@ pub fn storable(request: &Request) -> Result<()> {
 pub struct Session {
     chat: Arc<Chat>,
     /// The client's address: login attempts are limited per address as well as per account.
-    #[allow(dead_code)]
     client: IpAddr,
     /// Logged in as, with the queue the hub pushes to; `None` before `register`/`login`/`resume`.
     attached: Option<(Authed, ConnId, mpsc::Receiver<Push>)>,
@@ -113,11 +112,11 @@ impl Session {
             Request::Ping => Ok(ServerBody::Pong.into()),
             Request::Register { username, password } => {
                 let mailbox = self.mailbox()?;
-                self.attach(chat.register(&username, &password, mailbox.0).await, mailbox.1).await
+                self.attach(chat.register(&username, &password, mailbox.0, self.client).await, mailbox.1).await
             }
             Request::Login { username, password } => {
                 let mailbox = self.mailbox()?;
-                self.attach(chat.login(&username, &password, mailbox.0).await, mailbox.1).await
+                self.attach(chat.login(&username, &password, mailbox.0, self.client).await, mailbox.1).await
             }
             Request::Resume { token, cursor } => {
                 let mailbox = self.mailbox()?;
@@ -163,7 +162,7 @@ impl Session {
                 Ok(ServerBody::Ok.into())
             }
             Request::DeleteAccount { password } => {
-                chat.delete_account(self.authed()?, &password).await?;
+                chat.delete_account(self.authed()?, &password, self.client).await?;
                 // The hub already forgot this account's sockets; nothing to announce.
                 self.attached = None;
                 Ok(Response { reply: ServerBody::AccountDeleted, backlog: Vec::new(), close: true })

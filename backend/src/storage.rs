@@ -115,6 +115,7 @@ const STATE_TABLES: &[Table] = &[
         "id",
     ),
     ("events", &[("user_id", true), ("idx", true), ("body", false)], "user_id, idx"),
+    ("login_failures", &[("user_id", true), ("failures", true), ("last_failure_at", true)], "user_id"),
 ];
 
 /// The whole replicated state as of one log entry: what a backup too far behind receives.
@@ -518,6 +519,18 @@ impl Db {
         row.as_ref().map(|row| Ok((user_from_row(row)?, row.try_get::<i64, _>("used")?))).transpose()
     }
 
+    /// The account's consecutive failed password checks and when the last one was (ms since the epoch).
+    pub async fn login_failures(&self, user_id: i64) -> Result<Option<(u32, i64)>> {
+        let row = sqlx::query("SELECT failures, last_failure_at FROM login_failures WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok((row.try_get::<i64, _>("failures")?.clamp(0, u32::MAX as i64) as u32, row.try_get("last_failure_at")?))
+        })
+        .transpose()
+    }
+
     /// The message `sender_id` already stored under `client_id`, if any (idempotent sends).
     pub async fn message_by_client_id(&self, sender_id: i64, client_id: &str) -> Result<Option<Message>> {
         let sql = format!("{MESSAGE_SELECT} WHERE m.sender_id = $1 AND m.client_id = $2");
@@ -649,13 +662,14 @@ impl Db {
                 "users",
                 "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at FROM users ORDER BY id",
             ),
-            ("sessions", "SELECT token_hash, user_id, created_at FROM sessions ORDER BY token_hash"),
+            ("sessions", "SELECT token_hash, user_id, created_at, last_used_at FROM sessions ORDER BY token_hash"),
             (
                 "messages",
                 "SELECT id, sender_id, recipient_id, client_id, body, sent_at, delivered_at, read_at \
                  FROM messages ORDER BY id",
             ),
             ("events", "SELECT user_id, idx, body FROM events ORDER BY user_id, idx"),
+            ("login_failures", "SELECT user_id, failures, last_failure_at FROM login_failures ORDER BY user_id"),
         ];
         let mut out = String::new();
         for (name, sql) in TABLES {
@@ -747,6 +761,22 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
         }
         Op::Login { user_id, token_hash, at } => {
             insert_session(tx, token_hash, *user_id, *at).await?;
+            sqlx::query("DELETE FROM login_failures WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            Ok(Vec::new())
+        }
+        Op::LoginFailed { user_id, at } => {
+            // Failures further apart than the throttle forgets start the count again.
+            sqlx::query(
+                "INSERT INTO login_failures (user_id, failures, last_failure_at) VALUES ($1, 1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET \
+                 failures = CASE WHEN $2 - login_failures.last_failure_at > $3 THEN 1 \
+                 ELSE login_failures.failures + 1 END, last_failure_at = $2",
+            )
+            .bind(user_id)
+            .bind(at)
+            .bind(crate::throttle::FORGET_AFTER.as_millis() as i64)
+            .execute(&mut *tx)
+            .await?;
             Ok(Vec::new())
         }
         Op::Logout { token_hash } => {
@@ -887,6 +917,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 "DELETE FROM messages WHERE recipient_id = $1",
                 "DELETE FROM sessions WHERE user_id = $1",
                 "DELETE FROM events WHERE user_id = $1",
+                "DELETE FROM login_failures WHERE user_id = $1",
             ] {
                 sqlx::query(sql).bind(user_id).execute(&mut *tx).await?;
             }

@@ -201,7 +201,12 @@ async fn write_error(sink: &mut Sink, req: Option<String>, error: &Error) -> Res
     if error.code() == ErrorCode::Internal {
         tracing::error!(%error, "request failed");
     }
-    write(sink, req, ServerBody::Error { code: error.code(), message: error.client_message() }).await
+    let body = ServerBody::Error {
+        code: error.code(),
+        message: error.client_message(),
+        retry_after_ms: error.retry_after_ms(),
+    };
+    write(sink, req, body).await
 }
 
 /// Whether a read error is the transport refusing an oversized frame.

@@ -459,7 +459,7 @@ impl User {
                 // (same client id) from wherever the primary is now.
                 return Ok(Some(Ended::Disconnected("unavailable".into())));
             }
-            ServerBody::Error { code, message } => bail!("{}: error {code:?}: {message}", self.spec.name),
+            ServerBody::Error { code, message, .. } => bail!("{}: error {code:?}: {message}", self.spec.name),
             _ => {}
         }
         Ok(None)

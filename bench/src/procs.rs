@@ -159,6 +159,8 @@ impl Cluster {
                 let mut c = tokio::process::Command::new(&setup.replichat);
                 c.args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--db", &node.db]);
                 c.args(["--log", &setup.node_log]);
+                // The load generator sends as fast as acknowledgements allow: no per-account send rate.
+                c.args(["--send-rate", "1000000", "--send-burst", "1000000"]);
                 if !self.peers.is_empty() {
                     c.args(["--peers", &self.peers, "--cluster-secret", &self.secret]);
                 }

@@ -61,7 +61,8 @@ async fn connection(socket: WebSocket, relay: Arc<Relay>) {
     while let Some(Ok(message)) = stream.next().await {
         let WsMessage::Text(text) = message else { continue };
         let Ok(ClientFrame { req, request }) = serde_json::from_str::<ClientFrame>(text.as_str()) else {
-            let error = ServerBody::Error { code: ErrorCode::BadRequest, message: "bad frame".into() };
+            let error =
+                ServerBody::Error { code: ErrorCode::BadRequest, message: "bad frame".into(), retry_after_ms: None };
             let _ = tx.send(frame(None, error));
             continue;
         };
@@ -79,7 +80,11 @@ async fn connection(socket: WebSocket, relay: Arc<Relay>) {
                 ServerBody::Session { token: None, username, cursor }
             }
             Request::Send { to, text, client_id } => match &me {
-                None => ServerBody::Error { code: ErrorCode::Unauthenticated, message: "log in first".into() },
+                None => ServerBody::Error {
+                    code: ErrorCode::Unauthenticated,
+                    message: "log in first".into(),
+                    retry_after_ms: None,
+                },
                 Some(from) => {
                     let id = relay.last_id.fetch_add(1, Ordering::SeqCst) + 1;
                     let sent_at = now_ms();

@@ -206,7 +206,7 @@ impl Chat {
                     self.open(&peer);
                 }
             }
-            ServerBody::Error { code, message } => self.on_error(conn, &req, code, message),
+            ServerBody::Error { code, message, .. } => self.on_error(conn, &req, code, message),
             ServerBody::Sent { id, client_id, sent_at, .. } => {
                 conn.acknowledged(&client_id);
                 self.update_line(&client_id, |line| {

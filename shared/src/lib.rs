@@ -237,7 +237,9 @@ pub enum ErrorCode {
     SelfSend,
     /// Message text empty (or only whitespace), or over 4000 characters.
     TooLong,
-    /// Too many failed logins for this username in the last minute.
+    /// Too many attempts: failed password checks (`login`, `delete_account`; per address, per address and
+    /// account, per account), messages (`send`, per account), or the server's password-hashing queue is full.
+    /// The error carries `retry_after_ms`.
     RateLimited,
     /// The server could not complete the request; nothing was changed. Retry later.
     Internal,
@@ -326,6 +328,9 @@ pub enum ServerBody {
         code: ErrorCode,
         /// Human-readable explanation (may change between versions).
         message: String,
+        /// With `rate_limited`: wait this many milliseconds before trying again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// Event: a message to or from me (my own messages are echoed to all my sessions, including the sending
     /// one; de-duplicate by `message.id`).
@@ -427,7 +432,7 @@ mod tests {
     fn server_frame_round_trips() {
         let frame = ServerFrame {
             req: Some("1".into()),
-            body: ServerBody::Error { code: ErrorCode::UsernameTaken, message: "taken".into() },
+            body: ServerBody::Error { code: ErrorCode::UsernameTaken, message: "taken".into(), retry_after_ms: None },
         };
         let text = serde_json::to_string(&frame).unwrap();
         assert_eq!(text, r#"{"req":"1","type":"error","code":"username_taken","message":"taken"}"#);

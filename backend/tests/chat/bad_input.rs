@@ -10,7 +10,7 @@ async fn expect_code(client: &mut Client, code: ErrorCode, req: Option<&str>) {
     let frame = client.next_frame().await;
     assert_eq!(frame.req.as_deref(), req, "error echoes req: {frame:?}");
     match frame.body {
-        ServerBody::Error { code: got, message } => {
+        ServerBody::Error { code: got, message, .. } => {
             assert_eq!(got, code, "{message}");
             assert!(!message.is_empty());
         }

@@ -11,7 +11,9 @@ use crate::util::*;
 async fn refused(client: &mut Client, request: Request) {
     let what = format!("{request:?}");
     match client.request(request).await {
-        ServerBody::Error { code: ErrorCode::BadRequest, message } => assert!(message.contains("U+0000"), "{message}"),
+        ServerBody::Error { code: ErrorCode::BadRequest, message, .. } => {
+            assert!(message.contains("U+0000"), "{message}")
+        }
         other => panic!("{what}: expected bad_request, got {other:?}"),
     }
 }
@@ -131,7 +133,7 @@ both!(every_request_that_passes_validation_applies_identically_on_both_engines, 
             }
         };
         match alice.request(request).await {
-            ServerBody::Error { code: ErrorCode::Internal | ErrorCode::Unavailable, message } => {
+            ServerBody::Error { code: ErrorCode::Internal | ErrorCode::Unavailable, message, .. } => {
                 panic!("request {i}: the server failed: {message}")
             }
             ServerBody::Error { .. } => {}

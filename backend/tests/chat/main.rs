@@ -10,3 +10,4 @@ mod lifecycle;
 mod messaging;
 mod revocation;
 mod sessions;
+mod throttling;

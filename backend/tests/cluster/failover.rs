@@ -418,7 +418,11 @@ impl Sender {
                         self.shared.tick.send_modify(|t| *t += 1);
                         break;
                     }
-                    Ok(ServerBody::Error { code: code @ (ErrorCode::Unavailable | ErrorCode::Internal), message }) => {
+                    Ok(ServerBody::Error {
+                        code: code @ (ErrorCode::Unavailable | ErrorCode::Internal),
+                        message,
+                        ..
+                    }) => {
                         self.note(format!("{text:?} on node {node}: error {code:?} ({message}); reconnecting"));
                         self.disconnect();
                     }
@@ -482,7 +486,9 @@ impl Sender {
                             self.conn = Some((client, node));
                             return Ok(());
                         }
-                        Ok(ServerBody::Error { code: ErrorCode::Unavailable | ErrorCode::Internal, message }) => {
+                        Ok(ServerBody::Error {
+                            code: ErrorCode::Unavailable | ErrorCode::Internal, message, ..
+                        }) => {
                             last_error = format!("resume on node {node}: {message}");
                         }
                         Ok(other) => return Err(format!("resume on node {node}: {other:?}")),

@@ -196,6 +196,8 @@ impl Cluster {
             .args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--peers", &peers, "--db", &node.db])
             .args(["--cluster-secret", &secret, "--heartbeat-ms", &HEARTBEAT_MS.to_string()])
             .args(["--election-timeout-ms", &ELECTION_TIMEOUT_MS.to_string(), "--log", &node_log])
+            // Load tests send as fast as they can from one account.
+            .args(["--send-rate", "1000000", "--send-burst", "1000000"])
             .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

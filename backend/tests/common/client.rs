@@ -37,6 +37,28 @@ impl Client {
         client
     }
 
+    /// Connect from the loopback address `from` (e.g. `127.0.0.2`): to the server, another client address.
+    pub async fn connect_from(url: &str, from: std::net::IpAddr) -> Client {
+        let addr = url.trim_start_matches("ws://").split('/').next().unwrap().parse::<std::net::SocketAddr>().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(from, 0)).expect("bind the client address");
+        let stream = socket.connect(addr).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("handshake");
+        let mut client = Client {
+            ws,
+            inbox: VecDeque::new(),
+            next_req: 0,
+            token: None,
+            username: None,
+            cursor: 0,
+            welcome: ServerBody::Ok,
+        };
+        let first = client.next_frame().await;
+        assert!(matches!(first.body, ServerBody::Welcome { .. }), "first frame is welcome: {first:?}");
+        client.welcome = first.body;
+        client
+    }
+
     /// Send a raw text frame.
     pub async fn send_text(&mut self, text: impl Into<String>) {
         self.ws.send(WsMessage::Text(text.into().into())).await.expect("send frame");
