@@ -9,4 +9,5 @@ mod failover;
 mod faults;
 mod group_commit;
 mod metrics;
+mod poison;
 mod security;

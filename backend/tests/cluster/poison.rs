@@ -1,0 +1,45 @@
+//! A committed entry that no replica can apply (a bug, or a foreign writer) stops the real binary loudly: a
+//! non-zero exit naming the entry, not a retry loop that answers every write `unavailable`.
+
+use replichat::op::Op;
+use replichat::storage::{Db, Entry};
+
+#[tokio::test]
+async fn an_unapplicable_entry_makes_the_binary_exit_non_zero_naming_it() {
+    let dir = std::env::temp_dir().join("replichat-tests").join(format!("poison-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("node0.db").display());
+    let db = Db::open(&url).await.unwrap();
+    let register = |user_id: i64, name: &str| Op::Register {
+        user_id,
+        username: name.into(),
+        password_hash: "$argon2id$stub".into(),
+        token_hash: format!("token-{name}"),
+        at: 1,
+    };
+    // U+0000 in a message: what PostgreSQL cannot store, so no replica may apply it.
+    let poison = Op::Send { sender_id: 1, recipient_id: 2, client_id: "k".into(), text: "x\u{0}y".into(), at: 2 };
+    let entries: Vec<Entry> = [register(1, "a"), register(2, "b"), poison]
+        .iter()
+        .enumerate()
+        .map(|(i, op)| Entry { index: i as u64 + 1, term: 1, op: op.to_json() })
+        .collect();
+    db.append_entries(&entries).await.unwrap();
+    db.save_election_state(1, None).await.unwrap();
+    db.close().await;
+
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
+        .args(["serve", "--id", "0", "--listen", "127.0.0.1:0", "--db", &url, "--log", "warn"])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("the replica stops by itself")
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit status {:?}; stderr:\n{stderr}", output.status);
+    assert!(stderr.contains("committed entry 3 cannot be applied"), "stderr names the entry:\n{stderr}");
+    let db = Db::open(&url).await.unwrap();
+    assert!(db.applied_index().await.unwrap() < 3, "nothing of the bad entry was applied");
+    let _ = std::fs::remove_dir_all(&dir);
+}
