@@ -40,13 +40,14 @@ export async function authError(page: Page, pattern: RegExp): Promise<void> {
 
 // ----- Connection banner -----
 
-/** The banner says online, on replica `node` if given (attribute and text). */
+/** The banner says "Connected" to a person; on replica `node` if given (attribute and tooltip). */
 export async function online(page: Page, node?: number, timeout?: number): Promise<void> {
   const banner = find.banner(page);
   await expect(banner).toHaveAttribute('data-state', 'online', { timeout });
+  await expect(banner).toHaveText('Connected', { timeout });
   if (node !== undefined) {
     await expect(banner).toHaveAttribute('data-node', String(node), { timeout });
-    await expect(banner).toContainText(new RegExp(`(^|\\D)${node}(\\D|$)`), { timeout });
+    await expect(banner).toHaveAttribute('title', new RegExp(`replica ${node}\\b`), { timeout });
   }
 }
 

@@ -52,15 +52,19 @@ fn Banner() -> impl IntoView {
         LinkState::Online { node, .. } => node.to_string(),
         _ => String::new(),
     };
+    // Said for a person; the replica and term are for the curious (tooltip) and the admin page.
     let text = move || match state.get() {
-        LinkState::Online { node, term } => format!("Connected to replica {node} (term {term})"),
-        LinkState::Reconnecting { attempt } => {
-            format!("Reconnecting to the cluster… (attempt {attempt}); messages you send are queued")
-        }
+        LinkState::Online { .. } => "Connected".to_owned(),
+        LinkState::Reconnecting { .. } => "Reconnecting… your messages will be sent".to_owned(),
         LinkState::Connecting => "Connecting…".to_owned(),
     };
+    let detail = move || match state.get() {
+        LinkState::Online { node, term } => format!("Connected to replica {node} (term {term})"),
+        LinkState::Reconnecting { attempt } => format!("Looking for the primary replica (attempt {attempt})"),
+        LinkState::Connecting => "Looking for the primary replica".to_owned(),
+    };
     view! {
-        <div class="banner" data-testid="banner" data-state=data_state data-node=node>{text}</div>
+        <div class="banner" data-testid="banner" role="status" data-state=data_state data-node=node title=detail>{text}</div>
     }
 }
 
@@ -84,7 +88,10 @@ fn Auth(restoring: bool) -> impl IntoView {
         <div class="auth">
             <Banner/>
             <h1>"replichat"</h1>
-            <Show when=move || restoring && chat.auth_error.get().is_none()>
+            <Show when=move || chat.notice.get().is_some()>
+                <p class="notice" role="status" data-testid="notice">{move || chat.notice.get()}</p>
+            </Show>
+            <Show when=move || restoring && chat.auth_error.get().is_none() && chat.notice.get().is_none()>
                 <p class="hint">"Restoring your session…"</p>
             </Show>
             <form class="auth-form" on:submit=move |ev| { ev.prevent_default(); submit(false); }>
@@ -220,6 +227,10 @@ fn OpenConversation() -> impl IntoView {
         tick.track();
         chat.typing.with(|t| t.get(&key(&peer())).is_some_and(|until| *until > js_sys::Date::now()))
     };
+    let peer_deleted = move || {
+        let peer = key(&peer());
+        chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted))
+    };
     let draft = RwSignal::new(String::new());
     let last_typing = StoredValue::new(0f64);
     let send = move || {
@@ -274,8 +285,15 @@ fn OpenConversation() -> impl IntoView {
             <Show when=typing>
                 <p class="typing" data-testid="typing">{move || format!("{} is typing…", peer())}</p>
             </Show>
+            <Show when=peer_deleted>
+                <p class="hint" data-testid="peer-deleted" role="status">
+                    {move || format!("{} deleted their account. You can read your conversation, but not reply.", peer())}
+                </p>
+            </Show>
             <form class="composer-form" on:submit=move |ev| { ev.prevent_default(); send(); }>
-                <textarea data-testid="composer" rows="2" placeholder="Message (Enter to send, Shift+Enter for a new line)"
+                <textarea data-testid="composer" rows="2" dir="auto" aria-label=move || format!("Message to {}", peer())
+                    placeholder="Message (Enter to send, Shift+Enter for a new line)"
+                    prop:disabled=peer_deleted
                     prop:value=draft
                     on:input=move |ev| {
                         draft.set(event_target_value(&ev));
@@ -291,7 +309,7 @@ fn OpenConversation() -> impl IntoView {
                             send();
                         }
                     }></textarea>
-                <button data-testid="send" type="submit">"Send"</button>
+                <button data-testid="send" type="submit" prop:disabled=peer_deleted>"Send"</button>
             </form>
             <ErrorLine message=chat.composer_error testid="composer-error"/>
         </div>
@@ -317,7 +335,7 @@ fn MessageLine(line: Line) -> impl IntoView {
             data-status=line.status.name() data-unread=line.unread.to_string()>
             <span class="from">{line.from.clone()}{line.from_deleted.then_some(" (deleted account)")}</span>
             // Text is inserted as a text node: never parsed as HTML.
-            <p class="text" data-testid="message-text">{line.text.clone()}</p>
+            <p class="text" dir="auto" data-testid="message-text">{line.text.clone()}</p>
             <span class="meta">{clock}{mine.then(|| format!(" · {status_text}"))}</span>
         </div>
     }
@@ -327,18 +345,35 @@ fn MessageLine(line: Line) -> impl IntoView {
 fn DeleteDialog() -> impl IntoView {
     let chat = expect_context::<Chat>();
     let password = RwSignal::new(String::new());
+    let input = NodeRef::<leptos::html::Input>::new();
+    // Focus moves into the dialog when it opens.
+    Effect::new(move |_| {
+        if chat.deleting.get() {
+            if let Some(input) = input.get() {
+                let _ = input.focus();
+            }
+        }
+    });
+    let close = move || {
+        password.set(String::new());
+        chat.deleting.set(false);
+    };
     view! {
         <Show when=move || chat.deleting.get()>
             <div class="dialog-backdrop">
-                <div class="dialog" role="dialog" aria-modal="true">
-                    <h2>"Delete your account?"</h2>
-                    <p>"Your account, your sessions and the messages you received are removed for good. \
-                        Messages you sent stay with their recipients, marked as from a deleted account. \
+                <div class="dialog" role="dialog" aria-modal="true" aria-labelledby="delete-title"
+                    aria-describedby="delete-explanation"
+                    on:keydown=move |ev| if ev.key() == "Escape" { ev.prevent_default(); close(); }>
+                    <h2 id="delete-title">"Delete your account?"</h2>
+                    <p id="delete-explanation">"Your account, your sessions and the messages you received are removed \
+                        for good. Messages you sent stay with their recipients, marked as from a deleted account. \
                         Enter your password to confirm."</p>
-                    <input data-testid="delete-password" type="password" autocomplete="current-password"
-                        prop:value=password on:input=move |ev| password.set(event_target_value(&ev))/>
+                    <label>"Password"
+                        <input data-testid="delete-password" type="password" autocomplete="current-password" node_ref=input
+                            prop:value=password on:input=move |ev| password.set(event_target_value(&ev))/>
+                    </label>
                     <div class="dialog-buttons">
-                        <button data-testid="delete-cancel" on:click=move |_| chat.deleting.set(false)>"Cancel"</button>
+                        <button data-testid="delete-cancel" on:click=move |_| close()>"Cancel"</button>
                         <button data-testid="delete-confirm" class="danger" on:click=move |_| {
                             chat.delete_error.set(None);
                             connection::get().request(Request::DeleteAccount { password: password.get_untracked() });

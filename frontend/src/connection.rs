@@ -20,9 +20,12 @@ use replichat_shared::{ClientFrame, Request, ServerBody, ServerFrame};
 const ENDPOINTS_KEY: &str = "replichat.endpoints";
 const TOKEN_KEY: &str = "replichat.token";
 const CURSOR_KEY: &str = "replichat.cursor";
-/// Backoff between rounds of attempts: starts here, doubles, capped at `MAX_BACKOFF_MS`, with ±50 % jitter.
+/// Backoff between rounds of attempts: starts here, doubles, capped at `MAX_BACKOFF_MS` (while the page is
+/// visible: someone is waiting for their messages to go out, so at most about 2 s after a replica is back)
+/// or `HIDDEN_MAX_BACKOFF_MS` (a background tab), with ±25 % jitter.
 const FIRST_BACKOFF_MS: f64 = 150.0;
-const MAX_BACKOFF_MS: f64 = 4000.0;
+const MAX_BACKOFF_MS: f64 = 1600.0;
+const HIDDEN_MAX_BACKOFF_MS: f64 = 8000.0;
 
 /// What the banner shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,8 +226,9 @@ impl Connection {
             } else {
                 LinkState::Connecting
             });
-            let backoff = (FIRST_BACKOFF_MS * 2f64.powi(attempt.min(8) as i32)).min(MAX_BACKOFF_MS);
-            let jittered = backoff * (0.5 + js_sys::Math::random());
+            let cap = if crate::state::page_visible() { MAX_BACKOFF_MS } else { HIDDEN_MAX_BACKOFF_MS };
+            let backoff = (FIRST_BACKOFF_MS * 2f64.powi(attempt.min(8) as i32)).min(cap);
+            let jittered = backoff * (0.75 + 0.5 * js_sys::Math::random());
             gloo_timers::future::TimeoutFuture::new(jittered as u32).await;
         }
     }

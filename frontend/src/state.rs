@@ -90,6 +90,8 @@ pub struct Chat {
     pub me: RwSignal<Option<String>>,
     /// The last sign-up / log-in error.
     pub auth_error: RwSignal<Option<String>>,
+    /// A notice on the sign-in screen (not an error): why the user is there ("Your account was deleted.").
+    pub notice: RwSignal<Option<String>>,
     /// The conversation list, most recent first.
     pub conversations: RwSignal<Vec<Conversation>>,
     /// Lines per peer (by the peer's key: lower-cased username), oldest first.
@@ -122,6 +124,7 @@ impl Chat {
         Chat {
             me: RwSignal::new(None),
             auth_error: RwSignal::new(None),
+            notice: RwSignal::new(None),
             conversations: RwSignal::new(Vec::new()),
             lines: RwSignal::new(HashMap::new()),
             more: RwSignal::new(HashMap::new()),
@@ -137,6 +140,7 @@ impl Chat {
 
     /// Forget everything about the session (logout, deletion, revoked token).
     pub fn reset(&self) {
+        self.notice.set(None);
         connection::get().set_session(None, 0);
         self.me.set(None);
         self.conversations.set(Vec::new());
@@ -200,13 +204,20 @@ impl Chat {
                     conn.set_session(token, cursor);
                 }
                 self.auth_error.set(None);
+                self.notice.set(None);
                 self.me.set(Some(username));
                 conn.request(Request::Conversations);
                 if let Some(peer) = self.active.get_untracked() {
                     self.open(&peer);
                 }
             }
-            ServerBody::Error { code, message, .. } => self.on_error(conn, &req, code, message),
+            ServerBody::Error { code, message, retry_after_ms } => {
+                let message = match (code, retry_after_ms) {
+                    (ErrorCode::RateLimited, Some(ms)) => rate_limited(&req, ms),
+                    _ => message,
+                };
+                self.on_error(conn, &req, code, message)
+            }
             ServerBody::Sent { id, client_id, sent_at, .. } => {
                 conn.acknowledged(&client_id);
                 self.update_line(&client_id, |line| {
@@ -253,10 +264,13 @@ impl Chat {
                     o.insert(key(&username), online);
                 });
             }
-            ServerBody::AccountDeleted => self.reset(),
+            ServerBody::AccountDeleted => {
+                self.reset();
+                self.notice.set(Some("Your account was deleted.".to_owned()));
+            }
             ServerBody::SessionEnded { reason } => {
                 self.reset();
-                self.auth_error.set(Some(match reason {
+                self.notice.set(Some(match reason {
                     SessionEnd::LoggedOut => "You were logged out.".to_owned(),
                     SessionEnd::LoggedOutEverywhere => "You were logged out on every device.".to_owned(),
                 }));
@@ -295,14 +309,16 @@ impl Chat {
             return;
         }
         if self.deleting.get_untracked() {
-            self.delete_error.set(Some(message));
+            self.delete_error.set(Some(match code {
+                ErrorCode::BadCredentials => "Wrong password.".to_owned(),
+                _ => message,
+            }));
             return;
         }
         if self.me.get_untracked().is_none() {
             self.auth_error.set(Some(match code {
                 ErrorCode::UsernameTaken => "That username is taken.".to_owned(),
                 ErrorCode::BadCredentials => "Wrong username or password.".to_owned(),
-                ErrorCode::RateLimited => "Too many failed logins: wait a minute.".to_owned(),
                 ErrorCode::InvalidUsername => format!("Invalid username: {message}"),
                 ErrorCode::WeakPassword => "The password needs at least 8 characters.".to_owned(),
                 _ => message,
@@ -424,7 +440,19 @@ impl Default for Chat {
 }
 
 /// Whether the page is visible (a read receipt is sent only for messages the user can see).
-fn page_visible() -> bool {
+/// What to tell a person about a `rate_limited` answer to the request `req`, waiting `ms`.
+fn rate_limited(req: &str, ms: u64) -> String {
+    let seconds = ms.div_ceil(1000).max(1);
+    let wait = if seconds == 1 { "a second".to_owned() } else { format!("{seconds} seconds") };
+    if req.starts_with(SEND_REQ) {
+        format!("You are sending too fast: wait {wait}, then send again.")
+    } else {
+        format!("Too many wrong passwords: try again in {wait}.")
+    }
+}
+
+/// Whether the page is visible (not a background tab).
+pub fn page_visible() -> bool {
     web_sys::window()
         .and_then(|w| w.document())
         .map(|d| d.visibility_state() == web_sys::VisibilityState::Visible)
