@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
-use replichat_shared::{PeerFrame, ReplicaView, WireEntry};
+use replichat_shared::{PeerFrame, PeerHandshake, ReplicaView, WireEntry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -34,6 +34,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Peer;
+use crate::peer_auth::{self, PeerKey, Side, Transcript};
 use crate::storage::{Db, Snapshot};
 use crate::{Error, Result};
 
@@ -172,8 +173,8 @@ impl Replication {
         for peer in peers.iter().filter(|p| p.id != id) {
             let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
             outbound.insert(peer.id, tx);
-            let secret = secret.clone().unwrap_or_default();
-            tokio::spawn(dial(peer.clone(), secret, bind_ip, rx, inbox_tx.clone(), shutdown.clone()));
+            let key = PeerKey::derive(secret.as_deref().unwrap_or_default());
+            tokio::spawn(dial(id, peer.clone(), key, bind_ip, rx, inbox_tx.clone(), shutdown.clone()));
         }
         let mut core = Core {
             id,
@@ -888,10 +889,13 @@ impl Core {
     }
 }
 
-/// Keep a connection to `peer` open, sending what the core queues and handing back its answers.
+/// Keep a connection to `peer` open, sending what the core queues and handing back its answers. Each
+/// connection starts with the dialler's half of the handshake ([`peer_auth`]); a peer that does not prove
+/// itself, or later answers in another replica's name, is dropped and dialled again.
 async fn dial(
+    id: u64,
     peer: Peer,
-    secret: String,
+    key: PeerKey,
     bind_ip: Option<std::net::IpAddr>,
     mut outbound: mpsc::Receiver<PeerFrame>,
     inbox: mpsc::Sender<Input>,
@@ -900,21 +904,24 @@ async fn dial(
     let url = format!("{}/internal/replicate", peer.url.replacen("http", "ws", 1));
     let mut logged_down = false;
     while !shutdown.is_cancelled() {
-        let mut request = match url.as_str().into_client_request() {
+        let request = match url.as_str().into_client_request() {
             Ok(request) => request,
             Err(e) => {
                 tracing::error!(peer = peer.id, error = %e, "bad peer URL");
                 return;
             }
         };
-        if let Ok(value) = format!("Bearer {secret}").parse() {
-            request.headers_mut().insert("authorization", value);
-        }
-        let connected = tokio::time::timeout(Duration::from_secs(1), connect(request, bind_ip)).await;
-        let ws = match connected {
+        let opened = async {
+            let mut ws = connect(request, bind_ip).await.map_err(|e| (false, e))?;
+            authenticate(&mut ws, id, peer.id, &key).await.map_err(|e| (true, e.to_owned()))?;
+            Ok::<_, (bool, String)>(ws)
+        };
+        let ws = match tokio::time::timeout(Duration::from_secs(1), opened).await {
             Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                if !logged_down {
+            Ok(Err((reached, e))) => {
+                if reached {
+                    tracing::warn!(peer = peer.id, reason = %e, "the replica at this peer's URL did not authenticate");
+                } else if !logged_down {
                     tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
                     logged_down = true;
                 }
@@ -938,7 +945,13 @@ async fn dial(
                 }
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<PeerFrame>(text.as_str()) {
-                        Ok(frame) => { if inbox.send(Input::Response(frame)).await.is_err() { return; } }
+                        Ok(frame @ (PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. })) if from == peer.id => {
+                            if inbox.send(Input::Response(frame)).await.is_err() { return; }
+                        }
+                        Ok(frame) => {
+                            tracing::warn!(peer = peer.id, ?frame, "a peer answered in another name, or not with an answer; dropping it");
+                            break;
+                        }
                         Err(e) => tracing::warn!(peer = peer.id, error = %e, "bad frame from peer"),
                     },
                     Some(Ok(_)) => {}
@@ -949,6 +962,40 @@ async fn dial(
         tracing::info!(peer = peer.id, "connection to peer lost");
         let _ = inbox.send(Input::Reachable(peer.id, false)).await;
     }
+}
+
+/// The dialler's half of the handshake with the replica expected to be `peer`: say hello, check the
+/// listener's proof, and only then send ours. Nothing else is sent before the listener proved itself.
+async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) -> std::result::Result<(), &'static str> {
+    let dialler_nonce = peer_auth::nonce();
+    let hello = PeerHandshake::Hello { from: id, to: peer, nonce: hex::encode(dialler_nonce) };
+    let text = serde_json::to_string(&hello).expect("frames serialise");
+    ws.send(Message::Text(text.into())).await.map_err(|_| "closed during the handshake")?;
+    let challenge = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => break text,
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err("refused by the peer"),
+            Some(Ok(_)) => continue,
+        }
+    };
+    let Ok(PeerHandshake::Challenge { from, nonce, proof }) = serde_json::from_str(challenge.as_str()) else {
+        return Err("expected a challenge");
+    };
+    if from != peer {
+        return Err("the challenge names another replica");
+    }
+    let listener_nonce = peer_auth::parse_nonce(&nonce).ok_or("bad nonce")?;
+    if listener_nonce == dialler_nonce {
+        return Err("the listener echoed our nonce");
+    }
+    let transcript = Transcript { dialler: id, listener: peer, dialler_nonce, listener_nonce };
+    if !key.verify(Side::Listener, &transcript, &proof) {
+        return Err("wrong proof: the listener does not know the cluster secret");
+    }
+    let proof = PeerHandshake::Proof { proof: key.proof(Side::Dialler, &transcript) };
+    let text = serde_json::to_string(&proof).expect("frames serialise");
+    ws.send(Message::Text(text.into())).await.map_err(|_| "closed during the handshake")?;
+    Ok(())
 }
 
 type PeerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;

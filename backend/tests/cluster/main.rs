@@ -8,5 +8,6 @@ mod election;
 mod failover;
 mod faults;
 mod group_commit;
+mod impostor;
 mod metrics;
 mod security;
