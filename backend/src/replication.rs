@@ -7,7 +7,9 @@
 //!
 //! The rules, as the code implements them (docs/ARCHITECTURE.md has the prose and the failure timeline):
 //! - Terms and votes are persisted before a replica acts on them. A frame with a higher term makes the
-//!   receiver adopt it and become a backup; requests with a lower term are refused.
+//!   receiver adopt it and become a backup; requests with a lower term are refused. A term beyond what the
+//!   sender could have reached (more than `MAX_TERM_LEAP` above ours) is refused and logged, never adopted, and
+//!   term arithmetic is checked: nothing wraps at 2^64-1.
 //! - An election starts when a backup has not heard a primary for its election timeout: the base timeout
 //!   plus half of it for each lower id (not counting the primary it last followed) plus ≤10 % jitter, so the
 //!   lowest live id tries first. It first asks for pre-votes
@@ -42,6 +44,10 @@ use crate::{Error, Result};
 const BATCH: u32 = 256;
 /// Queue depth towards one peer; a full queue drops frames (the primary resends on the next heartbeat).
 const OUTBOUND_DEPTH: usize = 64;
+/// Furthest a frame's term may be ahead of the receiver's. Terms grow by one per election, and pre-votes keep
+/// a cut-off replica from raising its own, so no real cluster gets near this; a frame beyond it is a bug or
+/// an attack, and adopting it could exhaust the term space (a replica at 2^64-1 can never start an election).
+const MAX_TERM_LEAP: u64 = 1 << 32;
 /// Pause between attempts to reach a peer that is down.
 const REDIAL: Duration = Duration::from_millis(100);
 
@@ -458,6 +464,12 @@ impl Core {
 
     /// Ask whether we could win before disturbing anyone's term. True when no answer is needed.
     fn start_pre_vote(&mut self) -> bool {
+        let Some(next_term) = self.term.checked_add(1) else {
+            // Unreachable through frames (see MAX_TERM_LEAP), but a stored term could be anything.
+            tracing::error!(term = self.term, "the term space is exhausted; this replica cannot start an election");
+            self.reset_election_deadline();
+            return false;
+        };
         tracing::info!(term = self.term, "no primary heard; asking for pre-votes");
         self.role = Role::Candidate;
         self.leader = None;
@@ -469,7 +481,7 @@ impl Core {
             return true;
         }
         let frame = PeerFrame::Vote {
-            term: self.term + 1,
+            term: next_term,
             candidate: self.id,
             last_index: self.last_index,
             last_term: self.last_term,
@@ -480,7 +492,7 @@ impl Core {
     }
 
     async fn start_election(&mut self) -> Result<()> {
-        self.term += 1;
+        self.term = self.term.checked_add(1).ok_or_else(|| Error::Corrupt("the term space is exhausted".into()))?;
         self.voted_for = Some(self.id);
         self.db.save_election_state(self.term, self.voted_for).await?;
         self.role = Role::Candidate;
@@ -597,7 +609,46 @@ impl Core {
         PeerFrame::Appended { term: self.term, from: self.id, success, last_index }
     }
 
+    /// Whether a peer could have reached `term`: no further than [`MAX_TERM_LEAP`] beyond ours.
+    fn plausible(&self, term: u64) -> bool {
+        term <= self.term.saturating_add(MAX_TERM_LEAP)
+    }
+
+    /// Refuse a request that no correct replica sends: an absurd term, entries that do not follow `prev_index`
+    /// one by one, or terms that go backwards or beyond the sender's own. Such a frame is an error (logged; the
+    /// connection that carried it is dropped), not something to adopt.
+    fn check_request(&self, frame: &PeerFrame) -> Result<()> {
+        let absurd = |what: String| Err(Error::BadRequest(format!("refused a peer frame: {what}")));
+        let (term, last_term) = match frame {
+            PeerFrame::Append { term, prev_index, prev_term, entries, .. } => {
+                let mut expected = (prev_index.checked_add(1), (*prev_term).max(1));
+                for entry in entries {
+                    if Some(entry.index) != expected.0 || entry.term < expected.1 || entry.term > *term {
+                        return absurd(format!(
+                            "entry ({}, term {}) after prev_index {prev_index}, prev_term {prev_term}, in term {term}",
+                            entry.index, entry.term
+                        ));
+                    }
+                    expected = (entry.index.checked_add(1), entry.term);
+                }
+                (*term, *prev_term)
+            }
+            PeerFrame::Snapshot { term, last_term, .. } | PeerFrame::Vote { term, last_term, .. } => {
+                (*term, *last_term)
+            }
+            other => return absurd(format!("not a request: {other:?}")),
+        };
+        if !self.plausible(term) {
+            return absurd(format!("term {term} is beyond reach from this replica's term {}", self.term));
+        }
+        if last_term > term {
+            return absurd(format!("a last term {last_term} above the frame's term {term}"));
+        }
+        Ok(())
+    }
+
     async fn on_request(&mut self, frame: PeerFrame) -> Result<PeerFrame> {
+        self.check_request(&frame)?;
         match frame {
             PeerFrame::Append { term, leader, prev_index, prev_term, entries, commit, cluster } => {
                 if term < self.term {
@@ -676,6 +727,10 @@ impl Core {
     async fn on_response(&mut self, frame: PeerFrame) -> Result<()> {
         match frame {
             PeerFrame::Appended { term, from, success, last_index } => {
+                if !self.plausible(term) || success && last_index > self.last_index {
+                    tracing::warn!(term, from, last_index, "ignored an absurd answer from a peer");
+                    return Ok(());
+                }
                 if term > self.term {
                     tracing::warn!(term, from, "a backup has a higher term; stepping down");
                     return self.follow(term, None).await;
@@ -697,12 +752,17 @@ impl Core {
                         self.send_append(from).await?;
                     }
                 } else {
-                    progress.next = (last_index + 1).min(progress.next.saturating_sub(1)).max(progress.matched + 1);
+                    progress.next =
+                        last_index.saturating_add(1).min(progress.next.saturating_sub(1)).max(progress.matched + 1);
                     self.send_append(from).await?;
                 }
                 Ok(())
             }
             PeerFrame::Voted { term, from, granted, pre } => {
+                if !self.plausible(term) {
+                    tracing::warn!(term, from, "ignored an absurd answer from a peer");
+                    return Ok(());
+                }
                 if term > self.term && !granted {
                     return self.follow(term, None).await;
                 }
@@ -1019,4 +1079,86 @@ async fn connect(
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| e.to_string())?;
     Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica 0 of three whose peers are unreachable (nothing listens on port 9 of loopback), over a fresh
+    /// SQLite file whose stored term is `term`, with the given election timeout.
+    async fn replica(term: u64, election: Duration) -> (Replication, CancellationToken) {
+        let dir = std::env::temp_dir().join("replichat-replication-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.db", uuid::Uuid::new_v4().simple()));
+        let db = Db::open(&format!("sqlite://{}", path.display())).await.unwrap();
+        db.save_election_state(term, None).await.unwrap();
+        let peers = (0..3).map(|id| Peer { id, url: "http://127.0.0.1:9".to_owned() }).collect();
+        let timing = Timing { heartbeat: election / 10, election, ack: Ack::Majority };
+        let shutdown = CancellationToken::new();
+        let replication =
+            Replication::start(0, peers, Some("s".into()), None, timing, db, "{}".into(), shutdown.clone()).await;
+        (replication.unwrap(), shutdown)
+    }
+
+    fn heartbeat(term: u64) -> PeerFrame {
+        PeerFrame::Append { term, leader: 1, prev_index: 0, prev_term: 0, entries: vec![], commit: 0, cluster: vec![] }
+    }
+
+    #[tokio::test]
+    async fn an_absurd_term_is_refused_not_adopted() {
+        let (replica, shutdown) = replica(3, Duration::from_secs(3600)).await;
+        for absurd in [u64::MAX, 3 + MAX_TERM_LEAP + 1] {
+            let answer = replica.request(heartbeat(absurd)).await;
+            assert!(!matches!(answer, Some(PeerFrame::Appended { success: true, .. })), "{absurd}: {answer:?}");
+            let vote = PeerFrame::Vote { term: absurd, candidate: 2, last_index: 9, last_term: 9, pre: false };
+            let answer = replica.request(vote).await;
+            assert!(!matches!(answer, Some(PeerFrame::Voted { granted: true, .. })), "{absurd}: {answer:?}");
+            assert_eq!(replica.status().borrow().term, 3, "term {absurd} was adopted");
+        }
+        // Entries that do not follow `prev_index` one by one, or claim a term above the frame's, are refused.
+        let entry = |index, term| WireEntry { index, term, op: "{}".into() };
+        for entries in [vec![entry(2, 4)], vec![entry(1, 4), entry(3, 4)], vec![entry(1, 5)], vec![entry(1, 0)]] {
+            let PeerFrame::Append { term, leader, prev_index, prev_term, commit, cluster, .. } = heartbeat(4) else {
+                unreachable!()
+            };
+            let frame =
+                PeerFrame::Append { term, leader, prev_index, prev_term, entries: entries.clone(), commit, cluster };
+            let answer = replica.request(frame).await;
+            assert!(!matches!(answer, Some(PeerFrame::Appended { success: true, .. })), "{entries:?}: {answer:?}");
+            assert_eq!(replica.status().borrow().last_index, 0, "{entries:?} were appended");
+        }
+        // A plausible higher term is adopted as ever.
+        let answer = replica.request(heartbeat(4)).await;
+        assert!(matches!(answer, Some(PeerFrame::Appended { success: true, term: 4, .. })), "{answer:?}");
+        assert_eq!(replica.status().borrow().term, 4);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_last_term_does_not_wrap_into_an_election() {
+        let election = Duration::from_millis(20);
+        let (replica, shutdown) = replica(u64::MAX, election).await;
+        let mut status = replica.status();
+        // Several election timeouts: with `term + 1` unchecked the pre-vote overflows (a panic that ends the
+        // core in a debug build; term 0 and endless candidacy in a release build).
+        let changed = tokio::time::timeout(election * 20, async {
+            loop {
+                if status.changed().await.is_err() {
+                    return "the replication core stopped";
+                }
+                let now = status.borrow().clone();
+                if now.term != u64::MAX || now.role == Role::Primary {
+                    return "the term wrapped";
+                }
+            }
+        })
+        .await;
+        if let Ok(what) = changed {
+            panic!("{what}");
+        }
+        assert_eq!(replica.status().borrow().term, u64::MAX);
+        assert!(replica.request(heartbeat(u64::MAX)).await.is_some(), "the core still answers");
+        shutdown.cancel();
+    }
 }
