@@ -752,6 +752,21 @@ impl Core {
                         self.send_append(from).await?;
                     }
                 } else {
+                    // The refusal names the backup's real last index. Below what it acknowledged before, it lost
+                    // entries (a wiped or restored disk): follow it down, or it is never caught up.
+                    if last_index < progress.matched {
+                        tracing::warn!(
+                            peer = from,
+                            acknowledged = progress.matched,
+                            last_index,
+                            "a backup has less log than it acknowledged; catching it up from there"
+                        );
+                        progress.matched = last_index;
+                        if progress.in_sync && last_index < self.commit_index {
+                            // Commits must not wait for (or count) a replica that lost committed entries.
+                            progress.in_sync = false;
+                        }
+                    }
                     progress.next =
                         last_index.saturating_add(1).min(progress.next.saturating_sub(1)).max(progress.matched + 1);
                     self.send_append(from).await?;

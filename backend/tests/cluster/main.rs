@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod amnesia;
 mod election;
 mod failover;
 mod faults;
