@@ -209,6 +209,7 @@ impl Replication {
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
+            storage_failed_at: None,
             gauges: crate::metrics::ReplicaGauges::new(all.keys().copied().filter(|&peer| peer != id)),
             noop,
             status: watch::channel(Status {
@@ -321,6 +322,8 @@ struct Core {
     proposed_entries: u64,
     /// Peers whose connection is open now.
     reachable: BTreeSet<u64>,
+    /// When this replica's storage last failed to make something durable (see [`Core::storage_failed`]).
+    storage_failed_at: Option<Instant>,
     noop: String,
     status: watch::Sender<Status>,
     /// What `/metrics` shows of the status.
@@ -406,7 +409,16 @@ impl Core {
     async fn handle(&mut self, input: Input) -> Result<()> {
         match input {
             Input::Request { frame, reply } => {
-                let answer = self.on_request(frame).await?;
+                let answer = match self.on_request(frame).await {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        if matches!(e, Error::Db(_) | Error::Io(_)) {
+                            // No answer: the primary does not count what this replica could not store.
+                            self.storage_failed(&e);
+                        }
+                        return Err(e);
+                    }
+                };
                 let _ = reply.send(answer);
             }
             Input::Response(frame) => self.on_response(frame).await?,
@@ -445,10 +457,7 @@ impl Core {
                     self.advance_commit();
                 } else if 1 + recent < self.majority() && now - self.primary_since > window {
                     tracing::warn!(term = self.term, "primary lost contact with a majority; stepping down");
-                    self.role = Role::Backup;
-                    self.leader = None;
-                    self.heard_leader = None;
-                    self.reset_election_deadline();
+                    self.step_down();
                     return Ok(());
                 }
                 self.broadcast_append().await
@@ -462,8 +471,38 @@ impl Core {
         }
     }
 
+    /// Stop being primary (or candidate) without a new term: a backup waiting for its election timer.
+    fn step_down(&mut self) {
+        self.role = Role::Backup;
+        self.leader = None;
+        self.heard_leader = None;
+        self.term_start = u64::MAX;
+        self.reset_election_deadline();
+    }
+
+    /// Note that this replica's storage just failed to make something durable. A primary steps down at once,
+    /// so that a replica with a working disk takes over, and no replica stands for election for a while after
+    /// its own storage failed.
+    fn storage_failed(&mut self, error: &Error) {
+        self.storage_failed_at = Some(Instant::now());
+        if self.role != Role::Backup {
+            tracing::error!(error = %error, term = self.term, role = self.role.name(), "storage failed; stepping down");
+            self.step_down();
+        }
+    }
+
+    /// Whether storage failed within the last two election timeouts: such a replica does not stand for election.
+    fn storage_recently_failed(&self) -> bool {
+        self.storage_failed_at.is_some_and(|t| t.elapsed() < self.timing.election * 2)
+    }
+
     /// Ask whether we could win before disturbing anyone's term. True when no answer is needed.
     fn start_pre_vote(&mut self) -> bool {
+        if self.storage_recently_failed() {
+            tracing::warn!(term = self.term, "not standing for election: this replica's storage failed recently");
+            self.reset_election_deadline();
+            return false;
+        }
         let Some(next_term) = self.term.checked_add(1) else {
             // Unreachable through frames (see MAX_TERM_LEAP), but a stored term could be anything.
             tracing::error!(term = self.term, "the term space is exhausted; this replica cannot start an election");
@@ -492,9 +531,14 @@ impl Core {
     }
 
     async fn start_election(&mut self) -> Result<()> {
-        self.term = self.term.checked_add(1).ok_or_else(|| Error::Corrupt("the term space is exhausted".into()))?;
+        let term = self.term.checked_add(1).ok_or_else(|| Error::Corrupt("the term space is exhausted".into()))?;
+        // Durable first: a term and vote only this process's memory holds must not reach anyone.
+        if let Err(e) = self.db.save_election_state(term, Some(self.id)).await {
+            self.storage_failed(&e);
+            return Err(e);
+        }
+        self.term = term;
         self.voted_for = Some(self.id);
-        self.db.save_election_state(self.term, self.voted_for).await?;
         self.role = Role::Candidate;
         self.leader = None;
         self.real_election = true;
@@ -539,7 +583,13 @@ impl Core {
             .collect();
         self.primary_since = Instant::now();
         let noop = WireEntry { index: next, term: self.term, op: self.noop.clone() };
-        (self.last_index, self.last_term) = self.db.append_entries(std::slice::from_ref(&noop)).await?;
+        match self.db.append_entries(std::slice::from_ref(&noop)).await {
+            Ok(last) => (self.last_index, self.last_term) = last,
+            Err(e) => {
+                self.storage_failed(&e);
+                return Err(e);
+            }
+        }
         self.term_start = next;
         tracing::info!(term = self.term, last_index = self.last_index, "became primary");
         crate::metrics::election_won();
@@ -589,6 +639,7 @@ impl Core {
                 for (_, reply) in replies {
                     let _ = reply.send(Err(Error::Unavailable));
                 }
+                self.storage_failed(&e);
                 return Err(e);
             }
         }
@@ -1147,6 +1198,30 @@ mod tests {
         let answer = replica.request(heartbeat(4)).await;
         assert!(matches!(answer, Some(PeerFrame::Appended { success: true, term: 4, .. })), "{answer:?}");
         assert_eq!(replica.status().borrow().term, 4);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_primary_that_cannot_append_steps_down() {
+        use crate::storage::tests::{fill, Tmpfs};
+        let tmpfs = Tmpfs::mount("4m");
+        let db = Db::open(&format!("sqlite://{}", tmpfs.0.join("replica.db").display())).await.unwrap();
+        let timing =
+            Timing { heartbeat: Duration::from_millis(10), election: Duration::from_millis(100), ack: Ack::Majority };
+        let shutdown = CancellationToken::new();
+        let me = vec![Peer { id: 0, url: "http://127.0.0.1:9".to_owned() }];
+        let replica = Replication::start(0, me, None, None, timing, db, "{}".into(), shutdown.clone()).await.unwrap();
+        assert_eq!(replica.status().borrow().role, Role::Primary, "a cluster of one elects itself");
+        fill(&tmpfs.0.join("filler"));
+        let mut proposed = 0;
+        while replica.propose(None, "x".repeat(3000)).await.is_ok() {
+            proposed += 1;
+            assert!(proposed < 10_000, "the disk never filled up");
+        }
+        let mut status = replica.status();
+        let stepped_down = tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.role != Role::Primary));
+        assert!(stepped_down.await.is_ok(), "still primary after failing to append");
+        assert!(replica.propose(None, "{}".into()).await.is_err(), "a replica that stepped down takes no proposals");
         shutdown.cancel();
     }
 
