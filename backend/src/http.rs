@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::routing::get;
 use std::path::Path;
 
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::{Json, Router};
 use replichat_shared::ClusterStatus;
 use serde_json::json;
@@ -36,11 +36,16 @@ pub fn router(state: AppState, static_dir: &Path) -> Router {
         .with_state(state)
 }
 
-/// `GET /healthz`: 200 with the node id, role and log position while the node serves.
-async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// `GET /healthz`: 200 with the node id, role and log position while the node serves; 503 with the reason
+/// while its storage is failing (a full or broken disk), so a load balancer or supervisor can tell.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let status = state.chat.replication().status().borrow().clone();
-    Json(json!({
-        "status": "ok",
+    let (code, health) = match &status.storage_failure {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_failing"),
+    };
+    let mut body = json!({
+        "status": health,
         "id": state.node.id,
         "role": status.role.name(),
         "term": status.term,
@@ -50,7 +55,11 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
         // Group commit at work: entries appended per transaction = proposed_entries / proposal_batches.
         "proposal_batches": status.proposal_batches,
         "proposed_entries": status.proposed_entries,
-    }))
+    });
+    if let Some(reason) = status.storage_failure {
+        body["reason"] = reason.into();
+    }
+    (code, Json(body))
 }
 
 /// The Prometheus text exposition format, version 0.0.4.

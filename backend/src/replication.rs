@@ -95,6 +95,9 @@ pub struct Status {
     pub proposal_batches: u64,
     /// Entries those transactions appended.
     pub proposed_entries: u64,
+    /// Why this replica's storage failed, if it failed within the last two election timeouts (`/healthz`
+    /// answers 503 meanwhile).
+    pub storage_failure: Option<String>,
 }
 
 /// When a write counts as committed (`--ack`).
@@ -222,6 +225,7 @@ impl Replication {
                 term_start: None,
                 proposal_batches: 0,
                 proposed_entries: 0,
+                storage_failure: None,
             })
             .0,
         };
@@ -322,8 +326,9 @@ struct Core {
     proposed_entries: u64,
     /// Peers whose connection is open now.
     reachable: BTreeSet<u64>,
-    /// When this replica's storage last failed to make something durable (see [`Core::storage_failed`]).
-    storage_failed_at: Option<Instant>,
+    /// When and how this replica's storage last failed to make something durable (see
+    /// [`Core::storage_failed`]).
+    storage_failed_at: Option<(Instant, String)>,
     noop: String,
     status: watch::Sender<Status>,
     /// What `/metrics` shows of the status.
@@ -484,7 +489,7 @@ impl Core {
     /// so that a replica with a working disk takes over, and no replica stands for election for a while after
     /// its own storage failed.
     fn storage_failed(&mut self, error: &Error) {
-        self.storage_failed_at = Some(Instant::now());
+        self.storage_failed_at = Some((Instant::now(), error.to_string()));
         if self.role != Role::Backup {
             tracing::error!(error = %error, term = self.term, role = self.role.name(), "storage failed; stepping down");
             self.step_down();
@@ -493,7 +498,13 @@ impl Core {
 
     /// Whether storage failed within the last two election timeouts: such a replica does not stand for election.
     fn storage_recently_failed(&self) -> bool {
-        self.storage_failed_at.is_some_and(|t| t.elapsed() < self.timing.election * 2)
+        self.recent_storage_failure().is_some()
+    }
+
+    /// The last storage failure, if within the last two election timeouts.
+    fn recent_storage_failure(&self) -> Option<&str> {
+        let (at, why) = self.storage_failed_at.as_ref()?;
+        (at.elapsed() < self.timing.election * 2).then_some(why.as_str())
     }
 
     /// Ask whether we could win before disturbing anyone's term. True when no answer is needed.
@@ -1002,6 +1013,7 @@ impl Core {
             term_start: (self.role == Role::Primary).then_some(self.term_start),
             proposal_batches: self.proposal_batches,
             proposed_entries: self.proposed_entries,
+            storage_failure: self.recent_storage_failure().map(str::to_owned),
         };
         self.gauges.record(&status);
         self.status.send_if_modified(|current| {
@@ -1221,6 +1233,8 @@ mod tests {
         let mut status = replica.status();
         let stepped_down = tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.role != Role::Primary));
         assert!(stepped_down.await.is_ok(), "still primary after failing to append");
+        let failure = replica.status().borrow().storage_failure.clone();
+        assert!(failure.as_deref().is_some_and(|f| f.contains("full")), "{failure:?}");
         assert!(replica.propose(None, "{}".into()).await.is_err(), "a replica that stepped down takes no proposals");
         shutdown.cancel();
     }

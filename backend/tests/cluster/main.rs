@@ -8,6 +8,7 @@ mod amnesia;
 mod election;
 mod failover;
 mod faults;
+mod full_disk;
 mod group_commit;
 mod impostor;
 mod metrics;
