@@ -1133,7 +1133,14 @@ async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) ->
     let proof = PeerHandshake::Proof { proof: key.proof(Side::Dialler, &transcript) };
     let text = serde_json::to_string(&proof).expect("frames serialise");
     ws.send(Message::Text(text.into())).await.map_err(|_| "closed during the handshake")?;
-    Ok(())
+    // Nothing more until the listener accepts: it switches to the large frame limit in between.
+    match ws.next().await {
+        Some(Ok(Message::Text(text))) if serde_json::from_str(text.as_str()).ok() == Some(PeerHandshake::Accepted) => {
+            Ok(())
+        }
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err("refused by the peer (does it have another secret?)"),
+        Some(Ok(_)) => Err("expected accepted"),
+    }
 }
 
 type PeerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;

@@ -86,6 +86,7 @@ fn peer_handshake(text: &str) -> bool {
         PeerHandshake::Hello { nonce, .. } => (Some(nonce), None),
         PeerHandshake::Challenge { nonce, proof, .. } => (Some(nonce), Some(proof)),
         PeerHandshake::Proof { proof } => (None, Some(proof)),
+        PeerHandshake::Accepted => (None, None),
     };
     let nonce = nonce.and_then(|n| parse_nonce(n.as_str()));
     if let Some(proof) = proof {

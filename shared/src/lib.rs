@@ -531,6 +531,9 @@ pub enum PeerHandshake {
         /// HMAC-SHA256 with the "dialler" label (32 bytes).
         proof: String,
     },
+    /// Listener -> dialler: the dialler's proof checked out. The dialler sends nothing between its proof and
+    /// this; requests follow it.
+    Accepted,
 }
 
 /// One log entry on the wire.

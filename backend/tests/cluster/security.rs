@@ -16,6 +16,8 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 
 /// RFC 6455 "policy violation": how a replica closes a connection that failed the handshake.
 const CLOSE_POLICY: u16 = 1008;
+/// RFC 6455 "message too big": a frame over 1 KiB before the handshake is done.
+const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Open `/internal/replicate` with no credentials at all: the upgrade itself is open; the handshake decides.
 async fn open(addr: &str) -> Ws {
@@ -56,9 +58,9 @@ async fn hello(ws: &mut Ws, from: u64, to: u64) -> ([u8; 32], Next) {
     (nonce, next(ws).await)
 }
 
-/// Run the dialler's side of the handshake as `from` towards `to` with `key`; returns the transcript and the
-/// proof sent (after checking the listener's proof with `listener_key`).
-async fn handshake(ws: &mut Ws, from: u64, to: u64, key: &PeerKey, listener_key: &PeerKey) -> (Transcript, String) {
+/// Run the dialler's side of the handshake as `from` towards `to` with `key`; returns the proof sent (after
+/// checking the listener's proof with `listener_key`) and the listener's answer to it.
+async fn handshake(ws: &mut Ws, from: u64, to: u64, key: &PeerKey, listener_key: &PeerKey) -> (String, Next) {
     let (dialler_nonce, answer) = hello(ws, from, to).await;
     let Next::Frame(challenge) = answer else { panic!("no challenge: {answer:?}") };
     let challenge: PeerHandshake = serde_json::from_value(challenge).expect("a challenge");
@@ -69,7 +71,7 @@ async fn handshake(ws: &mut Ws, from: u64, to: u64, key: &PeerKey, listener_key:
     assert!(listener_key.verify(Side::Listener, &transcript, &proof), "the listener proves it knows the secret");
     let mine = key.proof(Side::Dialler, &transcript);
     send(ws, PeerHandshake::Proof { proof: mine.clone() }).await;
-    (transcript, mine)
+    (mine, next(ws).await)
 }
 
 /// A pre-vote request from `candidate`: it changes no state anywhere and is always answered.
@@ -100,15 +102,20 @@ async fn only_a_replica_proving_the_secret_is_answered() {
             assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)), "hello from {from} to {to}");
         }
 
-        step!("node {target}: a dialler with a wrong secret is refused after the challenge, and not answered");
+        step!("node {target}: before the handshake, a frame over 1 KiB closes the connection (1009)");
         let mut ws = open(addr).await;
-        handshake(&mut ws, claimed, target, &wrong, &right).await;
-        send(&mut ws, pre_vote(claimed, term)).await;
-        assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_POLICY)));
+        send(&mut ws, json!({"type": "hello", "from": claimed, "to": target, "nonce": "0".repeat(2048)})).await;
+        assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_TOO_BIG)));
 
-        step!("node {target}: the right secret is answered; a replayed proof is not");
+        step!("node {target}: a dialler with a wrong secret is refused after the challenge");
         let mut ws = open(addr).await;
-        let (_, proof) = handshake(&mut ws, claimed, target, &right, &right).await;
+        let (_, answer) = handshake(&mut ws, claimed, target, &wrong, &right).await;
+        assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)));
+
+        step!("node {target}: the right secret is accepted and answered; a replayed proof is not");
+        let mut ws = open(addr).await;
+        let (proof, answer) = handshake(&mut ws, claimed, target, &right, &right).await;
+        assert_eq!(answer, Next::Frame(json!({"type": "accepted"})));
         send(&mut ws, pre_vote(claimed, term)).await;
         let Next::Frame(voted) = next(&mut ws).await else { panic!("no answer to an authenticated pre-vote") };
         assert_eq!((voted["type"].as_str(), voted["from"].as_u64()), (Some("voted"), Some(target)));
@@ -116,7 +123,6 @@ async fn only_a_replica_proving_the_secret_is_answered() {
         let (_, challenge) = hello(&mut replay, claimed, target).await;
         assert!(matches!(challenge, Next::Frame(_)), "{challenge:?}");
         send(&mut replay, PeerHandshake::Proof { proof }).await;
-        send(&mut replay, pre_vote(claimed, term)).await;
         assert_eq!(next(&mut replay).await, Next::Closed(Some(CLOSE_POLICY)), "a proof from another handshake");
 
         step!("node {target}: after the handshake, a frame naming another sender ends the connection");
