@@ -1086,8 +1086,8 @@ async fn dial(
                         Ok(frame @ (PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. })) if from == peer.id => {
                             if inbox.send(Input::Response(frame)).await.is_err() { return; }
                         }
-                        Ok(frame) => {
-                            tracing::warn!(peer = peer.id, ?frame, "a peer answered in another name, or not with an answer; dropping it");
+                        Ok(_) => {
+                            tracing::warn!(peer = peer.id, "a peer answered in another name, or not with an answer; dropping it");
                             break;
                         }
                         Err(e) => tracing::warn!(peer = peer.id, error = %e, "bad frame from peer"),
