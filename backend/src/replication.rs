@@ -1040,7 +1040,7 @@ async fn dial(
     shutdown: CancellationToken,
 ) {
     let url = format!("{}/internal/replicate", peer.url.replacen("http", "ws", 1));
-    let mut logged_down = false;
+    let (mut logged_down, mut logged_refused) = (false, false);
     while !shutdown.is_cancelled() {
         let request = match url.as_str().into_client_request() {
             Ok(request) => request,
@@ -1057,9 +1057,11 @@ async fn dial(
         let ws = match tokio::time::timeout(Duration::from_secs(1), opened).await {
             Ok(Ok(ws)) => ws,
             Ok(Err((reached, e))) => {
-                if reached {
+                // Once per outage, not every 100 ms (a counter would be the next step).
+                if reached && !logged_refused {
                     tracing::warn!(peer = peer.id, reason = %e, "the replica at this peer's URL did not authenticate");
-                } else if !logged_down {
+                    logged_refused = true;
+                } else if !reached && !logged_down {
                     tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
                     logged_down = true;
                 }
@@ -1068,7 +1070,7 @@ async fn dial(
             Err(_) => continue,
         };
         tracing::info!(peer = peer.id, "connected to peer");
-        logged_down = false;
+        (logged_down, logged_refused) = (false, false);
         let _ = inbox.send(Input::Reachable(peer.id, true)).await;
         // Frames queued while the peer was away are stale; the core resends what matters.
         while outbound.try_recv().is_ok() {}
