@@ -149,12 +149,9 @@ impl Chat {
         &self.replication
     }
 
-    /// What is wrong with this replica right now, if anything: `/healthz` answers 503 with it.
-    pub fn problem(&self) -> Option<String> {
-        if let Some(fatal) = self.fatal.lock().expect("fatal lock").clone() {
-            return Some(format!("stopping: {fatal}"));
-        }
-        self.storage_problem.lock().expect("problem lock").clone().map(|p| format!("storage failing: {p}"))
+    /// Why applying committed entries is failing right now, if it is (storage trouble being retried).
+    pub fn storage_problem(&self) -> Option<String> {
+        self.storage_problem.lock().expect("problem lock").clone()
     }
 
     /// Why the replica stopped itself, if it did.

@@ -52,7 +52,8 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     pub peers: Vec<Peer>,
 
-    /// Shared secret replicas present to each other on `/internal/replicate`. Required with `--peers`.
+    /// Shared secret replicas prove to each other on `/internal/replicate` (an HMAC challenge-response; the
+    /// secret itself is never sent). Required with `--peers`.
     #[arg(long, env = "REPLICHAT_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
 

@@ -37,14 +37,19 @@ pub fn router(state: AppState, static_dir: &Path) -> Router {
 }
 
 /// `GET /healthz`: 200 with the node id, role and log position while the node serves; 503 with the reason
-/// while it cannot apply what is committed (storage failing, or stopping on an entry it cannot apply).
+/// while its storage is failing (it could not make its log, term, vote or applied state durable: a full or
+/// broken disk), or while it is stopping on a committed entry it cannot apply.
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let status = state.chat.replication().status().borrow().clone();
-    let problem = state.chat.problem();
-    let code = if problem.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let (health, reason) = match (state.chat.fatal(), status.storage_failure.clone().or(state.chat.storage_problem())) {
+        (Some(fatal), _) => ("stopping", Some(fatal)),
+        (None, Some(failure)) => ("storage_failing", Some(failure)),
+        (None, None) => ("ok", None),
+    };
+    let code = if reason.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let body = json!({
-        "status": if problem.is_some() { "failing" } else { "ok" },
-        "reason": problem,
+        "status": health,
+        "reason": reason,
         "id": state.node.id,
         "role": status.role.name(),
         "term": status.term,

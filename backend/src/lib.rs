@@ -13,7 +13,10 @@
 //!   state machine), and the read queries.
 //! - [`replication`]: terms, elections, log shipping and the commit index (Raft's rules, lowest live id
 //!   preferred); entries are opaque to it.
-//! - [`internal`]: the accepting side of `/internal/replicate`, authenticated by the cluster secret.
+//! - [`peer_auth`]: the HMAC challenge-response by which two replicas prove the cluster secret to each other
+//!   without sending it.
+//! - [`internal`]: the accepting side of `/internal/replicate`: the listener's half of the handshake, then
+//!   each request frame through the replication core.
 //! - [`chat`]: each chat operation: validate against current state, build the op, propose it, wait until it
 //!   is committed and applied; and the applier, which applies committed entries and publishes their events.
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
@@ -37,6 +40,7 @@ pub mod internal;
 pub mod metrics;
 pub mod op;
 pub mod password;
+pub mod peer_auth;
 pub mod replication;
 pub mod session;
 pub mod storage;

@@ -7,7 +7,9 @@
 //!
 //! The rules, as the code implements them (docs/ARCHITECTURE.md has the prose and the failure timeline):
 //! - Terms and votes are persisted before a replica acts on them. A frame with a higher term makes the
-//!   receiver adopt it and become a backup; requests with a lower term are refused.
+//!   receiver adopt it and become a backup; requests with a lower term are refused. A term beyond what the
+//!   sender could have reached (more than `MAX_TERM_LEAP` above ours) is refused and logged, never adopted, and
+//!   term arithmetic is checked: nothing wraps at 2^64-1.
 //! - An election starts when a backup has not heard a primary for its election timeout: the base timeout
 //!   plus half of it for each lower id (not counting the primary it last followed) plus ≤10 % jitter, so the
 //!   lowest live id tries first. It first asks for pre-votes
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
-use replichat_shared::{PeerFrame, ReplicaView, WireEntry};
+use replichat_shared::{PeerFrame, PeerHandshake, ReplicaView, WireEntry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -34,6 +36,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Peer;
+use crate::peer_auth::{self, PeerKey, Side, Transcript};
 use crate::storage::{Db, Snapshot};
 use crate::{Error, Result};
 
@@ -41,6 +44,10 @@ use crate::{Error, Result};
 const BATCH: u32 = 256;
 /// Queue depth towards one peer; a full queue drops frames (the primary resends on the next heartbeat).
 const OUTBOUND_DEPTH: usize = 64;
+/// Furthest a frame's term may be ahead of the receiver's. Terms grow by one per election, and pre-votes keep
+/// a cut-off replica from raising its own, so no real cluster gets near this; a frame beyond it is a bug or
+/// an attack, and adopting it could exhaust the term space (a replica at 2^64-1 can never start an election).
+const MAX_TERM_LEAP: u64 = 1 << 32;
 /// Pause between attempts to reach a peer that is down.
 const REDIAL: Duration = Duration::from_millis(100);
 
@@ -88,6 +95,9 @@ pub struct Status {
     pub proposal_batches: u64,
     /// Entries those transactions appended.
     pub proposed_entries: u64,
+    /// Why this replica's storage failed, if it failed within the last two election timeouts (`/healthz`
+    /// answers 503 meanwhile).
+    pub storage_failure: Option<String>,
 }
 
 /// When a write counts as committed (`--ack`).
@@ -172,8 +182,8 @@ impl Replication {
         for peer in peers.iter().filter(|p| p.id != id) {
             let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
             outbound.insert(peer.id, tx);
-            let secret = secret.clone().unwrap_or_default();
-            tokio::spawn(dial(peer.clone(), secret, bind_ip, rx, inbox_tx.clone(), shutdown.clone()));
+            let key = PeerKey::derive(secret.as_deref().unwrap_or_default());
+            tokio::spawn(dial(id, peer.clone(), key, bind_ip, rx, inbox_tx.clone(), shutdown.clone()));
         }
         let mut core = Core {
             id,
@@ -202,6 +212,7 @@ impl Replication {
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
+            storage_failed_at: None,
             gauges: crate::metrics::ReplicaGauges::new(all.keys().copied().filter(|&peer| peer != id)),
             noop,
             status: watch::channel(Status {
@@ -214,6 +225,7 @@ impl Replication {
                 term_start: None,
                 proposal_batches: 0,
                 proposed_entries: 0,
+                storage_failure: None,
             })
             .0,
         };
@@ -314,6 +326,9 @@ struct Core {
     proposed_entries: u64,
     /// Peers whose connection is open now.
     reachable: BTreeSet<u64>,
+    /// When and how this replica's storage last failed to make something durable (see
+    /// [`Core::storage_failed`]).
+    storage_failed_at: Option<(Instant, String)>,
     noop: String,
     status: watch::Sender<Status>,
     /// What `/metrics` shows of the status.
@@ -399,7 +414,16 @@ impl Core {
     async fn handle(&mut self, input: Input) -> Result<()> {
         match input {
             Input::Request { frame, reply } => {
-                let answer = self.on_request(frame).await?;
+                let answer = match self.on_request(frame).await {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        if matches!(e, Error::Db(_) | Error::Io(_)) {
+                            // No answer: the primary does not count what this replica could not store.
+                            self.storage_failed(&e);
+                        }
+                        return Err(e);
+                    }
+                };
                 let _ = reply.send(answer);
             }
             Input::Response(frame) => self.on_response(frame).await?,
@@ -438,10 +462,7 @@ impl Core {
                     self.advance_commit();
                 } else if 1 + recent < self.majority() && now - self.primary_since > window {
                     tracing::warn!(term = self.term, "primary lost contact with a majority; stepping down");
-                    self.role = Role::Backup;
-                    self.leader = None;
-                    self.heard_leader = None;
-                    self.reset_election_deadline();
+                    self.step_down();
                     return Ok(());
                 }
                 self.broadcast_append().await
@@ -455,8 +476,50 @@ impl Core {
         }
     }
 
+    /// Stop being primary (or candidate) without a new term: a backup waiting for its election timer.
+    fn step_down(&mut self) {
+        self.role = Role::Backup;
+        self.leader = None;
+        self.heard_leader = None;
+        self.term_start = u64::MAX;
+        self.reset_election_deadline();
+    }
+
+    /// Note that this replica's storage just failed to make something durable. A primary steps down at once,
+    /// so that a replica with a working disk takes over, and no replica stands for election for a while after
+    /// its own storage failed.
+    fn storage_failed(&mut self, error: &Error) {
+        self.storage_failed_at = Some((Instant::now(), error.to_string()));
+        if self.role != Role::Backup {
+            tracing::error!(error = %error, term = self.term, role = self.role.name(), "storage failed; stepping down");
+            self.step_down();
+        }
+    }
+
+    /// Whether storage failed within the last two election timeouts: such a replica does not stand for election.
+    fn storage_recently_failed(&self) -> bool {
+        self.recent_storage_failure().is_some()
+    }
+
+    /// The last storage failure, if within the last two election timeouts.
+    fn recent_storage_failure(&self) -> Option<&str> {
+        let (at, why) = self.storage_failed_at.as_ref()?;
+        (at.elapsed() < self.timing.election * 2).then_some(why.as_str())
+    }
+
     /// Ask whether we could win before disturbing anyone's term. True when no answer is needed.
     fn start_pre_vote(&mut self) -> bool {
+        if self.storage_recently_failed() {
+            tracing::warn!(term = self.term, "not standing for election: this replica's storage failed recently");
+            self.reset_election_deadline();
+            return false;
+        }
+        let Some(next_term) = self.term.checked_add(1) else {
+            // Unreachable through frames (see MAX_TERM_LEAP), but a stored term could be anything.
+            tracing::error!(term = self.term, "the term space is exhausted; this replica cannot start an election");
+            self.reset_election_deadline();
+            return false;
+        };
         tracing::info!(term = self.term, "no primary heard; asking for pre-votes");
         self.role = Role::Candidate;
         self.leader = None;
@@ -468,7 +531,7 @@ impl Core {
             return true;
         }
         let frame = PeerFrame::Vote {
-            term: self.term + 1,
+            term: next_term,
             candidate: self.id,
             last_index: self.last_index,
             last_term: self.last_term,
@@ -479,9 +542,14 @@ impl Core {
     }
 
     async fn start_election(&mut self) -> Result<()> {
-        self.term += 1;
+        let term = self.term.checked_add(1).ok_or_else(|| Error::Corrupt("the term space is exhausted".into()))?;
+        // Durable first: a term and vote only this process's memory holds must not reach anyone.
+        if let Err(e) = self.db.save_election_state(term, Some(self.id)).await {
+            self.storage_failed(&e);
+            return Err(e);
+        }
+        self.term = term;
         self.voted_for = Some(self.id);
-        self.db.save_election_state(self.term, self.voted_for).await?;
         self.role = Role::Candidate;
         self.leader = None;
         self.real_election = true;
@@ -526,7 +594,13 @@ impl Core {
             .collect();
         self.primary_since = Instant::now();
         let noop = WireEntry { index: next, term: self.term, op: self.noop.clone() };
-        (self.last_index, self.last_term) = self.db.append_entries(std::slice::from_ref(&noop)).await?;
+        match self.db.append_entries(std::slice::from_ref(&noop)).await {
+            Ok(last) => (self.last_index, self.last_term) = last,
+            Err(e) => {
+                self.storage_failed(&e);
+                return Err(e);
+            }
+        }
         self.term_start = next;
         tracing::info!(term = self.term, last_index = self.last_index, "became primary");
         crate::metrics::election_won();
@@ -576,6 +650,7 @@ impl Core {
                 for (_, reply) in replies {
                     let _ = reply.send(Err(Error::Unavailable));
                 }
+                self.storage_failed(&e);
                 return Err(e);
             }
         }
@@ -596,7 +671,46 @@ impl Core {
         PeerFrame::Appended { term: self.term, from: self.id, success, last_index }
     }
 
+    /// Whether a peer could have reached `term`: no further than [`MAX_TERM_LEAP`] beyond ours.
+    fn plausible(&self, term: u64) -> bool {
+        term <= self.term.saturating_add(MAX_TERM_LEAP)
+    }
+
+    /// Refuse a request that no correct replica sends: an absurd term, entries that do not follow `prev_index`
+    /// one by one, or terms that go backwards or beyond the sender's own. Such a frame is an error (logged; the
+    /// connection that carried it is dropped), not something to adopt.
+    fn check_request(&self, frame: &PeerFrame) -> Result<()> {
+        let absurd = |what: String| Err(Error::BadRequest(format!("refused a peer frame: {what}")));
+        let (term, last_term) = match frame {
+            PeerFrame::Append { term, prev_index, prev_term, entries, .. } => {
+                let mut expected = (prev_index.checked_add(1), (*prev_term).max(1));
+                for entry in entries {
+                    if Some(entry.index) != expected.0 || entry.term < expected.1 || entry.term > *term {
+                        return absurd(format!(
+                            "entry ({}, term {}) after prev_index {prev_index}, prev_term {prev_term}, in term {term}",
+                            entry.index, entry.term
+                        ));
+                    }
+                    expected = (entry.index.checked_add(1), entry.term);
+                }
+                (*term, *prev_term)
+            }
+            PeerFrame::Snapshot { term, last_term, .. } | PeerFrame::Vote { term, last_term, .. } => {
+                (*term, *last_term)
+            }
+            other => return absurd(format!("not a request: {other:?}")),
+        };
+        if !self.plausible(term) {
+            return absurd(format!("term {term} is beyond reach from this replica's term {}", self.term));
+        }
+        if last_term > term {
+            return absurd(format!("a last term {last_term} above the frame's term {term}"));
+        }
+        Ok(())
+    }
+
     async fn on_request(&mut self, frame: PeerFrame) -> Result<PeerFrame> {
+        self.check_request(&frame)?;
         match frame {
             PeerFrame::Append { term, leader, prev_index, prev_term, entries, commit, cluster } => {
                 if term < self.term {
@@ -675,6 +789,10 @@ impl Core {
     async fn on_response(&mut self, frame: PeerFrame) -> Result<()> {
         match frame {
             PeerFrame::Appended { term, from, success, last_index } => {
+                if !self.plausible(term) || success && last_index > self.last_index {
+                    tracing::warn!(term, from, last_index, "ignored an absurd answer from a peer");
+                    return Ok(());
+                }
                 if term > self.term {
                     tracing::warn!(term, from, "a backup has a higher term; stepping down");
                     return self.follow(term, None).await;
@@ -696,12 +814,32 @@ impl Core {
                         self.send_append(from).await?;
                     }
                 } else {
-                    progress.next = (last_index + 1).min(progress.next.saturating_sub(1)).max(progress.matched + 1);
+                    // The refusal names the backup's real last index. Below what it acknowledged before, it lost
+                    // entries (a wiped or restored disk): follow it down, or it is never caught up.
+                    if last_index < progress.matched {
+                        tracing::warn!(
+                            peer = from,
+                            acknowledged = progress.matched,
+                            last_index,
+                            "a backup has less log than it acknowledged; catching it up from there"
+                        );
+                        progress.matched = last_index;
+                        if progress.in_sync && last_index < self.commit_index {
+                            // Commits must not wait for (or count) a replica that lost committed entries.
+                            progress.in_sync = false;
+                        }
+                    }
+                    progress.next =
+                        last_index.saturating_add(1).min(progress.next.saturating_sub(1)).max(progress.matched + 1);
                     self.send_append(from).await?;
                 }
                 Ok(())
             }
             PeerFrame::Voted { term, from, granted, pre } => {
+                if !self.plausible(term) {
+                    tracing::warn!(term, from, "ignored an absurd answer from a peer");
+                    return Ok(());
+                }
                 if term > self.term && !granted {
                     return self.follow(term, None).await;
                 }
@@ -875,6 +1013,7 @@ impl Core {
             term_start: (self.role == Role::Primary).then_some(self.term_start),
             proposal_batches: self.proposal_batches,
             proposed_entries: self.proposed_entries,
+            storage_failure: self.recent_storage_failure().map(str::to_owned),
         };
         self.gauges.record(&status);
         self.status.send_if_modified(|current| {
@@ -888,33 +1027,41 @@ impl Core {
     }
 }
 
-/// Keep a connection to `peer` open, sending what the core queues and handing back its answers.
+/// Keep a connection to `peer` open, sending what the core queues and handing back its answers. Each
+/// connection starts with the dialler's half of the handshake ([`peer_auth`]); a peer that does not prove
+/// itself, or later answers in another replica's name, is dropped and dialled again.
 async fn dial(
+    id: u64,
     peer: Peer,
-    secret: String,
+    key: PeerKey,
     bind_ip: Option<std::net::IpAddr>,
     mut outbound: mpsc::Receiver<PeerFrame>,
     inbox: mpsc::Sender<Input>,
     shutdown: CancellationToken,
 ) {
     let url = format!("{}/internal/replicate", peer.url.replacen("http", "ws", 1));
-    let mut logged_down = false;
+    let (mut logged_down, mut logged_refused) = (false, false);
     while !shutdown.is_cancelled() {
-        let mut request = match url.as_str().into_client_request() {
+        let request = match url.as_str().into_client_request() {
             Ok(request) => request,
             Err(e) => {
                 tracing::error!(peer = peer.id, error = %e, "bad peer URL");
                 return;
             }
         };
-        if let Ok(value) = format!("Bearer {secret}").parse() {
-            request.headers_mut().insert("authorization", value);
-        }
-        let connected = tokio::time::timeout(Duration::from_secs(1), connect(request, bind_ip)).await;
-        let ws = match connected {
+        let opened = async {
+            let mut ws = connect(request, bind_ip).await.map_err(|e| (false, e))?;
+            authenticate(&mut ws, id, peer.id, &key).await.map_err(|e| (true, e.to_owned()))?;
+            Ok::<_, (bool, String)>(ws)
+        };
+        let ws = match tokio::time::timeout(Duration::from_secs(1), opened).await {
             Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                if !logged_down {
+            Ok(Err((reached, e))) => {
+                // Once per outage, not every 100 ms (a counter would be the next step).
+                if reached && !logged_refused {
+                    tracing::warn!(peer = peer.id, reason = %e, "the replica at this peer's URL did not authenticate");
+                    logged_refused = true;
+                } else if !reached && !logged_down {
                     tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
                     logged_down = true;
                 }
@@ -923,7 +1070,7 @@ async fn dial(
             Err(_) => continue,
         };
         tracing::info!(peer = peer.id, "connected to peer");
-        logged_down = false;
+        (logged_down, logged_refused) = (false, false);
         let _ = inbox.send(Input::Reachable(peer.id, true)).await;
         // Frames queued while the peer was away are stale; the core resends what matters.
         while outbound.try_recv().is_ok() {}
@@ -938,7 +1085,13 @@ async fn dial(
                 }
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<PeerFrame>(text.as_str()) {
-                        Ok(frame) => { if inbox.send(Input::Response(frame)).await.is_err() { return; } }
+                        Ok(frame @ (PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. })) if from == peer.id => {
+                            if inbox.send(Input::Response(frame)).await.is_err() { return; }
+                        }
+                        Ok(_) => {
+                            tracing::warn!(peer = peer.id, "a peer answered in another name, or not with an answer; dropping it");
+                            break;
+                        }
                         Err(e) => tracing::warn!(peer = peer.id, error = %e, "bad frame from peer"),
                     },
                     Some(Ok(_)) => {}
@@ -948,6 +1101,47 @@ async fn dial(
         }
         tracing::info!(peer = peer.id, "connection to peer lost");
         let _ = inbox.send(Input::Reachable(peer.id, false)).await;
+    }
+}
+
+/// The dialler's half of the handshake with the replica expected to be `peer`: say hello, check the
+/// listener's proof, and only then send ours. Nothing else is sent before the listener proved itself.
+async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) -> std::result::Result<(), &'static str> {
+    let dialler_nonce = peer_auth::nonce();
+    let hello = PeerHandshake::Hello { from: id, to: peer, nonce: hex::encode(dialler_nonce) };
+    let text = serde_json::to_string(&hello).expect("frames serialise");
+    ws.send(Message::Text(text.into())).await.map_err(|_| "closed during the handshake")?;
+    let challenge = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => break text,
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err("refused by the peer"),
+            Some(Ok(_)) => continue,
+        }
+    };
+    let Ok(PeerHandshake::Challenge { from, nonce, proof }) = serde_json::from_str(challenge.as_str()) else {
+        return Err("expected a challenge");
+    };
+    if from != peer {
+        return Err("the challenge names another replica");
+    }
+    let listener_nonce = peer_auth::parse_nonce(&nonce).ok_or("bad nonce")?;
+    if listener_nonce == dialler_nonce {
+        return Err("the listener echoed our nonce");
+    }
+    let transcript = Transcript { dialler: id, listener: peer, dialler_nonce, listener_nonce };
+    if !key.verify(Side::Listener, &transcript, &proof) {
+        return Err("wrong proof: the listener does not know the cluster secret");
+    }
+    let proof = PeerHandshake::Proof { proof: key.proof(Side::Dialler, &transcript) };
+    let text = serde_json::to_string(&proof).expect("frames serialise");
+    ws.send(Message::Text(text.into())).await.map_err(|_| "closed during the handshake")?;
+    // Nothing more until the listener accepts: it switches to the large frame limit in between.
+    match ws.next().await {
+        Some(Ok(Message::Text(text))) if serde_json::from_str(text.as_str()).ok() == Some(PeerHandshake::Accepted) => {
+            Ok(())
+        }
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err("refused by the peer (does it have another secret?)"),
+        Some(Ok(_)) => Err("expected accepted"),
     }
 }
 
@@ -972,4 +1166,112 @@ async fn connect(
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| e.to_string())?;
     Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica 0 of three whose peers are unreachable (nothing listens on port 9 of loopback), over a fresh
+    /// SQLite file whose stored term is `term`, with the given election timeout.
+    async fn replica(term: u64, election: Duration) -> (Replication, CancellationToken) {
+        let dir = std::env::temp_dir().join("replichat-replication-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.db", uuid::Uuid::new_v4().simple()));
+        let db = Db::open(&format!("sqlite://{}", path.display())).await.unwrap();
+        db.save_election_state(term, None).await.unwrap();
+        let peers = (0..3).map(|id| Peer { id, url: "http://127.0.0.1:9".to_owned() }).collect();
+        let timing = Timing { heartbeat: election / 10, election, ack: Ack::Majority };
+        let shutdown = CancellationToken::new();
+        let replication =
+            Replication::start(0, peers, Some("s".into()), None, timing, db, "{}".into(), shutdown.clone()).await;
+        (replication.unwrap(), shutdown)
+    }
+
+    fn heartbeat(term: u64) -> PeerFrame {
+        PeerFrame::Append { term, leader: 1, prev_index: 0, prev_term: 0, entries: vec![], commit: 0, cluster: vec![] }
+    }
+
+    #[tokio::test]
+    async fn an_absurd_term_is_refused_not_adopted() {
+        let (replica, shutdown) = replica(3, Duration::from_secs(3600)).await;
+        for absurd in [u64::MAX, 3 + MAX_TERM_LEAP + 1] {
+            let answer = replica.request(heartbeat(absurd)).await;
+            assert!(!matches!(answer, Some(PeerFrame::Appended { success: true, .. })), "{absurd}: {answer:?}");
+            let vote = PeerFrame::Vote { term: absurd, candidate: 2, last_index: 9, last_term: 9, pre: false };
+            let answer = replica.request(vote).await;
+            assert!(!matches!(answer, Some(PeerFrame::Voted { granted: true, .. })), "{absurd}: {answer:?}");
+            assert_eq!(replica.status().borrow().term, 3, "term {absurd} was adopted");
+        }
+        // Entries that do not follow `prev_index` one by one, or claim a term above the frame's, are refused.
+        let entry = |index, term| WireEntry { index, term, op: "{}".into() };
+        for entries in [vec![entry(2, 4)], vec![entry(1, 4), entry(3, 4)], vec![entry(1, 5)], vec![entry(1, 0)]] {
+            let PeerFrame::Append { term, leader, prev_index, prev_term, commit, cluster, .. } = heartbeat(4) else {
+                unreachable!()
+            };
+            let frame =
+                PeerFrame::Append { term, leader, prev_index, prev_term, entries: entries.clone(), commit, cluster };
+            let answer = replica.request(frame).await;
+            assert!(!matches!(answer, Some(PeerFrame::Appended { success: true, .. })), "{entries:?}: {answer:?}");
+            assert_eq!(replica.status().borrow().last_index, 0, "{entries:?} were appended");
+        }
+        // A plausible higher term is adopted as ever.
+        let answer = replica.request(heartbeat(4)).await;
+        assert!(matches!(answer, Some(PeerFrame::Appended { success: true, term: 4, .. })), "{answer:?}");
+        assert_eq!(replica.status().borrow().term, 4);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_primary_that_cannot_append_steps_down() {
+        use crate::storage::tests::{fill, Tmpfs};
+        let tmpfs = Tmpfs::mount("4m");
+        let db = Db::open(&format!("sqlite://{}", tmpfs.0.join("replica.db").display())).await.unwrap();
+        let timing =
+            Timing { heartbeat: Duration::from_millis(10), election: Duration::from_millis(100), ack: Ack::Majority };
+        let shutdown = CancellationToken::new();
+        let me = vec![Peer { id: 0, url: "http://127.0.0.1:9".to_owned() }];
+        let replica = Replication::start(0, me, None, None, timing, db, "{}".into(), shutdown.clone()).await.unwrap();
+        assert_eq!(replica.status().borrow().role, Role::Primary, "a cluster of one elects itself");
+        fill(&tmpfs.0.join("filler"));
+        let mut proposed = 0;
+        while replica.propose(None, "x".repeat(3000)).await.is_ok() {
+            proposed += 1;
+            assert!(proposed < 10_000, "the disk never filled up");
+        }
+        let mut status = replica.status();
+        let stepped_down = tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.role != Role::Primary));
+        assert!(stepped_down.await.is_ok(), "still primary after failing to append");
+        let failure = replica.status().borrow().storage_failure.clone();
+        assert!(failure.as_deref().is_some_and(|f| f.contains("full")), "{failure:?}");
+        assert!(replica.propose(None, "{}".into()).await.is_err(), "a replica that stepped down takes no proposals");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_last_term_does_not_wrap_into_an_election() {
+        let election = Duration::from_millis(20);
+        let (replica, shutdown) = replica(u64::MAX, election).await;
+        let mut status = replica.status();
+        // Several election timeouts: with `term + 1` unchecked the pre-vote overflows (a panic that ends the
+        // core in a debug build; term 0 and endless candidacy in a release build).
+        let changed = tokio::time::timeout(election * 20, async {
+            loop {
+                if status.changed().await.is_err() {
+                    return "the replication core stopped";
+                }
+                let now = status.borrow().clone();
+                if now.term != u64::MAX || now.role == Role::Primary {
+                    return "the term wrapped";
+                }
+            }
+        })
+        .await;
+        if let Ok(what) = changed {
+            panic!("{what}");
+        }
+        assert_eq!(replica.status().borrow().term, u64::MAX);
+        assert!(replica.request(heartbeat(u64::MAX)).await.is_some(), "the core still answers");
+        shutdown.cancel();
+    }
 }

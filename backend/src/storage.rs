@@ -134,6 +134,41 @@ const MESSAGE_SELECT: &str = "SELECT m.id, s.username AS sender, r.username AS r
      m.sent_at, m.delivered_at, m.read_at, s.deleted_at AS sender_deleted \
      FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id";
 
+/// See [`Db::transaction_connection`].
+struct TxConnection {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    finished: bool,
+}
+
+impl TxConnection {
+    /// The transaction committed: the connection may be reused.
+    fn finished(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl std::ops::Deref for TxConnection {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for TxConnection {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for TxConnection {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::warn!("a storage transaction failed; closing its connection (the next one is fresh)");
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 impl Db {
     /// Connect to `url` (`sqlite://path` or `postgres://...`), creating a SQLite file if missing, and run
     /// the migrations.
@@ -166,6 +201,15 @@ impl Db {
             .await?;
         MIGRATOR.run(&pool).await?;
         Ok(Db { pool, backend })
+    }
+
+    /// A pooled connection for one transaction. Unless [`TxConnection::finished`] is called after the commit,
+    /// it is closed instead of going back to the pool: after a failed statement or COMMIT (a full disk) the
+    /// connection's transaction state cannot be trusted. (Returned to the pool, a SQLite connection whose
+    /// COMMIT failed kept a non-zero transaction depth, and every later transaction on it failed with
+    /// "attempted to call begin_with at non-zero transaction depth", also once the disk had space again.)
+    async fn transaction_connection(&self) -> Result<TxConnection> {
+        Ok(TxConnection { conn: self.pool.acquire().await?, finished: false })
     }
 
     /// The engine behind this handle.
@@ -227,18 +271,19 @@ impl Db {
             return Ok(None);
         }
         let Some(term) = self.term_at(cut).await? else { return Ok(None) };
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         sqlx::query("DELETE FROM log WHERE idx <= $1").bind(cut as i64).execute(&mut *tx).await?;
         set_meta(&mut tx, "compacted_index", cut as i64).await?;
         set_meta(&mut tx, "compacted_term", term as i64).await?;
         tx.commit().await?;
+        conn.finished();
         Ok(Some(cut))
     }
 
     /// The applied state, consistently read in one transaction.
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         // Every statement below must see the same state (SQLite's read transactions always do).
         let begin = match self.backend {
             Backend::Sqlite => "BEGIN",
@@ -274,12 +319,13 @@ impl Db {
             tables.insert((*table).to_owned(), out);
         }
         tx.commit().await?;
+        conn.finished();
         Ok(Snapshot { last_index: applied, last_term: term, tables })
     }
 
     /// Replace the whole state and log with `snapshot`, in one transaction.
     pub async fn install_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         sqlx::query("DELETE FROM log").execute(&mut *tx).await?;
         for (table, columns, _) in STATE_TABLES {
@@ -317,6 +363,7 @@ impl Db {
         set_meta(&mut tx, "compacted_index", snapshot.last_index as i64).await?;
         set_meta(&mut tx, "compacted_term", snapshot.last_term as i64).await?;
         tx.commit().await?;
+        conn.finished();
         Ok(())
     }
 
@@ -324,7 +371,7 @@ impl Db {
     /// kept; one with another term, and everything after it, is replaced (it was never committed). Returns
     /// the new last (index, term).
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         let started = Instant::now();
         let mut tx = conn.begin_with(self.begin_write()).await?;
         let mut truncated = false;
@@ -358,6 +405,7 @@ impl Db {
             written += 1;
         }
         tx.commit().await?;
+        conn.finished();
         crate::metrics::log_appended(written, started.elapsed());
         self.last_entry().await
     }
@@ -370,7 +418,7 @@ impl Db {
     /// Apply the entries after the applied index up to `up_to` (committed ones only), in one transaction.
     /// Returns the new applied index and the events the entries caused, in index order.
     pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         let applied = get_meta(&mut *tx, "applied_index").await?.unwrap_or(0);
         let rows = sqlx::query("SELECT idx, op FROM log WHERE idx > $1 AND idx <= $2 ORDER BY idx")
@@ -417,6 +465,7 @@ impl Db {
             set_meta(&mut tx, "applied_index", last).await?;
         }
         tx.commit().await?;
+        conn.finished();
         crate::metrics::messages_stored(messages);
         Ok((last as u64, deliveries))
     }
@@ -430,11 +479,12 @@ impl Db {
 
     /// Durably record the term and vote (before acting on them).
     pub async fn save_election_state(&self, term: u64, voted_for: Option<u64>) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         set_meta(&mut tx, "term", term as i64).await?;
         set_meta(&mut tx, "voted_for", voted_for.map_or(-1, |v| v as i64)).await?;
         tx.commit().await?;
+        conn.finished();
         Ok(())
     }
 
@@ -999,4 +1049,70 @@ fn cell(row: &AnyRow, i: usize) -> Result<String> {
     }
     let v: Option<String> = row.try_get(i)?;
     Ok(v.unwrap_or_else(|| "∅".to_owned()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small tmpfs mounted for the test (root needed), unmounted on drop.
+    pub(crate) struct Tmpfs(pub(crate) std::path::PathBuf);
+
+    impl Tmpfs {
+        pub(crate) fn mount(size: &str) -> Tmpfs {
+            let dir = std::env::temp_dir().join(format!("replichat-tmpfs-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let options = format!("size={size}");
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+                .arg(&dir)
+                .status()
+                .expect("run mount (root needed)");
+            assert!(status.success(), "mount a tmpfs on {} (root needed)", dir.display());
+            Tmpfs(dir)
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// Fill the file system under `path` with a file, until it is full.
+    pub(crate) fn fill(path: &std::path::Path) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(path).unwrap();
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).and_then(|_| file.sync_all()).is_ok() {}
+    }
+
+    #[tokio::test]
+    async fn after_a_full_disk_every_connection_works_again_once_there_is_space() {
+        let tmpfs = Tmpfs::mount("4m");
+        let db = Db::open(&format!("sqlite://{}", tmpfs.0.join("replica.db").display())).await.unwrap();
+        let filler = tmpfs.0.join("filler");
+        fill(&filler);
+        let entry = |index: u64| Entry { index, term: 1, op: "x".repeat(3000) };
+        let mut index = 1;
+        let error = loop {
+            match db.append_entries(&[entry(index)]).await {
+                Ok(_) => index += 1,
+                Err(e) => break e,
+            }
+            assert!(index < 10_000, "the disk never filled up");
+        };
+        assert!(error.to_string().contains("full"), "{error}");
+        std::fs::remove_file(&filler).unwrap();
+        // More transactions than the pool has connections, each kind of write: none may still be stuck in
+        // the failed one.
+        for _ in 0..8 {
+            db.append_entries(&[entry(index)]).await.expect("append once there is space again");
+            index += 1;
+            db.save_election_state(1, Some(0)).await.expect("save the election state once there is space again");
+        }
+        assert_eq!(db.last_entry().await.unwrap(), (index - 1, 1));
+        db.close().await;
+    }
 }

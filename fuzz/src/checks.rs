@@ -10,7 +10,7 @@ use replichat::op::Op;
 use replichat::storage::Snapshot;
 use replichat::wildcard::{name_key, Pattern};
 use replichat::Error;
-use replichat_shared::{ClientFrame, ErrorCode, PeerFrame, Request};
+use replichat_shared::{ClientFrame, ErrorCode, PeerFrame, PeerHandshake, Request};
 
 /// A client text frame, as `/ws` handles it: `ws::decode`, then the checks the server applies to what decoded.
 ///
@@ -48,7 +48,7 @@ pub fn client_frame(data: &[u8]) -> bool {
 /// Properties: nothing panics; a decoded frame and a decoded op survive a round trip through JSON unchanged.
 pub fn peer_frame(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else { return false };
-    let Ok(frame) = serde_json::from_str::<PeerFrame>(text) else { return false };
+    let Ok(frame) = serde_json::from_str::<PeerFrame>(text) else { return peer_handshake(text) };
     let json = serde_json::to_string(&frame).expect("a peer frame serialises");
     let again: PeerFrame = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json} does not decode: {e}"));
     assert_eq!(again, frame, "peer frame changed in a round trip through {json}");
@@ -66,6 +66,34 @@ pub fn peer_frame(data: &[u8]) -> bool {
             }
         }
         PeerFrame::Appended { .. } | PeerFrame::Vote { .. } | PeerFrame::Voted { .. } => {}
+    }
+    true
+}
+
+/// A handshake frame, the first frames of every replication connection (before any [`PeerFrame`]), as
+/// `internal.rs` and the dialling side read it: `serde_json` into a [`PeerHandshake`], then its nonce and proof
+/// as `peer_auth` reads them.
+///
+/// Properties: nothing panics; a decoded frame survives a round trip through JSON unchanged; a nonce parses
+/// only as exactly 32 bytes; a proof made up by the input never verifies.
+fn peer_handshake(text: &str) -> bool {
+    use replichat::peer_auth::{parse_nonce, PeerKey, Side, Transcript};
+    let Ok(frame) = serde_json::from_str::<PeerHandshake>(text) else { return false };
+    let json = serde_json::to_string(&frame).expect("a handshake frame serialises");
+    let again: PeerHandshake = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json} does not decode: {e}"));
+    assert_eq!(again, frame, "handshake frame changed in a round trip through {json}");
+    let (nonce, proof) = match &frame {
+        PeerHandshake::Hello { nonce, .. } => (Some(nonce), None),
+        PeerHandshake::Challenge { nonce, proof, .. } => (Some(nonce), Some(proof)),
+        PeerHandshake::Proof { proof } => (None, Some(proof)),
+        PeerHandshake::Accepted => (None, None),
+    };
+    let nonce = nonce.and_then(|n| parse_nonce(n.as_str()));
+    if let Some(proof) = proof {
+        let transcript =
+            Transcript { dialler: 0, listener: 1, dialler_nonce: nonce.unwrap_or_default(), listener_nonce: [7; 32] };
+        let key = PeerKey::derive("fuzz");
+        assert!(!key.verify(Side::Dialler, &transcript, proof), "a made-up proof verified: {proof}");
     }
     true
 }

@@ -445,9 +445,10 @@ mod tests {
 /// A frame between replicas on the internal WebSocket `/internal/replicate`.
 ///
 /// Every replica dials every other one and sends its *requests* (`append`, `vote`) on the connection it
-/// dialed; the answers (`appended`, `voted`) come back on that same connection, in order. The upgrade request
-/// must carry `Authorization: Bearer <cluster secret>`. Every frame carries the sender's term: a replica that
-/// sees a higher term adopts it (and becomes a backup); requests from a lower term are refused.
+/// dialed; the answers (`appended`, `voted`) come back on that same connection, in order. A connection carries
+/// these only after the [`PeerHandshake`] proved each end to the other; the sender id in every frame
+/// (`leader`, `candidate`, `from`) must be the id that end proved. Every frame carries the sender's term: a
+/// replica that sees a higher term adopts it (and becomes a backup); requests from a lower term are refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PeerFrame {
@@ -524,6 +525,40 @@ pub enum PeerFrame {
         #[serde(default)]
         pre: bool,
     },
+}
+
+/// The handshake that opens every `/internal/replicate` connection, before any [`PeerFrame`]: each end proves
+/// it knows the cluster secret without sending it (an HMAC over both ids and both nonces; docs/PROTOCOL.md
+/// §10.2). Nonces and proofs are lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PeerHandshake {
+    /// Dialler -> listener, the first frame.
+    Hello {
+        /// The dialler's replica id.
+        from: u64,
+        /// The replica id the dialler means to reach (the listener refuses if it is not its own).
+        to: u64,
+        /// The dialler's fresh nonce (32 bytes).
+        nonce: String,
+    },
+    /// Listener -> dialler: its own nonce, and its proof over both ids and both nonces.
+    Challenge {
+        /// The listener's replica id.
+        from: u64,
+        /// The listener's fresh nonce (32 bytes).
+        nonce: String,
+        /// HMAC-SHA256 with the "listener" label (32 bytes).
+        proof: String,
+    },
+    /// Dialler -> listener, sent only once the listener's proof checked out: the dialler's proof.
+    Proof {
+        /// HMAC-SHA256 with the "dialler" label (32 bytes).
+        proof: String,
+    },
+    /// Listener -> dialler: the dialler's proof checked out. The dialler sends nothing between its proof and
+    /// this; requests follow it.
+    Accepted,
 }
 
 /// One log entry on the wire.

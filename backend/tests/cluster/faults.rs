@@ -79,7 +79,8 @@ async fn role(cluster: &Cluster, id: u64) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_primary_steps_down_and_nothing_diverges() {
     let hosts: Vec<String> = ["127.0.0.10", "127.0.0.11", "127.0.0.12"].iter().map(|h| h.to_string()).collect();
-    let (cluster, mut alice) = start_with_alice_and_bob(Options { hosts: Some(hosts.clone()), args: Vec::new() }).await;
+    let (cluster, mut alice) =
+        start_with_alice_and_bob(Options { hosts: Some(hosts.clone()), ..Options::default() }).await;
     let before = alice.send_message("bob", "before the partition").await;
     step!("acknowledged message {before} before the partition");
 
@@ -138,7 +139,7 @@ async fn isolated_primary_steps_down_and_nothing_diverges() {
 /// nothing acknowledged before is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_live_survivor_of_two_crashes_keeps_writing() {
-    let options = Options { hosts: None, args: vec!["--ack".into(), "all-live".into()] };
+    let options = Options { args: vec!["--ack".into(), "all-live".into()], ..Options::default() };
     let (mut cluster, mut alice) = start_with_alice_and_bob(options).await;
     let mut acked = Vec::new();
     for i in 0..10 {
@@ -182,7 +183,7 @@ async fn all_live_survivor_of_two_crashes_keeps_writing() {
 /// snapshot, and ends with the same state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_behind_compaction_catches_up_by_snapshot() {
-    let options = Options { hosts: None, args: vec!["--compact-keep".into(), "20".into()] };
+    let options = Options { args: vec!["--compact-keep".into(), "20".into()], ..Options::default() };
     let (mut cluster, mut alice) = start_with_alice_and_bob(options).await;
     cluster.kill(2).await;
     for i in 0..80 {

@@ -104,6 +104,9 @@ pub struct Options {
     pub hosts: Option<Vec<String>>,
     /// More flags for every node.
     pub args: Vec<String>,
+    /// Put these nodes' SQLite files in these directories instead of the test directory (a small tmpfs, to
+    /// fill a replica's disk).
+    pub sqlite_dirs: Vec<(u64, PathBuf)>,
 }
 
 impl Cluster {
@@ -136,7 +139,10 @@ impl Cluster {
         };
         for (i, port) in ports.iter().enumerate() {
             let db = match engine {
-                Engine::Sqlite => format!("sqlite://{}", dir.join(format!("node{i}.db")).display()),
+                Engine::Sqlite => {
+                    let own = options.sqlite_dirs.iter().find(|(id, _)| *id == i as u64).map(|(_, d)| d.clone());
+                    format!("sqlite://{}", own.unwrap_or(dir.clone()).join(format!("node{i}.db")).display())
+                }
                 Engine::Postgres => {
                     let (url, name) = fresh_pg_db(&format!("{unique}_n{i}")).await;
                     cluster.pg_databases.push(name);

@@ -4,10 +4,13 @@
 
 mod harness;
 
+mod amnesia;
 mod election;
 mod failover;
 mod faults;
+mod full_disk;
 mod group_commit;
+mod impostor;
 mod metrics;
 mod poison;
 mod security;

@@ -1,64 +1,139 @@
-//! The internal replication endpoint is only for replicas that know the cluster secret.
+//! The internal replication endpoint only talks to replicas that prove they know the cluster secret (the
+//! challenge-response of docs/PROTOCOL.md §10.2), and only as the replica they proved to be.
 
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{header::AUTHORIZATION, HeaderValue, StatusCode};
-use tokio_tungstenite::tungstenite::Error as WsError;
+use futures_util::{SinkExt, StreamExt};
+use replichat::peer_auth::{self, PeerKey, Side, Transcript};
+use replichat_shared::PeerHandshake;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
 use crate::step;
 
-/// Try to open `/internal/replicate` with this `Authorization` header: `Ok(())` if the upgrade succeeded
-/// (the socket is closed at once), else the HTTP status it was refused with.
-async fn open_replicate(addr: &str, authorization: Option<&str>) -> Result<(), StatusCode> {
-    let mut request = format!("ws://{addr}/internal/replicate").into_client_request().unwrap();
-    if let Some(value) = authorization {
-        request.headers_mut().insert(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
-    }
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request)).await.expect("an answer") {
-        Ok((mut ws, _)) => {
-            let _ = ws.close(None).await;
-            Ok(())
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// RFC 6455 "policy violation": how a replica closes a connection that failed the handshake.
+const CLOSE_POLICY: u16 = 1008;
+/// RFC 6455 "message too big": a frame over 1 KiB before the handshake is done.
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Open `/internal/replicate` with no credentials at all: the upgrade itself is open; the handshake decides.
+async fn open(addr: &str) -> Ws {
+    let url = format!("ws://{addr}/internal/replicate");
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("an answer to the upgrade")
+        .unwrap_or_else(|e| panic!("{addr}: the upgrade failed: {e}"));
+    ws
+}
+
+async fn send(ws: &mut Ws, frame: impl serde::Serialize) {
+    ws.send(Message::Text(serde_json::to_string(&frame).unwrap().into())).await.expect("send");
+}
+
+/// What came back: the next text frame, or how the connection ended (the close code, if any).
+#[derive(Debug, PartialEq)]
+enum Next {
+    Frame(Value),
+    Closed(Option<u16>),
+}
+
+async fn next(ws: &mut Ws) -> Next {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a frame or a close") {
+            Some(Ok(Message::Text(text))) => return Next::Frame(serde_json::from_str(text.as_str()).unwrap()),
+            Some(Ok(Message::Close(frame))) => return Next::Closed(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => return Next::Closed(None),
         }
-        Err(WsError::Http(response)) => Err(response.status()),
-        Err(other) => panic!("{addr}: expected an HTTP answer, got {other}"),
     }
 }
 
+/// Say hello as replica `from` to replica `to`; returns the dialler nonce and what came back.
+async fn hello(ws: &mut Ws, from: u64, to: u64) -> ([u8; 32], Next) {
+    let nonce = peer_auth::nonce();
+    send(ws, PeerHandshake::Hello { from, to, nonce: hex::encode(nonce) }).await;
+    (nonce, next(ws).await)
+}
+
+/// Run the dialler's side of the handshake as `from` towards `to` with `key`; returns the proof sent (after
+/// checking the listener's proof with `listener_key`) and the listener's answer to it.
+async fn handshake(ws: &mut Ws, from: u64, to: u64, key: &PeerKey, listener_key: &PeerKey) -> (String, Next) {
+    let (dialler_nonce, answer) = hello(ws, from, to).await;
+    let Next::Frame(challenge) = answer else { panic!("no challenge: {answer:?}") };
+    let challenge: PeerHandshake = serde_json::from_value(challenge).expect("a challenge");
+    let PeerHandshake::Challenge { from: listener, nonce, proof } = challenge else { panic!("{challenge:?}") };
+    assert_eq!(listener, to, "the listener is who the dialler called");
+    let listener_nonce = peer_auth::parse_nonce(&nonce).expect("a 32-byte nonce");
+    let transcript = Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce };
+    assert!(listener_key.verify(Side::Listener, &transcript, &proof), "the listener proves it knows the secret");
+    let mine = key.proof(Side::Dialler, &transcript);
+    send(ws, PeerHandshake::Proof { proof: mine.clone() }).await;
+    (mine, next(ws).await)
+}
+
+/// A pre-vote request from `candidate`: it changes no state anywhere and is always answered.
+fn pre_vote(candidate: u64, term: u64) -> Value {
+    json!({"type": "vote", "term": term + 1, "candidate": candidate, "last_index": 0, "last_term": 0, "pre": true})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_or_missing_secret_is_refused() {
+async fn only_a_replica_proving_the_secret_is_answered() {
     let cluster = Cluster::start(3, Engine::Sqlite).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
-    let backup = (leader + 1) % 3;
-    let wrong = format!("Bearer {}x", cluster.secret);
-    let cases: [(&str, Option<&str>); 5] = [
-        ("no Authorization", None),
-        ("a wrong secret", Some("Bearer not-the-secret")),
-        ("the secret with one more character", Some(wrong.as_str())),
-        ("the secret without Bearer", Some(cluster.secret.as_str())),
-        ("an empty bearer", Some("Bearer ")),
-    ];
-    for id in [leader, backup] {
-        let addr = &cluster.node(id).addr;
-        for (what, header) in cases {
-            step!("node {id}: /internal/replicate with {what} is refused with 401");
-            assert_eq!(open_replicate(addr, header).await, Err(StatusCode::UNAUTHORIZED), "node {id}, {what}");
+    let term = cluster.status(leader).await.unwrap()["term"].as_u64().unwrap();
+    let right = PeerKey::derive(&cluster.secret);
+    let wrong = PeerKey::derive(&format!("{}x", cluster.secret));
+    for target in [leader, (leader + 1) % 3] {
+        let addr = &cluster.node(target).addr;
+        let claimed = (target + 2) % 3;
+
+        step!("node {target}: a request before any handshake is not answered; the connection is closed");
+        let mut ws = open(addr).await;
+        send(&mut ws, pre_vote(claimed, term)).await;
+        assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_POLICY)));
+
+        step!("node {target}: a hello to another replica id, or from an unknown or its own id, is refused");
+        for (from, to) in [(claimed, claimed), (7, target), (target, target)] {
+            let mut ws = open(addr).await;
+            let (_, answer) = hello(&mut ws, from, to).await;
+            assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)), "hello from {from} to {to}");
         }
+
+        step!("node {target}: before the handshake, a frame over 1 KiB closes the connection (1009)");
+        let mut ws = open(addr).await;
+        send(&mut ws, json!({"type": "hello", "from": claimed, "to": target, "nonce": "0".repeat(2048)})).await;
+        assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_TOO_BIG)));
+
+        step!("node {target}: a dialler with a wrong secret is refused after the challenge");
+        let mut ws = open(addr).await;
+        let (_, answer) = handshake(&mut ws, claimed, target, &wrong, &right).await;
+        assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)));
+
+        step!("node {target}: the right secret is accepted and answered; a replayed proof is not");
+        let mut ws = open(addr).await;
+        let (proof, answer) = handshake(&mut ws, claimed, target, &right, &right).await;
+        assert_eq!(answer, Next::Frame(json!({"type": "accepted"})));
+        send(&mut ws, pre_vote(claimed, term)).await;
+        let Next::Frame(voted) = next(&mut ws).await else { panic!("no answer to an authenticated pre-vote") };
+        assert_eq!((voted["type"].as_str(), voted["from"].as_u64()), (Some("voted"), Some(target)));
+        let mut replay = open(addr).await;
+        let (_, challenge) = hello(&mut replay, claimed, target).await;
+        assert!(matches!(challenge, Next::Frame(_)), "{challenge:?}");
+        send(&mut replay, PeerHandshake::Proof { proof }).await;
+        assert_eq!(next(&mut replay).await, Next::Closed(Some(CLOSE_POLICY)), "a proof from another handshake");
+
+        step!("node {target}: after the handshake, a frame naming another sender ends the connection");
+        let impersonated = (claimed + 1) % 3;
+        send(&mut ws, pre_vote(impersonated, term)).await;
+        assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_POLICY)));
     }
 
-    step!("control: with the right secret the route exists and is not refused as unauthorised");
-    let right = format!("Bearer {}", cluster.secret);
-    for id in [leader, backup] {
-        let result = open_replicate(&cluster.node(id).addr, Some(&right)).await;
-        assert!(
-            !matches!(result, Err(StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND)),
-            "node {id}: the right secret got {result:?}"
-        );
-    }
-
-    step!("the refused attempts did not disturb the cluster: same primary, writes still commit everywhere");
+    step!("nothing of this disturbed the cluster: same primary and term, writes still commit everywhere");
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(10)).await, leader);
+    assert_eq!(cluster.status(leader).await.unwrap()["term"].as_u64(), Some(term));
     let mut alice = cluster.client_to_primary().await;
     alice.register("alice", "password123").await;
     cluster.wait_applied_equal(Duration::from_secs(10)).await;
