@@ -83,3 +83,25 @@ async fn three_replicas_elect_id_0_and_agree() {
     alice.close().await;
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_replaced_without_waiting_for_the_election_timeout() {
+    // An election timeout far longer than the wait below: only noticing the closed connection can elect a
+    // new primary in time. (A silent primary, e.g. a cut cable, still takes the full timeout.)
+    let options = Options { args: vec!["--election-timeout-ms".into(), "20000".into()], ..Options::default() };
+    let mut cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
+    let first = cluster.wait_for_primary(Duration::from_secs(60)).await;
+    let mut alice = cluster.client_to_primary().await;
+    alice.register("alice", "password123").await;
+
+    step!("kill -9 the primary {first}; the backups see its connections close");
+    cluster.kill(first).await;
+    let started = std::time::Instant::now();
+    let next = cluster.wait_for_primary(Duration::from_secs(8)).await;
+    step!("node {next} is primary {:?} after the kill (election timeout 20 s)", started.elapsed());
+    assert_ne!(next, first);
+    assert_eq!(next, if first == 0 { 1 } else { 0 }, "the lowest live id takes over");
+    let mut bob = cluster.client_to_primary().await;
+    bob.register("bob", "password123").await;
+    cluster.finish().await;
+}

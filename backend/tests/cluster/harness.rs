@@ -198,10 +198,17 @@ impl Cluster {
             writeln!(log, "===== harness {}: starting node {id} (start #{}) =====", now_utc(), node.starts).unwrap();
         }
         let node_log = std::env::var("REPLICHAT_CLUSTER_TEST_LOG").unwrap_or_else(|_| "info".into());
+        // A test may give its own election timeout in the extra flags.
+        let election = if extra.iter().any(|a| a == "--election-timeout-ms") {
+            Vec::new()
+        } else {
+            vec!["--election-timeout-ms".to_owned(), ELECTION_TIMEOUT_MS.to_string()]
+        };
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
             .args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--peers", &peers, "--db", &node.db])
             .args(["--cluster-secret", &secret, "--heartbeat-ms", &HEARTBEAT_MS.to_string()])
-            .args(["--election-timeout-ms", &ELECTION_TIMEOUT_MS.to_string(), "--log", &node_log])
+            .args(&election)
+            .args(["--log", &node_log])
             // Load tests send as fast as they can from one account.
             .args(["--send-rate", "1000000", "--send-burst", "1000000"])
             .args(&extra)
