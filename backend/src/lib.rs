@@ -17,6 +17,8 @@
 //! - [`chat`]: each chat operation: validate against current state, build the op, propose it, wait until it
 //!   is committed and applied; and the applier, which applies committed entries and publishes their events.
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
+//! - [`username`]: the username rules: NFC storage, refused characters, the unique key (NFKC, lower
+//!   case) and the confusable skeleton that keeps look-alike names out.
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
 //! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
@@ -38,6 +40,7 @@ pub mod password;
 pub mod replication;
 pub mod session;
 pub mod storage;
+pub mod username;
 pub mod wildcard;
 pub mod ws;
 

@@ -89,6 +89,7 @@ const STATE_TABLES: &[Table] = &[
             ("password_hash", false),
             ("created_at", true),
             ("deleted_at", true),
+            ("skeleton", false),
         ],
         "id",
     ),
@@ -157,7 +158,41 @@ impl Db {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Db { pool, backend })
+        let db = Db { pool, backend };
+        db.backfill_usernames().await?;
+        Ok(db)
+    }
+
+    /// Give accounts stored before migration 0003 their skeleton, and their key as [`name_key`] computes it
+    /// now (NFKC; it was only lower case). Every replica runs the same function over the same rows, so the
+    /// state stays identical. Row by row and idempotent: a row is done once its skeleton is set. Should two
+    /// old live names now share a key, the later keeps its old one (a unique key cannot hold both).
+    async fn backfill_usernames(&self) -> Result<()> {
+        let rows = sqlx::query("SELECT id, username, live_key FROM users WHERE skeleton IS NULL ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let username: String = row.try_get("username")?;
+            let live: Option<String> = row.try_get("live_key")?;
+            let key = name_key(&username);
+            let skeleton = crate::username::skeleton(&username);
+            let rekeyed = sqlx::query("UPDATE users SET name_key = $2, live_key = $3, skeleton = $4 WHERE id = $1")
+                .bind(id)
+                .bind(&key)
+                .bind(live.is_some().then_some(&key))
+                .bind(&skeleton)
+                .execute(&self.pool)
+                .await;
+            if rekeyed.is_err() {
+                sqlx::query("UPDATE users SET skeleton = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(&skeleton)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The engine behind this handle.
@@ -450,6 +485,15 @@ impl Db {
         row.as_ref().map(user_from_row).transpose()
     }
 
+    /// Whether a live account has this confusable skeleton (see [`crate::username`]).
+    pub async fn skeleton_taken(&self, skeleton: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM users WHERE skeleton = $1 AND live_key IS NOT NULL LIMIT 1")
+            .bind(skeleton)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// The account with this id, live or deleted.
     pub async fn user_by_id(&self, id: i64) -> Result<Option<User>> {
         let row = sqlx::query("SELECT id, username, password_hash FROM users WHERE id = $1")
@@ -619,7 +663,8 @@ impl Db {
             ("log", "SELECT idx, term, op FROM log ORDER BY idx"),
             (
                 "users",
-                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at FROM users ORDER BY id",
+                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at, skeleton \
+                 FROM users ORDER BY id",
             ),
             ("sessions", "SELECT token_hash, user_id, created_at FROM sessions ORDER BY token_hash"),
             (
@@ -700,11 +745,12 @@ async fn set_meta(tx: &mut AnyConnection, name: &str, value: i64) -> Result<()> 
 /// Apply one committed op inside the applying transaction: the chat state machine.
 async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delivery>> {
     match op {
-        Op::Register { user_id, username, password_hash, token_hash, at } => {
+        Op::Register { user_id, username, password_hash, token_hash, at, skeleton } => {
             let key = name_key(username);
+            let skeleton = skeleton.clone().unwrap_or_else(|| crate::username::skeleton(username));
             sqlx::query(
-                "INSERT INTO users (id, username, name_key, live_key, password_hash, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO users (id, username, name_key, live_key, password_hash, created_at, skeleton) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(user_id)
             .bind(username)
@@ -712,6 +758,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             .bind(&key)
             .bind(password_hash)
             .bind(at)
+            .bind(skeleton)
             .execute(&mut *tx)
             .await?;
             insert_session(tx, token_hash, *user_id, *at).await?;

@@ -7,4 +7,5 @@ mod bad_input;
 mod determinism;
 mod lifecycle;
 mod messaging;
+mod names;
 mod sessions;
