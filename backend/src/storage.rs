@@ -133,6 +133,7 @@ impl Db {
     pub async fn open(url: &str) -> Result<Db> {
         sqlx::any::install_default_drivers();
         let (backend, url) = if url.starts_with("sqlite:") {
+            create_private_sqlite(url)?;
             (Backend::Sqlite, sqlite_url(url)?)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             (Backend::Postgres, url.to_owned())
@@ -710,6 +711,26 @@ impl Db {
             Backend::Sqlite => "",
             Backend::Postgres => "COLLATE \"C\"",
         }
+    }
+}
+
+/// Create the SQLite file of `url` if it does not exist yet, readable and writable by its owner only (0600),
+/// whatever the umask: it holds password hashes, session hashes and every message. SQLite gives the `-wal`
+/// and `-shm` files it creates beside it the same mode. An existing file keeps the mode its owner gave it.
+fn create_private_sqlite(url: &str) -> Result<()> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(());
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    match file.open(options.get_filename()) {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

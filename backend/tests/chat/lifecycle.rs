@@ -17,6 +17,24 @@ async fn sqlite_runs_in_wal_mode_with_full_sync() {
     assert_eq!(sync, 2, "synchronous = FULL");
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn the_sqlite_files_a_server_creates_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = server(Engine::Sqlite).await;
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    alice.send_message("bob", "password hashes and messages live here").await;
+    let path = server.url.strip_prefix("sqlite://").expect("a sqlite url").to_owned();
+    let mut checked = 0;
+    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+        let Ok(meta) = std::fs::metadata(&file) else { continue };
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file} is readable by its owner only");
+        checked += 1;
+    }
+    assert!(checked >= 2, "the database and its WAL exist");
+}
+
 both!(state_survives_a_restart, |engine| async move {
     let mut server = server(engine).await;
     let mut alice = server.user("alice").await;
