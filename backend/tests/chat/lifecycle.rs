@@ -105,6 +105,50 @@ both!(metrics_grow_with_a_send, |engine| async move {
     assert!(sample(&after, "replichat_log_append_seconds_count") >= 1.0, "{after}");
 });
 
+// Every page and asset carries the browser security headers, and the page itself has no inline script
+// (the policy forbids it, so the app must start from a file).
+#[tokio::test]
+async fn pages_and_assets_carry_security_headers() {
+    init_tracing();
+    let url = fresh_db(Engine::Sqlite).await;
+    let config = replichat::Config {
+        static_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../static").into(),
+        ..replichat::Config::for_tests(url.clone())
+    };
+    let running = replichat::start(config).await.expect("server starts");
+    let server = Server { addr: running.addr, running: Some(running), url };
+    for path in ["", "admin", "style.css", "boot.js", "healthz", "api/cluster", "no/such/file"] {
+        let response = http_get(&format!("{}/{path}", server.addr)).await;
+        let (head, _) = response.split_once("\r\n\r\n").expect("a complete response");
+        assert!(head.starts_with("HTTP/1.1 200"), "/{path}: {head}");
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(header("x-content-type-options"), ["nosniff"], "/{path}: {head}");
+        assert_eq!(header("referrer-policy"), ["no-referrer"], "/{path}: {head}");
+        let csp = header("content-security-policy");
+        assert_eq!(csp.len(), 1, "/{path}: one policy: {head}");
+        let directives: Vec<&str> = csp[0].split(';').map(str::trim).collect();
+        assert!(directives.contains(&"script-src 'self' 'wasm-unsafe-eval'"), "/{path}: {csp:?}");
+        assert!(directives.contains(&"frame-ancestors 'none'"), "/{path}: {csp:?}");
+        assert!(directives.contains(&"default-src 'none'"), "/{path}: {csp:?}");
+        assert!(!csp[0].contains("unsafe-inline"), "/{path}: {csp:?}");
+    }
+    let page = http_get(&format!("{}/", server.addr)).await;
+    let body = page.split_once("\r\n\r\n").unwrap().1;
+    assert!(body.contains("<script"), "the page loads the app: {body}");
+    for tag in body.split("<script").skip(1) {
+        let open = &tag[..tag.find('>').unwrap()];
+        let content = &tag[tag.find('>').unwrap() + 1..tag.find("</script>").unwrap()];
+        assert!(open.contains("src="), "no inline script: <script{open}>");
+        assert!(content.trim().is_empty(), "no inline script: {content}");
+    }
+}
+
 /// The value of `series` on a Prometheus page (0 when it is not there yet).
 fn sample(page: &str, series: &str) -> f64 {
     page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
