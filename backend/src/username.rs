@@ -35,7 +35,8 @@ pub fn parse(input: &str) -> Result<Username> {
     if chars > MAX_USERNAME_CHARS {
         return Err(Error::InvalidUsername("it is longer than 32 characters"));
     }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Also in the key: NFKC turns some marks into a space and the mark (U+00A8 `¨` is `" \u{308}"`).
+    if name.chars().chain(key(&name).chars()).any(|c| c.is_whitespace() || c.is_control()) {
         return Err(Error::InvalidUsername("it contains whitespace or a control character"));
     }
     if name.chars().any(|c| is_invisible(c) || is_default_ignorable(c)) {
@@ -127,6 +128,7 @@ mod tests {
             "\u{301}alice",
             "a\u{FFF9}",
             "a\u{FF0A}",
+            "a\u{A8}",
         ] {
             assert!(matches!(validate(name), Err(Error::InvalidUsername(_))), "{name:?} refused");
         }
