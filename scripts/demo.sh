@@ -20,9 +20,16 @@ for arg in "$@"; do
 done
 base_port="${BASE_PORT:-8080}"
 replicas=3
+# The cluster secret, the SQLite databases (password hashes, every message) and the logs are for this user
+# only: everything created from here on is 0600 (directories 0700), and files from earlier runs are tightened.
+umask 077
 mkdir -p data
+chmod 700 data
 secret_file=data/cluster-secret
 [ -s "$secret_file" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secret_file"
+for f in "$secret_file" data/node*.db data/node*.db-wal data/node*.db-shm data/node*.log; do
+  if [ -e "$f" ]; then chmod 600 "$f"; fi
+done
 export REPLICHAT_CLUSTER_SECRET="$(cat "$secret_file")"
 
 scripts/build-frontend.sh

@@ -1,5 +1,5 @@
-//! The HTTP surface: the router, `/healthz`, `/api/cluster`, `/metrics`, and the browser-origin policy for
-//! `/ws`.
+//! The HTTP surface: the router, `/healthz`, `/api/cluster`, `/metrics`, the browser security headers, and
+//! the browser-origin policy for `/ws`.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -21,6 +21,7 @@ pub fn router(state: AppState, static_dir: &Path) -> Router {
     // The app's files keep their names from build to build, so browsers must revalidate them (cheap: the
     // file service answers If-Modified-Since with 304).
     let app = ServeDir::new(static_dir).fallback(ServeFile::new(static_dir.join("index.html")));
+    let policy = content_security_policy(state.node.urls.values());
     let app = tower::ServiceBuilder::new()
         .layer(SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-cache")))
         .layer(CompressionLayer::new())
@@ -32,8 +33,39 @@ pub fn router(state: AppState, static_dir: &Path) -> Router {
         .route("/api/cluster", get(cluster))
         .route("/internal/replicate", get(crate::internal::upgrade))
         .fallback_service(app)
+        // On every response, pages and assets alike (a JSON answer must not be sniffed into HTML either).
+        .layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, policy))
+        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::overriding(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The policy without the replicas' addresses.
+const BASE_POLICY: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; \
+     img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// The `Content-Security-Policy`: scripts only from this replica's own files, plus compiling its WebAssembly
+/// (`'wasm-unsafe-eval'`, which `WebAssembly.instantiateStreaming` needs); no inline script or style, no
+/// framing by any page. The app talks to every replica (WebSockets to the primary, `/api/cluster` on the admin
+/// page), so `connect-src` names each replica's URL in its `http(s)` and `ws(s)` forms.
+fn content_security_policy<'a>(replicas: impl IntoIterator<Item = &'a String>) -> HeaderValue {
+    let mut connect = vec!["'self'".to_owned()];
+    for url in replicas {
+        let url = url.trim_end_matches('/');
+        connect.push(url.to_owned());
+        if let Some(rest) = url.strip_prefix("http") {
+            // http://h -> ws://h, https://h -> wss://h
+            connect.push(format!("ws{rest}"));
+        }
+    }
+    let policy = format!("{BASE_POLICY}; connect-src {}", connect.join(" "));
+    HeaderValue::from_str(&policy).unwrap_or_else(|_| {
+        tracing::warn!(
+            "a replica URL cannot go in a header; the security policy allows connecting to this replica only"
+        );
+        HeaderValue::from_str(&format!("{BASE_POLICY}; connect-src 'self'")).expect("the base policy is ASCII")
+    })
 }
 
 /// `GET /healthz`: 200 with the node id, role and log position while the node serves; 503 with the reason
@@ -128,6 +160,17 @@ impl Origins {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_lets_the_app_reach_every_replica() {
+        let urls = ["http://10.0.0.1:8080".to_owned(), "https://chat.example.com/".to_owned()];
+        let policy = content_security_policy(&urls);
+        let policy = policy.to_str().unwrap();
+        assert!(policy.ends_with(
+            "; connect-src 'self' http://10.0.0.1:8080 ws://10.0.0.1:8080 https://chat.example.com wss://chat.example.com"
+        ));
+        assert!(policy.contains("frame-ancestors 'none'"));
+    }
 
     #[test]
     fn origins() {

@@ -22,6 +22,8 @@
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
 //! - [`throttle`]: growing delays after failed password checks (per address, per address and account, per
 //!   account) and each account's send rate.
+//! - [`username`]: the username rules: NFC storage, refused characters, the unique key (NFKC, lower
+//!   case) and the confusable skeleton that keeps look-alike names out.
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
 //! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
@@ -45,6 +47,7 @@ pub mod replication;
 pub mod session;
 pub mod storage;
 pub mod throttle;
+pub mod username;
 pub mod wildcard;
 pub mod ws;
 

@@ -11,8 +11,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// A new account, logged in with a first session.
-    Register { user_id: i64, username: String, password_hash: String, token_hash: String, at: i64 },
+    /// A new account, logged in with a first session. `skeleton` is the name's confusable skeleton as the
+    /// accepting node computed it (so every replica stores the same, whatever its Unicode tables); entries
+    /// written before it existed have none, and the applier computes it.
+    Register {
+        user_id: i64,
+        username: String,
+        password_hash: String,
+        token_hash: String,
+        at: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        skeleton: Option<String>,
+    },
     /// A new session for an existing account.
     Login { user_id: i64, token_hash: String, at: i64 },
     /// A session revoked.

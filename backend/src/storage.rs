@@ -92,6 +92,7 @@ const STATE_TABLES: &[Table] = &[
             ("password_hash", false),
             ("created_at", true),
             ("deleted_at", true),
+            ("skeleton", false),
         ],
         "id",
     ),
@@ -175,6 +176,7 @@ impl Db {
     pub async fn open(url: &str) -> Result<Db> {
         sqlx::any::install_default_drivers();
         let (backend, url) = if url.starts_with("sqlite:") {
+            create_private_sqlite(url)?;
             (Backend::Sqlite, sqlite_url(url)?)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             (Backend::Postgres, url.to_owned())
@@ -200,7 +202,41 @@ impl Db {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Db { pool, backend })
+        let db = Db { pool, backend };
+        db.backfill_usernames().await?;
+        Ok(db)
+    }
+
+    /// Give accounts stored before migration 0003 their skeleton, and their key as [`name_key`] computes it
+    /// now (NFKC; it was only lower case). Every replica runs the same function over the same rows, so the
+    /// state stays identical. Row by row and idempotent: a row is done once its skeleton is set. Should two
+    /// old live names now share a key, the later keeps its old one (a unique key cannot hold both).
+    async fn backfill_usernames(&self) -> Result<()> {
+        let rows = sqlx::query("SELECT id, username, live_key FROM users WHERE skeleton IS NULL ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let username: String = row.try_get("username")?;
+            let live: Option<String> = row.try_get("live_key")?;
+            let key = name_key(&username);
+            let skeleton = crate::username::skeleton(&username);
+            let rekeyed = sqlx::query("UPDATE users SET name_key = $2, live_key = $3, skeleton = $4 WHERE id = $1")
+                .bind(id)
+                .bind(&key)
+                .bind(live.is_some().then_some(&key))
+                .bind(&skeleton)
+                .execute(&self.pool)
+                .await;
+            if rekeyed.is_err() {
+                sqlx::query("UPDATE users SET skeleton = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(&skeleton)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// A pooled connection for one transaction. Unless [`TxConnection::finished`] is called after the commit,
@@ -516,6 +552,15 @@ impl Db {
         row.as_ref().map(user_from_row).transpose()
     }
 
+    /// Whether a live account has this confusable skeleton (see [`crate::username`]).
+    pub async fn skeleton_taken(&self, skeleton: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM users WHERE skeleton = $1 AND live_key IS NOT NULL LIMIT 1")
+            .bind(skeleton)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// The account with this id, live or deleted.
     pub async fn user_by_id(&self, id: i64) -> Result<Option<User>> {
         let row = sqlx::query("SELECT id, username, password_hash FROM users WHERE id = $1")
@@ -710,7 +755,8 @@ impl Db {
             ("log", "SELECT idx, term, op FROM log ORDER BY idx"),
             (
                 "users",
-                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at FROM users ORDER BY id",
+                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at, skeleton \
+                 FROM users ORDER BY id",
             ),
             ("sessions", "SELECT token_hash, user_id, created_at, last_used_at FROM sessions ORDER BY token_hash"),
             (
@@ -760,6 +806,26 @@ impl Db {
     }
 }
 
+/// Create the SQLite file of `url` if it does not exist yet, readable and writable by its owner only (0600),
+/// whatever the umask: it holds password hashes, session hashes and every message. SQLite gives the `-wal`
+/// and `-shm` files it creates beside it the same mode. An existing file keeps the mode its owner gave it.
+fn create_private_sqlite(url: &str) -> Result<()> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(());
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    match file.open(options.get_filename()) {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `sqlite://path` with `mode=rwc` added so the file is created on first start.
 fn sqlite_url(url: &str) -> Result<String> {
     if url.contains("mode=") || url.contains(":memory:") {
@@ -792,11 +858,12 @@ async fn set_meta(tx: &mut AnyConnection, name: &str, value: i64) -> Result<()> 
 /// Apply one committed op inside the applying transaction: the chat state machine.
 async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delivery>> {
     match op {
-        Op::Register { user_id, username, password_hash, token_hash, at } => {
+        Op::Register { user_id, username, password_hash, token_hash, at, skeleton } => {
             let key = name_key(username);
+            let skeleton = skeleton.clone().unwrap_or_else(|| crate::username::skeleton(username));
             sqlx::query(
-                "INSERT INTO users (id, username, name_key, live_key, password_hash, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO users (id, username, name_key, live_key, password_hash, created_at, skeleton) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(user_id)
             .bind(username)
@@ -804,6 +871,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             .bind(&key)
             .bind(password_hash)
             .bind(at)
+            .bind(skeleton)
             .execute(&mut *tx)
             .await?;
             insert_session(tx, token_hash, *user_id, *at).await?;

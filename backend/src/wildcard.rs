@@ -16,9 +16,10 @@ pub enum Pattern {
     Like(String),
 }
 
-/// The case-insensitive key of a username: what uniqueness and matching compare.
+/// The key of a username: what uniqueness and matching compare (NFKC, lower case; see
+/// [`crate::username::key`]).
 pub fn name_key(username: &str) -> String {
-    username.to_lowercase()
+    crate::username::key(username)
 }
 
 impl Pattern {

@@ -20,7 +20,7 @@ use crate::session::{Pushed, Session};
 use crate::{AppState, Error};
 
 /// The transport's own hard limit. Frames between [`MAX_FRAME_BYTES`] and this are read whole and answered
-/// with a clean close 1009; beyond it the transport stops reading and we close 1009 on a best-effort basis.
+/// with a clean close 1009; beyond it the transport refuses to read the frame and we still close 1009.
 const TRANSPORT_LIMIT: usize = 1 << 20;
 /// Close code for a socket whose push queue overflowed (RFC 6455 "policy violation"); the client resumes.
 const CLOSE_TOO_SLOW: u16 = 1008;
@@ -31,14 +31,20 @@ const SOCKET_BUFFER: usize = 8 * 1024;
 /// How long to wait for the client's answer to our close frame before dropping the connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// `GET /ws`: upgrade if the origin is allowed.
+/// `GET /ws`: upgrade if the origin is allowed. A request with more than one `Origin` header is refused:
+/// a browser sends exactly one, and which copy a check reads must not decide the answer.
 pub async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> HttpResponse {
-    let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let origin = origins.next().map(|v| v.as_bytes());
+    if origins.next().is_some() {
+        tracing::warn!(?origin, "refused a WebSocket with more than one Origin header");
+        return (StatusCode::FORBIDDEN, "more than one Origin header").into_response();
+    }
     if !state.origins.allows(origin) {
         tracing::warn!(?origin, "refused a WebSocket from a foreign origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
@@ -179,7 +185,7 @@ async fn answer(session: &mut Session, sink: &mut Sink, text: &str) -> Result<bo
 pub fn decode(text: &str) -> (Option<String>, Result<replichat_shared::Request, Error>) {
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(value) => value,
-        Err(e) => return (None, Err(Error::BadRequest(format!("not JSON: {e}")))),
+        Err(e) => return (req_of_object(text), Err(Error::BadRequest(format!("not JSON: {e}")))),
     };
     let req = value.get("req").and_then(|r| r.as_str()).map(str::to_owned);
     if !value.is_object() {
@@ -189,6 +195,18 @@ pub fn decode(text: &str) -> (Option<String>, Result<replichat_shared::Request, 
         Ok(frame) => (req, Ok(frame.request)),
         Err(e) => (req, Err(Error::BadRequest(format!("bad frame: {e}")))),
     }
+}
+
+/// The `req` of a JSON object too deep (or otherwise too much) for a full parse: every other field is
+/// skipped without being built, which needs no recursion, so only `req` itself must be well-formed.
+fn req_of_object(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ReqOnly {
+        #[serde(default)]
+        req: Option<serde_json::Value>,
+    }
+    let only: ReqOnly = serde_json::from_str(text).ok()?;
+    only.req?.as_str().map(str::to_owned)
 }
 
 async fn write(sink: &mut Sink, req: Option<String>, body: ServerBody) -> Result<(), ()> {

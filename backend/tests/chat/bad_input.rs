@@ -136,3 +136,49 @@ both!(random_garbage_never_crashes_the_server_or_changes_state, |engine| async m
     assert_eq!(c.request(Request::Ping).await, ServerBody::Pong);
     assert_eq!(server.db().dump().await.unwrap(), before, "garbage changed nothing");
 });
+
+both!(a_frame_over_1_mib_closes_with_1009_too, |engine| async move {
+    let server = server(engine).await;
+    let mut c = server.client().await;
+    // Past the transport's own limit: the frame is never read whole, yet the client still learns why.
+    c.try_send_text("z".repeat((1 << 20) + 4096)).await;
+    let frame = c.expect_close().await.expect("a close frame, not a dropped connection");
+    assert_eq!(u16::from(frame.code), 1009);
+    let mut d = server.client().await;
+    assert_eq!(d.request(Request::Ping).await, ServerBody::Pong);
+});
+
+both!(two_origin_headers_are_refused, |engine| async move {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = server(engine).await;
+    for first in ["http://localhost", "http://evil.example"] {
+        let mut request = server.ws_url().into_client_request().unwrap();
+        let second = if first == "http://localhost" { "http://evil.example" } else { "http://localhost" };
+        request.headers_mut().append("origin", first.parse().unwrap());
+        request.headers_mut().append("origin", second.parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await.expect_err("refused") {
+            tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 403),
+            other => panic!("expected HTTP 403, got {other:?}"),
+        }
+    }
+    // Even two copies of an allowed origin: a browser sends exactly one.
+    let mut request = server.ws_url().into_client_request().unwrap();
+    request.headers_mut().append("origin", "http://localhost".parse().unwrap());
+    request.headers_mut().append("origin", "http://localhost".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(request).await.is_err(), "duplicate origin refused");
+});
+
+both!(objects_nested_past_the_json_depth_limit_still_echo_req, |engine| async move {
+    let server = server(engine).await;
+    let mut c = server.client().await;
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    for (frame, req) in [
+        (format!(r#"{{"type":"ping","req":"deep1","x":{deep}}}"#), "deep1"),
+        (format!(r#"{{"x":{deep},"req":"deep2","type":"ping"}}"#), "deep2"),
+        (format!(r#"{{"req":"deep3","type":"send","to":{{"a":{deep}}}}}"#), "deep3"),
+    ] {
+        c.send_text(frame).await;
+        expect_code(&mut c, ErrorCode::BadRequest, Some(req)).await;
+    }
+    assert_eq!(c.request(Request::Ping).await, ServerBody::Pong);
+});

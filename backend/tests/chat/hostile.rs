@@ -168,6 +168,7 @@ both!(an_entry_that_cannot_be_applied_stops_the_replica_loudly, |engine| async m
         password_hash: "$argon2id$stub".into(),
         token_hash: format!("token-{name}"),
         at: 1,
+        skeleton: None,
     };
     let poison = Op::Send { sender_id: 1, recipient_id: 2, client_id: "k".into(), text: "x\u{0}y".into(), at: 2 };
     let entries: Vec<Entry> = [register(1, "a"), register(2, "b"), poison]

@@ -17,6 +17,24 @@ async fn sqlite_runs_in_wal_mode_with_full_sync() {
     assert_eq!(sync, 2, "synchronous = FULL");
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn the_sqlite_files_a_server_creates_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = server(Engine::Sqlite).await;
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    alice.send_message("bob", "password hashes and messages live here").await;
+    let path = server.url.strip_prefix("sqlite://").expect("a sqlite url").to_owned();
+    let mut checked = 0;
+    for file in [path.clone(), format!("{path}-wal"), format!("{path}-shm")] {
+        let Ok(meta) = std::fs::metadata(&file) else { continue };
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file} is readable by its owner only");
+        checked += 1;
+    }
+    assert!(checked >= 2, "the database and its WAL exist");
+}
+
 both!(state_survives_a_restart, |engine| async move {
     let mut server = server(engine).await;
     let mut alice = server.user("alice").await;
@@ -86,6 +104,50 @@ both!(metrics_grow_with_a_send, |engine| async move {
     }
     assert!(sample(&after, "replichat_log_append_seconds_count") >= 1.0, "{after}");
 });
+
+// Every page and asset carries the browser security headers, and the page itself has no inline script
+// (the policy forbids it, so the app must start from a file).
+#[tokio::test]
+async fn pages_and_assets_carry_security_headers() {
+    init_tracing();
+    let url = fresh_db(Engine::Sqlite).await;
+    let config = replichat::Config {
+        static_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../static").into(),
+        ..replichat::Config::for_tests(url.clone())
+    };
+    let running = replichat::start(config).await.expect("server starts");
+    let server = Server { addr: running.addr, running: Some(running), url };
+    for path in ["", "admin", "style.css", "boot.js", "healthz", "api/cluster", "no/such/file"] {
+        let response = http_get(&format!("{}/{path}", server.addr)).await;
+        let (head, _) = response.split_once("\r\n\r\n").expect("a complete response");
+        assert!(head.starts_with("HTTP/1.1 200"), "/{path}: {head}");
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(header("x-content-type-options"), ["nosniff"], "/{path}: {head}");
+        assert_eq!(header("referrer-policy"), ["no-referrer"], "/{path}: {head}");
+        let csp = header("content-security-policy");
+        assert_eq!(csp.len(), 1, "/{path}: one policy: {head}");
+        let directives: Vec<&str> = csp[0].split(';').map(str::trim).collect();
+        assert!(directives.contains(&"script-src 'self' 'wasm-unsafe-eval'"), "/{path}: {csp:?}");
+        assert!(directives.contains(&"frame-ancestors 'none'"), "/{path}: {csp:?}");
+        assert!(directives.contains(&"default-src 'none'"), "/{path}: {csp:?}");
+        assert!(!csp[0].contains("unsafe-inline"), "/{path}: {csp:?}");
+    }
+    let page = http_get(&format!("{}/", server.addr)).await;
+    let body = page.split_once("\r\n\r\n").unwrap().1;
+    assert!(body.contains("<script"), "the page loads the app: {body}");
+    for tag in body.split("<script").skip(1) {
+        let open = &tag[..tag.find('>').unwrap()];
+        let content = &tag[tag.find('>').unwrap() + 1..tag.find("</script>").unwrap()];
+        assert!(open.contains("src="), "no inline script: <script{open}>");
+        assert!(content.trim().is_empty(), "no inline script: {content}");
+    }
+}
 
 /// The value of `series` on a Prometheus page (0 when it is not there yet).
 fn sample(page: &str, series: &str) -> f64 {

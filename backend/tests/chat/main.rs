@@ -8,6 +8,7 @@ mod determinism;
 mod hostile;
 mod lifecycle;
 mod messaging;
+mod names;
 mod revocation;
 mod sessions;
 mod throttling;

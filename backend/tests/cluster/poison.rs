@@ -16,6 +16,7 @@ async fn an_unapplicable_entry_makes_the_binary_exit_non_zero_naming_it() {
         password_hash: "$argon2id$stub".into(),
         token_hash: format!("token-{name}"),
         at: 1,
+        skeleton: None,
     };
     // U+0000 in a message: what PostgreSQL cannot store, so no replica may apply it.
     let poison = Op::Send { sender_id: 1, recipient_id: 2, client_id: "k".into(), text: "x\u{0}y".into(), at: 2 };
