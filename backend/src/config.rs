@@ -94,6 +94,12 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_SEND_BURST", default_value_t = 100)]
     pub send_burst: u32,
 
+    /// Rebind the database to this replica id and cluster. A database remembers the replica (`--id`) and
+    /// cluster (from `--cluster-secret`) it was created for, and a replica refuses to start on another's;
+    /// pass this once after a deliberate move, or after changing the cluster secret.
+    #[arg(long, env = "REPLICHAT_ADOPT_DATABASE")]
+    pub adopt_database: bool,
+
     /// Directory with the browser app (index.html, style.css, pkg/ from scripts/build-frontend.sh), served at
     /// `/`; `/admin` and other unknown paths get its index.html.
     #[arg(long, env = "REPLICHAT_STATIC_DIR", default_value = "static")]
@@ -124,6 +130,7 @@ impl Config {
             send_rate: 1_000_000.0,
             send_burst: 1_000_000,
             ack: Ack::Majority,
+            adopt_database: false,
             static_dir: "static".into(),
             log: "info".to_owned(),
         }

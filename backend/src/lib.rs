@@ -102,6 +102,15 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// The id of the cluster a replica belongs to, as stored in its database: derived from the cluster secret
+/// (never the secret itself), 0 for a cluster of one without a secret.
+fn cluster_id(secret: Option<&str>) -> i64 {
+    use sha2::{Digest, Sha256};
+    let Some(secret) = secret.filter(|s| !s.is_empty()) else { return 0 };
+    let digest = Sha256::digest(format!("replichat cluster id\n{secret}").as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) & i64::MAX
+}
+
 /// A started server.
 pub struct Running {
     /// The address it listens on (the real port when `--listen` had port 0).
@@ -119,6 +128,7 @@ pub async fn start(config: Config) -> Result<Running> {
     // First, so every series recorded while starting is kept.
     let metrics = metrics::install();
     let db = Db::open(&config.db).await?;
+    db.claim(config.id, cluster_id(config.cluster_secret.as_deref()), config.adopt_database).await?;
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let mut peers = config.peers.clone();

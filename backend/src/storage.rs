@@ -200,10 +200,12 @@ impl Db {
                 })
             })
             .connect_with(options)
-            .await?;
-        MIGRATOR.run(&pool).await?;
+            .await
+            .map_err(|e| damaged(e.into()))?;
+        MIGRATOR.run(&pool).await.map_err(|e| damaged(e.into()))?;
         let db = Db { pool, backend };
-        db.backfill_usernames().await?;
+        db.backfill_usernames().await.map_err(damaged)?;
+        db.check_integrity().await.map_err(damaged)?;
         Ok(db)
     }
 
@@ -246,6 +248,74 @@ impl Db {
     /// "attempted to call begin_with at non-zero transaction depth", also once the disk had space again.)
     async fn transaction_connection(&self) -> Result<TxConnection> {
         Ok(TxConnection { conn: self.pool.acquire().await?, finished: false })
+    }
+
+    /// Refuse a database that is damaged: SQLite's `PRAGMA quick_check` (pages, b-trees, indexes), and on both
+    /// engines the log's own consistency (entries contiguous from the compaction point, the applied index
+    /// between the compaction point and the last entry). Run at start-up, before anything is served.
+    pub async fn check_integrity(&self) -> Result<()> {
+        if self.backend == Backend::Sqlite {
+            let rows = sqlx::query("PRAGMA quick_check").fetch_all(&self.pool).await?;
+            let findings: Vec<String> = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?;
+            if findings != ["ok"] {
+                let shown: Vec<&str> = findings.iter().take(5).map(String::as_str).collect();
+                return Err(Error::Corrupt(format!("SQLite's integrity check failed: {}", shown.join("; "))));
+            }
+        }
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n, MIN(idx) AS lo, MAX(idx) AS hi FROM log").fetch_one(&self.pool).await?;
+        let n: i64 = row.try_get("n")?;
+        let (compacted, _) = self.compacted().await?;
+        let applied = self.applied_index().await?;
+        let last = if n == 0 {
+            compacted
+        } else {
+            let (lo, hi): (i64, i64) = (row.try_get("lo")?, row.try_get("hi")?);
+            if lo as u64 != compacted + 1 || hi - lo + 1 != n {
+                return Err(Error::Corrupt(format!(
+                    "the log is not contiguous: {n} entries from {lo} to {hi}, after compaction point {compacted}"
+                )));
+            }
+            hi as u64
+        };
+        if applied < compacted || applied > last {
+            return Err(Error::Corrupt(format!(
+                "applied index {applied} is outside the log (compaction point {compacted}, last entry {last})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bind this database to `replica_id` of cluster `cluster_id` on first use, and refuse it afterwards to
+    /// any other replica id or cluster: a database copied or mounted under the wrong replica would otherwise
+    /// be accepted silently, and its acknowledgements credited to the wrong id. `adopt` rebinds it instead
+    /// (after a deliberate move, or a change of the cluster secret).
+    pub async fn claim(&self, replica_id: u64, cluster_id: i64, adopt: bool) -> Result<()> {
+        let owner = (self.meta("replica_id").await?, self.meta("cluster_id").await?);
+        let mine = (Some(replica_id as i64), Some(cluster_id));
+        if owner == mine {
+            return Ok(());
+        }
+        if let (Some(id), Some(cluster)) = owner {
+            if !adopt {
+                let whose = if id as u64 != replica_id {
+                    format!("replica {id}, not replica {replica_id}")
+                } else {
+                    format!("replica {id} of another cluster (another cluster secret)")
+                };
+                return Err(Error::Corrupt(format!(
+                    "this database belongs to {whose}; start the replica with its own database, or pass \
+                     --adopt-database to rebind it to this replica (cluster {cluster:x} -> {cluster_id:x})"
+                )));
+            }
+            tracing::warn!(from = id, to = replica_id, "--adopt-database: rebinding the database to this replica");
+        }
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
+        set_meta(&mut tx, "replica_id", replica_id as i64).await?;
+        set_meta(&mut tx, "cluster_id", cluster_id).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The engine behind this handle.
@@ -836,6 +906,30 @@ fn sqlite_url(url: &str) -> Result<String> {
 }
 
 /// A counter from `meta`, read through `executor` (the pool, or an open transaction).
+/// Say plainly that a database SQLite finds damaged (SQLITE_CORRUPT, SQLITE_NOTADB) is damaged, and what to do.
+fn damaged(error: Error) -> Error {
+    let code = match &error {
+        Error::Db(sqlx::Error::Database(e)) => e.code().and_then(|c| c.parse::<u32>().ok()),
+        Error::Migrate(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e))) => {
+            e.code().and_then(|c| c.parse::<u32>().ok())
+        }
+        Error::Corrupt(_) => return corrupt_advice(error.to_string()),
+        _ => None,
+    };
+    match code.map(|c| c & 0xff) {
+        Some(11 | 26) => corrupt_advice(format!("SQLite's integrity check failed: {error}")),
+        _ => error,
+    }
+}
+
+fn corrupt_advice(what: String) -> Error {
+    Error::Corrupt(format!(
+        "the database is damaged ({what}); this replica will not start on it. Keep the file for inspection, and \
+         either restore it from a backup or start this replica on an empty database, which the primary fills \
+         (only while the other replicas are up and in sync)"
+    ))
+}
+
 async fn get_meta<'e, E>(executor: E, name: &str) -> Result<Option<i64>>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,

@@ -11,4 +11,5 @@ mod messaging;
 mod names;
 mod revocation;
 mod sessions;
+mod startup;
 mod throttling;
