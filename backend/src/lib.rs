@@ -20,6 +20,8 @@
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
 //! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
+//! - [`listener`]: accepting connections: the per-address connection cap, the request-head deadline,
+//!   back-off on accept errors, graceful shutdown.
 //! - [`http`]: the router, `/healthz`, `/api/cluster`, `/metrics`, and the allowed browser origins.
 //! - [`metrics`]: the Prometheus recorder behind `/metrics`, every series' name and help text, and one
 //!   function per thing measured (the other modules call those, never a series name).
@@ -32,6 +34,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod internal;
+pub mod listener;
 pub mod metrics;
 pub mod op;
 pub mod password;
@@ -43,6 +46,7 @@ pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -90,6 +94,8 @@ pub struct AppState {
     pub cluster_secret: Option<Arc<str>>,
     /// Renders `/metrics` (the process-wide recorder: see [`metrics`]).
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The deadlines every `/ws` socket lives by (authentication, idleness, writes).
+    pub socket_timeouts: ws::Timeouts,
 }
 
 /// A started server.
@@ -149,24 +155,29 @@ pub async fn start(config: Config) -> Result<Running> {
         tracker: TaskTracker::new(),
         cluster_secret: config.cluster_secret.as_deref().map(Arc::from),
         metrics: metrics.clone(),
+        socket_timeouts: ws::Timeouts::from_config(&config),
     };
     tokio::spawn(metrics::upkeep(metrics, shutdown.clone()));
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
     let app = http::router(state.clone(), &config.static_dir);
-    let task = tokio::spawn(serve(listener, app, state, db.clone()));
+    let limits = listener::Limits {
+        per_address: config.max_connections_per_ip,
+        header_timeout: (config.header_timeout_ms > 0).then(|| Duration::from_millis(config.header_timeout_ms)),
+    };
+    let task = tokio::spawn(serve(listener, limits, app, state, db.clone()));
     Ok(Running { addr, db, shutdown, task })
 }
 
-async fn serve(listener: TcpListener, app: axum::Router, state: AppState, db: Db) -> Result<()> {
+async fn serve(
+    listener: TcpListener,
+    limits: listener::Limits,
+    app: axum::Router,
+    state: AppState,
+    db: Db,
+) -> Result<()> {
     let (shutdown, tracker) = (state.shutdown.clone(), state.tracker.clone());
     drop(state);
-    // Small frames (acks, heartbeats, chat messages) should leave at once, not wait for Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    // Each request carries its client's address (login limits are per address).
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
+    listener::serve(listener, app, limits, shutdown).await;
     // Sockets see the same token: each finishes its in-flight request, closes with 1001 and ends.
     tracker.close();
     tracker.wait().await;

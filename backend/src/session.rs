@@ -76,6 +76,11 @@ impl Session {
         Session { chat, client, attached: None, floor: 0 }
     }
 
+    /// Whether the socket is logged in.
+    pub fn authenticated(&self) -> bool {
+        self.attached.is_some()
+    }
+
     /// Answer one request.
     pub async fn handle(&mut self, request: Request) -> Result<Response> {
         crate::metrics::request(kind(&request));

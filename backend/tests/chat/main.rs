@@ -6,5 +6,6 @@ mod accounts;
 mod bad_input;
 mod determinism;
 mod lifecycle;
+mod limits;
 mod messaging;
 mod sessions;
