@@ -252,8 +252,20 @@ async fn answer(session: &mut Session, out: &mut Out, text: &str) -> Result<bool
     match session.handle(request).await {
         Ok(response) => {
             out.write(req, response.reply).await?;
-            for body in response.backlog {
-                out.write(None, body).await?;
+            // The backlog, a page at a time: the next page is read only once this one is written.
+            loop {
+                let page = match session.backlog_page().await {
+                    Ok(page) if page.is_empty() => break,
+                    Ok(page) => page,
+                    Err(error) => {
+                        // The reply is out already: drop the socket, the client resumes from its cursor.
+                        tracing::error!(%error, "could not read a backlog page; dropping the socket");
+                        return Err(());
+                    }
+                };
+                for body in page {
+                    out.write(None, body).await?;
+                }
             }
             Ok(response.close)
         }

@@ -12,6 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::both;
 use crate::util::*;
 
 /// A server over a fresh database with `tune` applied to its test config.
@@ -180,3 +181,91 @@ async fn connections_over_the_per_address_cap_are_refused_with_429() {
         tokio::task::yield_now().await;
     }
 }
+
+/// `from` sends `count` messages of `chars` characters to `to`, pipelined (the replica commits them in
+/// groups); returns their ids in order.
+async fn send_many(from: &mut Client, to: &str, count: usize, chars: usize) -> Vec<u64> {
+    let text = "x".repeat(chars);
+    for i in 0..count {
+        let frame = ClientFrame {
+            req: Some(format!("many{i}")),
+            request: Request::Send { to: to.into(), text: text.clone(), client_id: format!("many{i}") },
+        };
+        from.send_text(serde_json::to_string(&frame).unwrap()).await;
+    }
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        match from.reply_to(&format!("many{i}")).await {
+            ServerBody::Sent { id, .. } => ids.push(id),
+            other => panic!("send {i}: {other:?}"),
+        }
+    }
+    from.drain_inbox();
+    ids
+}
+
+both!(login_and_resume_backlogs_longer_than_a_page_arrive_whole_and_in_order, |engine| async move {
+    let server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let token = bob.token.clone().unwrap();
+    bob.close().await;
+    let sent = send_many(&mut alice, "bob", 250, 10).await;
+
+    // login: every undelivered message, oldest first, over several pages.
+    let mut phone = server.client().await;
+    let ServerBody::Session { cursor, .. } = phone.login("bob", "password123").await else { panic!() };
+    let mut got = Vec::new();
+    for _ in 0..sent.len() {
+        let ServerBody::Message { message, .. } = phone.next_push().await else { panic!() };
+        got.push(message.id);
+    }
+    assert_eq!(got, sent);
+
+    // resume from 0: every stored event (the same messages), then live pushes, nothing twice.
+    let mut laptop = server.client().await;
+    laptop.request(Request::Resume { token, cursor: 0 }).await;
+    let mut replayed = Vec::new();
+    for _ in 0..sent.len() {
+        let ServerBody::Message { index, message } = laptop.next_push().await else { panic!() };
+        assert!(index <= cursor);
+        replayed.push(message.id);
+    }
+    assert_eq!(replayed, sent);
+    let live = alice.send_message("bob", "live").await;
+    let ServerBody::Message { message, .. } = laptop.next_push().await else { panic!() };
+    assert_eq!(message.id, live, "the first push after the replay is the live message");
+});
+
+both!(a_client_that_does_not_read_its_resume_is_dropped_and_others_are_served, |engine| async move {
+    let server = server_with(engine, |c| c.write_timeout_ms = 1_000).await;
+    let mut alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let token = bob.token.clone().unwrap();
+    bob.close().await;
+    // About 5 MB of events for bob: more than the kernel buffers between the replica and a client that
+    // does not read.
+    send_many(&mut alice, "bob", 1_200, 4_000).await;
+
+    // A client with a tiny receive buffer asks for all of it and never reads.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (mut stuck, _) = tokio_tungstenite::client_async(server.ws_url(), tcp).await.unwrap();
+    let resume = ClientFrame { req: Some("1".into()), request: Request::Resume { token, cursor: 0 } };
+    stuck.send(WsMessage::Text(serde_json::to_string(&resume).unwrap().into())).await.unwrap();
+
+    others_are_served(&server, "carol").await;
+    assert_eq!(alice.request(Request::Ping).await, ServerBody::Pong);
+    // The replica gives up on it: its session goes away; alice's stays (carol's closed with its socket).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, health) = healthz_from([127, 0, 0, 3], server.addr).await;
+        if health["sessions"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the non-reading socket is still open: {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stuck);
+});
