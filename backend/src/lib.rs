@@ -96,6 +96,9 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The deadlines every `/ws` socket lives by (authentication, idleness, writes).
     pub socket_timeouts: ws::Timeouts,
+    /// Backlog pages being read at once, across all sockets: a crowd of resumers must leave database
+    /// connections for everyone else's requests (the SQLite pool has 4).
+    pub backlog_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// A started server.
@@ -156,6 +159,7 @@ pub async fn start(config: Config) -> Result<Running> {
         cluster_secret: config.cluster_secret.as_deref().map(Arc::from),
         metrics: metrics.clone(),
         socket_timeouts: ws::Timeouts::from_config(&config),
+        backlog_reads: Arc::new(tokio::sync::Semaphore::new(ws::BACKLOG_READERS)),
     };
     tokio::spawn(metrics::upkeep(metrics, shutdown.clone()));
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");

@@ -32,6 +32,8 @@ const CLOSE_TOO_SLOW: u16 = 1008;
 const SOCKET_BUFFER: usize = 8 * 1024;
 /// How long to wait for the client's answer to our close frame before dropping the connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Backlog pages read at the same time, over all sockets (see [`AppState::backlog_reads`]).
+pub const BACKLOG_READERS: usize = 2;
 /// Close code for a socket that did not authenticate in time, or went silent (RFC 6455 "policy violation").
 const CLOSE_POLICY: u16 = 1008;
 
@@ -204,7 +206,7 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                         break Some((CLOSE_TOO_BIG, "frame over 64 KiB"));
                     }
                     Some(Ok(Message::Text(text))) => {
-                        match answer(&mut session, &mut out, text.as_str()).await {
+                        match answer(&mut session, &mut out, &state.backlog_reads, text.as_str()).await {
                             Ok(false) => {}
                             Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
                             Err(()) => break None,
@@ -243,7 +245,12 @@ fn not_leader(state: &AppState, status: &Status) -> ServerBody {
 }
 
 /// Decode one text frame, answer it, write the reply and any backlog. `Ok(true)` means close the socket.
-async fn answer(session: &mut Session, out: &mut Out, text: &str) -> Result<bool, ()> {
+async fn answer(
+    session: &mut Session,
+    out: &mut Out,
+    backlog_reads: &tokio::sync::Semaphore,
+    text: &str,
+) -> Result<bool, ()> {
     let (req, decoded) = decode(text);
     let request = match decoded {
         Ok(request) => request,
@@ -254,7 +261,10 @@ async fn answer(session: &mut Session, out: &mut Out, text: &str) -> Result<bool
             out.write(req, response.reply).await?;
             // The backlog, a page at a time: the next page is read only once this one is written.
             loop {
-                let page = match session.backlog_page().await {
+                let permit = backlog_reads.acquire().await.map_err(|_| ())?;
+                let page = session.backlog_page().await;
+                drop(permit);
+                let page = match page {
                     Ok(page) if page.is_empty() => break,
                     Ok(page) => page,
                     Err(error) => {

@@ -160,8 +160,10 @@ impl Cluster {
                 c.args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--db", &node.db]);
                 c.args(["--log", &setup.node_log]);
                 // The load generator opens every socket from 127.0.0.1 (10,000 for `bench idle`): no per-address
-                // cap here; `setup.args` may set one (`bench abuse` does).
-                c.args(["--max-connections-per-ip", "0"]);
+                // cap, unless `setup.args` sets one (`bench abuse` does).
+                if !setup.args.iter().any(|a| a.starts_with("--max-connections-per-ip")) {
+                    c.args(["--max-connections-per-ip", "0"]);
+                }
                 if !self.peers.is_empty() {
                     c.args(["--peers", &self.peers, "--cluster-secret", &self.secret]);
                 }
