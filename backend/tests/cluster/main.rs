@@ -5,6 +5,7 @@
 mod harness;
 
 mod election;
+mod exhaustion;
 mod failover;
 mod faults;
 mod group_commit;
