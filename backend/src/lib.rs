@@ -19,7 +19,8 @@
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
-//! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
+//! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes, the socket's deadlines
+//!   (authentication, pings and silence, writes), backlogs streamed a page at a time.
 //! - [`listener`]: accepting connections: the per-address connection cap, the request-head deadline,
 //!   back-off on accept errors, graceful shutdown.
 //! - [`http`]: the router, `/healthz`, `/api/cluster`, `/metrics`, and the allowed browser origins.

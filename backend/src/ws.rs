@@ -1,5 +1,6 @@
 //! The client WebSocket at `/ws`: checks the origin, turns text frames into typed requests and typed
-//! replies and pushes into frames. All behaviour lives in [`Session`].
+//! replies and pushes into frames, streams login/resume backlogs page by page, and holds each socket to its
+//! deadlines (authentication, silence, writes). All chat behaviour lives in [`Session`].
 
 use std::time::Duration;
 
