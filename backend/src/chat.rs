@@ -44,12 +44,29 @@ pub struct Attached {
     pub token: Option<String>,
     /// Events with an index above this reach the socket through its push queue.
     pub cursor: u64,
-    /// Events the socket must be sent before its pushes: for `login` the undelivered messages, for
-    /// `resume` every stored event after the client's cursor.
-    pub backlog: Vec<ServerBody>,
+    /// Events the socket must be sent before its pushes, read a page at a time with [`Chat::backlog_page`]:
+    /// for `login` the undelivered messages, for `resume` every stored event after the client's cursor.
+    pub backlog: Backlog,
     /// True when this socket is the account's first open one (its contacts were told it is online).
     pub first: bool,
 }
+
+/// Events a socket must be sent right after its `session` reply, and how far it got through them. Read a
+/// page at a time, written before the next page is read: a client that does not read holds up one page,
+/// never its whole history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Backlog {
+    /// Nothing (more) to send.
+    #[default]
+    Done,
+    /// `login`: messages to `user_id` not yet delivered, with an id above `after`, up to `up_to`.
+    Undelivered { user_id: i64, after: i64, up_to: i64 },
+    /// `resume`: `user_id`'s stored events with an index above `after`.
+    Events { user_id: i64, after: u64 },
+}
+
+/// Events read per page of a backlog.
+pub const BACKLOG_PAGE: u32 = 100;
 
 /// A socket's push queue, handed over on attach.
 pub struct Mailbox {
@@ -315,7 +332,7 @@ impl Chat {
         drop(writer);
         self.throttle.succeeded(client, &crate::wildcard::name_key(username));
         let authed = Authed { user_id, username: username.to_owned(), token_hash };
-        Ok(Attached { authed, token: Some(token), cursor, backlog: Vec::new(), first })
+        Ok(Attached { authed, token: Some(token), cursor, backlog: Backlog::Done, first })
     }
 
     /// `login`: check the password (rate-limited per username), open a session attached to `mailbox`, and
@@ -334,20 +351,10 @@ impl Chat {
         let op = Op::Login { user_id: user.id, token_hash: token_hash.clone(), at: now_ms() };
         let cursor = self.commit(&mut writer, op).await?;
         self.throttle.succeeded(client, &key);
-        let mailbox_conn = mailbox.conn;
         let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
         drop(writer);
-        let backlog = match self.db.undelivered(user.id).await {
-            Ok(messages) => messages
-                .into_iter()
-                .filter(|m| m.id <= cursor)
-                .map(|message| ServerBody::Message { index: message.id, message })
-                .collect(),
-            Err(e) => {
-                self.detach(user.id, mailbox_conn).await;
-                return Err(e);
-            }
-        };
+        // Read after attaching, page by page as the socket writes them (`backlog_page`).
+        let backlog = Backlog::Undelivered { user_id: user.id, after: 0, up_to: cursor as i64 };
         let authed = Authed { user_id: user.id, username: user.username, token_hash };
         Ok(Attached { authed, token: Some(token), cursor, backlog, first })
     }
@@ -378,15 +385,34 @@ impl Chat {
         }
         // Attach before reading, so an event committed meanwhile is either read here or pushed.
         let first = self.hub.attach(user.id, mailbox.conn, mailbox.tx);
-        let backlog = match self.db.events_after(user.id, cursor).await {
-            Ok(events) => events,
-            Err(e) => {
-                self.detach(user.id, mailbox.conn).await;
-                return Err(e);
-            }
-        };
+        let backlog = Backlog::Events { user_id: user.id, after: cursor };
         let authed = Authed { user_id: user.id, username: user.username, token_hash };
         Ok(Attached { authed, token: None, cursor, backlog, first })
+    }
+
+    /// The next page of `backlog`, oldest first, and `backlog` moved past it; empty once everything was read.
+    pub async fn backlog_page(&self, backlog: &mut Backlog) -> Result<Vec<ServerBody>> {
+        let page: Vec<ServerBody> = match *backlog {
+            Backlog::Done => return Ok(Vec::new()),
+            Backlog::Undelivered { user_id, after, up_to } => {
+                let messages = self.db.undelivered(user_id, after, up_to, BACKLOG_PAGE).await?;
+                if let Some(last) = messages.last() {
+                    *backlog = Backlog::Undelivered { user_id, after: last.id as i64, up_to };
+                }
+                messages.into_iter().map(|message| ServerBody::Message { index: message.id, message }).collect()
+            }
+            Backlog::Events { user_id, after } => {
+                let events = self.db.events_after(user_id, after, BACKLOG_PAGE).await?;
+                if let Some(&(last, _)) = events.last() {
+                    *backlog = Backlog::Events { user_id, after: last };
+                }
+                events.into_iter().map(|(_, body)| body).collect()
+            }
+        };
+        if page.len() < BACKLOG_PAGE as usize {
+            *backlog = Backlog::Done;
+        }
+        Ok(page)
     }
 
     /// Tell `user_id`'s contacts that it came online (after its first socket attached).

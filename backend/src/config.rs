@@ -105,6 +105,36 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_STATIC_DIR", default_value = "static")]
     pub static_dir: std::path::PathBuf,
 
+    /// Most connections (HTTP and WebSocket, open at the same time) one client address may hold; the next one
+    /// is answered `429 Too Many Requests` and closed. 0: no cap. Behind a reverse proxy every client has the
+    /// proxy's address: raise it or set 0 there, and let the proxy enforce its own per-client cap.
+    #[arg(long, env = "REPLICHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000)]
+    pub max_connections_per_ip: usize,
+
+    /// A connection must send a complete HTTP request head (request line and headers) within this many
+    /// milliseconds of connecting, or of its previous response on a kept-alive connection; else it is closed.
+    #[arg(long, env = "REPLICHAT_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+
+    /// A `/ws` socket must `register`, `login` or `resume` successfully within this many milliseconds of its
+    /// `welcome`, or it is closed with 1008. A socket that logs out gets the same time again.
+    #[arg(long, env = "REPLICHAT_AUTH_TIMEOUT_MS", default_value_t = 60_000)]
+    pub auth_timeout_ms: u64,
+
+    /// How often the server pings an authenticated `/ws` socket that sent nothing meanwhile, in milliseconds.
+    #[arg(long, env = "REPLICHAT_PING_INTERVAL_MS", default_value_t = 30_000)]
+    pub ping_interval_ms: u64,
+
+    /// An authenticated `/ws` socket from which nothing (no frame, no pong) arrived for this many milliseconds
+    /// is closed with 1008.
+    #[arg(long, env = "REPLICHAT_IDLE_TIMEOUT_MS", default_value_t = 75_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Longest a write to a `/ws` socket may wait for the client to read, in milliseconds; a socket whose
+    /// write takes longer is dropped (its client resumes).
+    #[arg(long, env = "REPLICHAT_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
     /// Log filter in `tracing` EnvFilter syntax (`info`, `replichat=debug`, ...).
     #[arg(long, env = "REPLICHAT_LOG", default_value = "info")]
     pub log: String,
@@ -132,6 +162,12 @@ impl Config {
             ack: Ack::Majority,
             adopt_database: false,
             static_dir: "static".into(),
+            max_connections_per_ip: 1_000,
+            header_timeout_ms: 10_000,
+            auth_timeout_ms: 60_000,
+            ping_interval_ms: 30_000,
+            idle_timeout_ms: 75_000,
+            write_timeout_ms: 10_000,
             log: "info".to_owned(),
         }
     }

@@ -26,7 +26,10 @@
 //!   case) and the confusable skeleton that keeps look-alike names out.
 //! - [`wildcard`]: the `*` account-search pattern and its translation to SQL `LIKE`.
 //! - [`session`]: one socket's session state; typed request in, typed reply out.
-//! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes.
+//! - [`ws`]: the `/ws` endpoint: frames in and out, size limits, close codes, the socket's deadlines
+//!   (authentication, pings and silence, writes), backlogs streamed a page at a time.
+//! - [`listener`]: accepting connections: the per-address connection cap, the request-head deadline,
+//!   back-off on accept errors, graceful shutdown.
 //! - [`http`]: the router, `/healthz`, `/api/cluster`, `/metrics`, and the allowed browser origins.
 //! - [`metrics`]: the Prometheus recorder behind `/metrics`, every series' name and help text, and one
 //!   function per thing measured (the other modules call those, never a series name).
@@ -39,6 +42,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod internal;
+pub mod listener;
 pub mod metrics;
 pub mod op;
 pub mod password;
@@ -53,6 +57,7 @@ pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -100,6 +105,11 @@ pub struct AppState {
     pub cluster_secret: Option<Arc<str>>,
     /// Renders `/metrics` (the process-wide recorder: see [`metrics`]).
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The deadlines every `/ws` socket lives by (authentication, idleness, writes).
+    pub socket_timeouts: ws::Timeouts,
+    /// Backlog pages being read at once, across all sockets: a crowd of resumers must leave database
+    /// connections for everyone else's requests (the SQLite pool has 4).
+    pub backlog_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// The id of the cluster a replica belongs to, as stored in its database: derived from the cluster secret
@@ -181,25 +191,31 @@ pub async fn start(config: Config) -> Result<Running> {
         tracker: TaskTracker::new(),
         cluster_secret: config.cluster_secret.as_deref().map(Arc::from),
         metrics: metrics.clone(),
+        socket_timeouts: ws::Timeouts::from_config(&config),
+        backlog_reads: Arc::new(tokio::sync::Semaphore::new(ws::BACKLOG_READERS)),
     };
     tokio::spawn(metrics::upkeep(metrics, shutdown.clone()));
     tracing::info!(id = config.id, %addr, backend = ?db.backend(), "replica serving");
     let app = http::router(state.clone(), &config.static_dir);
+    let limits = listener::Limits {
+        per_address: config.max_connections_per_ip,
+        header_timeout: (config.header_timeout_ms > 0).then(|| Duration::from_millis(config.header_timeout_ms)),
+    };
     let chat = state.chat.clone();
-    let task = tokio::spawn(serve(listener, app, state, db.clone()));
+    let task = tokio::spawn(serve(listener, limits, app, state, db.clone()));
     Ok(Running { addr, db, chat, shutdown, task })
 }
 
-async fn serve(listener: TcpListener, app: axum::Router, state: AppState, db: Db) -> Result<()> {
+async fn serve(
+    listener: TcpListener,
+    limits: listener::Limits,
+    app: axum::Router,
+    state: AppState,
+    db: Db,
+) -> Result<()> {
     let (shutdown, tracker) = (state.shutdown.clone(), state.tracker.clone());
     drop(state);
-    // Small frames (acks, heartbeats, chat messages) should leave at once, not wait for Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    // Each request carries its client's address (login limits are per address).
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
+    listener::serve(listener, app, limits, shutdown).await;
     // Sockets see the same token: each finishes its in-flight request, closes with 1001 and ends.
     tracker.close();
     tracker.wait().await;

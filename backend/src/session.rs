@@ -7,7 +7,7 @@ use std::sync::Arc;
 use replichat_shared::{Request, ServerBody, SessionEnd};
 use tokio::sync::mpsc;
 
-use crate::chat::{Attached, Authed, Chat, Mailbox};
+use crate::chat::{Attached, Authed, Backlog, Chat, Mailbox};
 use crate::hub::{ConnId, Push};
 use crate::{Error, Result};
 
@@ -16,15 +16,13 @@ use crate::{Error, Result};
 pub struct Response {
     /// The reply (it echoes the request's `req`).
     pub reply: ServerBody,
-    /// Events to write right after the reply, in order (the login/resume backlog).
-    pub backlog: Vec<ServerBody>,
     /// Close the socket after writing (the account was deleted).
     pub close: bool,
 }
 
 impl From<ServerBody> for Response {
     fn from(reply: ServerBody) -> Self {
-        Response { reply, backlog: Vec::new(), close: false }
+        Response { reply, close: false }
     }
 }
 
@@ -95,12 +93,19 @@ pub struct Session {
     attached: Option<(Authed, ConnId, mpsc::Receiver<Push>)>,
     /// Highest event index this socket has been sent; pushes at or below it are already covered.
     floor: u64,
+    /// What of the login/resume backlog is still to be written (before any push).
+    backlog: Backlog,
 }
 
 impl Session {
     /// A session with no account yet.
     pub fn new(chat: Arc<Chat>, client: IpAddr) -> Session {
-        Session { chat, client, attached: None, floor: 0 }
+        Session { chat, client, attached: None, floor: 0, backlog: Backlog::Done }
+    }
+
+    /// Whether the socket is logged in.
+    pub fn authenticated(&self) -> bool {
+        self.attached.is_some()
     }
 
     /// Answer one request.
@@ -165,9 +170,17 @@ impl Session {
                 chat.delete_account(self.authed()?, &password, self.client).await?;
                 // The hub already forgot this account's sockets; nothing to announce.
                 self.attached = None;
-                Ok(Response { reply: ServerBody::AccountDeleted, backlog: Vec::new(), close: true })
+                Ok(Response { reply: ServerBody::AccountDeleted, close: true })
             }
         }
+    }
+
+    /// The next page of the backlog to write after a `session` reply, oldest first; empty when it is all
+    /// written. Call until empty before taking pushes.
+    pub async fn backlog_page(&mut self) -> Result<Vec<ServerBody>> {
+        let page = self.chat.backlog_page(&mut self.backlog).await?;
+        self.floor = page.iter().filter_map(ServerBody::index).fold(self.floor, u64::max);
+        Ok(page)
     }
 
     /// The next push for this socket, skipping events it was already sent. Pending forever while the
@@ -217,7 +230,8 @@ impl Session {
     async fn attach(&mut self, result: Result<Attached>, queue: (ConnId, mpsc::Receiver<Push>)) -> Result<Response> {
         let attached = result?;
         let (conn, rx) = queue;
-        self.floor = attached.backlog.iter().filter_map(ServerBody::index).fold(attached.cursor, u64::max);
+        self.floor = attached.cursor;
+        self.backlog = attached.backlog;
         if attached.first {
             if let Err(e) = self.chat.announce_online(&attached.authed).await {
                 tracing::warn!(error = %e, "could not announce presence");
@@ -229,7 +243,7 @@ impl Session {
             cursor: attached.cursor,
         };
         self.attached = Some((attached.authed, conn, rx));
-        Ok(Response { reply, backlog: attached.backlog, close: false })
+        Ok(Response { reply, close: false })
     }
 
     async fn detach(&mut self) {

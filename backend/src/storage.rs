@@ -740,10 +740,14 @@ impl Db {
         rows.iter().map(message_from_row).collect()
     }
 
-    /// Messages addressed to `me` that no session of theirs acknowledged as delivered, oldest first.
-    pub async fn undelivered(&self, me: i64) -> Result<Vec<Message>> {
-        let sql = format!("{MESSAGE_SELECT} WHERE m.recipient_id = $1 AND m.delivered_at IS NULL ORDER BY m.id");
-        let rows = sqlx::query(&sql).bind(me).fetch_all(&self.pool).await?;
+    /// Messages addressed to `me` with an id in `after + 1 ..= up_to` that no session of theirs acknowledged
+    /// as delivered, oldest first, at most `limit` of them (one page of a `login` backlog).
+    pub async fn undelivered(&self, me: i64, after: i64, up_to: i64, limit: u32) -> Result<Vec<Message>> {
+        let sql = format!(
+            "{MESSAGE_SELECT} WHERE m.recipient_id = $1 AND m.delivered_at IS NULL AND m.id > $2 AND m.id <= $3 \
+             ORDER BY m.id LIMIT $4"
+        );
+        let rows = sqlx::query(&sql).bind(me).bind(after).bind(up_to).bind(limit as i64).fetch_all(&self.pool).await?;
         rows.iter().map(message_from_row).collect()
     }
 
@@ -802,17 +806,21 @@ impl Db {
         contacts(&self.pool, me).await
     }
 
-    /// `user_id`'s stored events with an index greater than `cursor`, in index order.
-    pub async fn events_after(&self, user_id: i64, cursor: u64) -> Result<Vec<ServerBody>> {
-        let rows = sqlx::query("SELECT body FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx")
+    /// `user_id`'s stored events with an index greater than `cursor`, in index order, at most `limit` of them
+    /// (one page of a `resume` backlog), each with its index.
+    pub async fn events_after(&self, user_id: i64, cursor: u64, limit: u32) -> Result<Vec<(u64, ServerBody)>> {
+        let rows = sqlx::query("SELECT idx, body FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx LIMIT $3")
             .bind(user_id)
             .bind(cursor.min(i64::MAX as u64) as i64)
+            .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
             .map(|row| {
+                let index: i64 = row.try_get("idx")?;
                 let body: String = row.try_get("body")?;
-                serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("event: {e}")))
+                let body = serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("event: {e}")))?;
+                Ok((index as u64, body))
             })
             .collect()
     }

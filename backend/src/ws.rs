@@ -1,7 +1,10 @@
 //! The client WebSocket at `/ws`: checks the origin, turns text frames into typed requests and typed
-//! replies and pushes into frames. All behaviour lives in [`Session`].
+//! replies and pushes into frames, streams login/resume backlogs page by page, and holds each socket to its
+//! deadlines (authentication, silence, writes). All chat behaviour lives in [`Session`].
 
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -30,6 +33,36 @@ const CLOSE_TOO_SLOW: u16 = 1008;
 const SOCKET_BUFFER: usize = 8 * 1024;
 /// How long to wait for the client's answer to our close frame before dropping the connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Backlog pages read at the same time, over all sockets (see [`AppState::backlog_reads`]).
+pub const BACKLOG_READERS: usize = 2;
+/// Close code for a socket that did not authenticate in time, or went silent (RFC 6455 "policy violation").
+const CLOSE_POLICY: u16 = 1008;
+
+/// The deadlines a `/ws` socket lives by (flags in [`crate::Config`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From `welcome` (or `logout`) to a successful `register`, `login` or `resume`.
+    pub auth: Duration,
+    /// An authenticated socket that sent nothing for this long is pinged.
+    pub ping: Duration,
+    /// An authenticated socket that sent nothing (not even a pong) for this long is closed.
+    pub idle: Duration,
+    /// Longest one write may wait for the client to read.
+    pub write: Duration,
+}
+
+impl Timeouts {
+    /// The deadlines set by `config`.
+    pub fn from_config(config: &crate::Config) -> Timeouts {
+        let ms = |ms: u64| Duration::from_millis(ms.max(1));
+        Timeouts {
+            auth: ms(config.auth_timeout_ms),
+            ping: ms(config.ping_interval_ms),
+            idle: ms(config.idle_timeout_ms),
+            write: ms(config.write_timeout_ms),
+        }
+    }
+}
 
 /// `GET /ws`: upgrade if the origin is allowed. A request with more than one `Origin` header is refused:
 /// a browser sends exactly one, and which copy a check reads must not decide the answer.
@@ -62,15 +95,64 @@ pub async fn upgrade(
 
 type Sink = SplitSink<WebSocket, Message>;
 
+/// The writing half of a socket: every write gives up after [`Timeouts::write`], so a client that does not
+/// read holds at most its transport buffers, and its task ends.
+struct Out {
+    sink: Sink,
+    timeout: Duration,
+}
+
+impl Out {
+    async fn send(&mut self, message: Message) -> Result<(), ()> {
+        match tokio::time::timeout(self.timeout, self.sink.send(message)).await {
+            Ok(result) => result.map_err(|_| ()),
+            Err(_) => {
+                tracing::info!("a client did not read for the write timeout; dropping its socket");
+                Err(())
+            }
+        }
+    }
+
+    async fn write(&mut self, req: Option<String>, body: ServerBody) -> Result<(), ()> {
+        let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
+        self.send(Message::Text(text.into())).await
+    }
+
+    async fn write_error(&mut self, req: Option<String>, error: &Error) -> Result<(), ()> {
+        crate::metrics::request_failed(error.code());
+        if error.code() == ErrorCode::Internal {
+            tracing::error!(%error, "request failed");
+        }
+        let body = ServerBody::Error {
+            code: error.code(),
+            message: error.client_message(),
+            retry_after_ms: error.retry_after_ms(),
+        };
+        self.write(req, body).await
+    }
+
+    /// Send a close frame and give the client a moment to answer, so it reads the frame before the
+    /// connection goes away.
+    async fn close(&mut self, stream: &mut SplitStream<WebSocket>, code: u16, reason: &'static str) {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let sent = tokio::time::timeout(CLOSE_GRACE, self.sink.send(Message::Close(Some(frame)))).await;
+        if matches!(sent, Ok(Ok(()))) {
+            let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+        }
+    }
+}
+
 async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     let _counted = crate::metrics::ClientConnection::open();
-    let (mut sink, mut stream) = socket.split();
+    let timeouts = state.socket_timeouts;
+    let (sink, mut stream) = socket.split();
+    let mut out = Out { sink, timeout: timeouts.write };
     let mut status = state.chat.replication().status();
     let first = status.borrow_and_update().clone();
     if first.role != Role::Primary {
         // Clients talk to the primary only: tell them where it is, then close.
-        let _ = write(&mut sink, None, not_leader(&state, &first)).await;
-        close(&mut sink, &mut stream, CLOSE_NORMAL, "not the primary").await;
+        let _ = out.write(None, not_leader(&state, &first)).await;
+        out.close(&mut stream, CLOSE_NORMAL, "not the primary").await;
         return;
     }
     let welcome = ServerBody::Welcome {
@@ -79,13 +161,30 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
         endpoints: state.node.endpoints(),
         protocol: PROTOCOL_VERSION,
     };
-    if write(&mut sink, None, welcome).await.is_err() {
+    if out.write(None, welcome).await.is_err() {
         return;
     }
     let mut session = Session::new(state.chat.clone(), client.ip());
+    // Until it authenticates, a socket has until `auth_by`; after, it must not fall silent for `idle`.
+    let mut auth_by = Instant::now() + timeouts.auth;
+    let mut heard = Instant::now();
+    let mut pings = tokio::time::interval_at(Instant::now() + timeouts.ping, timeouts.ping);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let close_with = loop {
+        let authenticated = session.authenticated();
         tokio::select! {
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            _ = tokio::time::sleep_until(auth_by), if !authenticated => {
+                break Some((CLOSE_POLICY, "not authenticated in time"));
+            }
+            _ = tokio::time::sleep_until(heard + timeouts.idle), if authenticated => {
+                break Some((CLOSE_POLICY, "idle: no answer to pings"));
+            }
+            _ = pings.tick(), if authenticated => {
+                if heard.elapsed() >= timeouts.ping && out.send(Message::Ping(Default::default())).await.is_err() {
+                    break None;
+                }
+            }
             changed = status.changed() => {
                 if changed.is_err() {
                     // The replication core stopped: the server is shutting down.
@@ -93,60 +192,60 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                 }
                 let now = status.borrow_and_update().clone();
                 if now.role != Role::Primary || now.term != first.term {
-                    let _ = write(&mut sink, None, not_leader(&state, &now)).await;
+                    let _ = out.write(None, not_leader(&state, &now)).await;
                     break Some((CLOSE_NORMAL, "not the primary any more"));
                 }
             }
             pushed = session.next_push() => match pushed {
                 Pushed::Frame(body) => {
-                    if write(&mut sink, None, body).await.is_err() { break None; }
+                    if out.write(None, body).await.is_err() { break None; }
                 }
                 Pushed::AccountDeleted => {
-                    let _ = write(&mut sink, None, ServerBody::AccountDeleted).await;
+                    let _ = out.write(None, ServerBody::AccountDeleted).await;
                     break Some((CLOSE_NORMAL, "account deleted"));
                 }
                 Pushed::TooSlow => break Some((CLOSE_TOO_SLOW, "too slow for pushes; resume")),
                 Pushed::SessionEnded(reason) => {
-                    let _ = write(&mut sink, None, ServerBody::SessionEnded { reason }).await;
+                    let _ = out.write(None, ServerBody::SessionEnded { reason }).await;
                     break Some((CLOSE_NORMAL, "session ended"));
                 }
             },
-            incoming = stream.next() => match incoming {
-                None | Some(Ok(Message::Close(_))) => break None,
-                Some(Err(e)) => {
-                    if is_too_big(e) { break Some((CLOSE_TOO_BIG, "frame too big")); }
-                    break None;
-                }
-                Some(Ok(Message::Text(text))) if text.len() > MAX_FRAME_BYTES => {
-                    break Some((CLOSE_TOO_BIG, "frame over 64 KiB"));
-                }
-                Some(Ok(Message::Text(text))) => {
-                    match answer(&mut session, &mut sink, text.as_str()).await {
-                        Ok(false) => {}
-                        Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
-                        Err(()) => break None,
+            incoming = stream.next() => {
+                heard = Instant::now();
+                match incoming {
+                    None | Some(Ok(Message::Close(_))) => break None,
+                    Some(Err(e)) => {
+                        if is_too_big(e) { break Some((CLOSE_TOO_BIG, "frame too big")); }
+                        break None;
                     }
+                    Some(Ok(Message::Text(text))) if text.len() > MAX_FRAME_BYTES => {
+                        break Some((CLOSE_TOO_BIG, "frame over 64 KiB"));
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        match answer(&mut session, &mut out, &state.backlog_reads, text.as_str()).await {
+                            Ok(false) => {}
+                            Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
+                            Err(()) => break None,
+                        }
+                        // Answering may have taken a while (a long backlog): the silence starts now.
+                        heard = Instant::now();
+                        if authenticated && !session.authenticated() {
+                            // Logged out: the same time to authenticate again as a new socket.
+                            auth_by = Instant::now() + timeouts.auth;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let error = Error::BadRequest("binary frames are not part of the protocol; send JSON text".into());
+                        if out.write_error(None, &error).await.is_err() { break None; }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    let error = Error::BadRequest("binary frames are not part of the protocol; send JSON text".into());
-                    if write_error(&mut sink, None, &error).await.is_err() { break None; }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            },
+            }
         }
     };
     session.close().await;
     if let Some((code, reason)) = close_with {
-        close(&mut sink, &mut stream, code, reason).await;
-    }
-}
-
-/// Send a close frame and give the client a moment to answer, so it reads the frame before the connection
-/// goes away.
-async fn close(sink: &mut Sink, stream: &mut SplitStream<WebSocket>, code: u16, reason: &'static str) {
-    let frame = CloseFrame { code, reason: reason.into() };
-    if sink.send(Message::Close(Some(frame))).await.is_ok() {
-        let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+        out.close(&mut stream, code, reason).await;
     }
 }
 
@@ -162,21 +261,41 @@ fn not_leader(state: &AppState, status: &Status) -> ServerBody {
 }
 
 /// Decode one text frame, answer it, write the reply and any backlog. `Ok(true)` means close the socket.
-async fn answer(session: &mut Session, sink: &mut Sink, text: &str) -> Result<bool, ()> {
+async fn answer(
+    session: &mut Session,
+    out: &mut Out,
+    backlog_reads: &tokio::sync::Semaphore,
+    text: &str,
+) -> Result<bool, ()> {
     let (req, decoded) = decode(text);
     let request = match decoded {
         Ok(request) => request,
-        Err(error) => return write_error(sink, req, &error).await.map(|_| false),
+        Err(error) => return out.write_error(req, &error).await.map(|_| false),
     };
     match session.handle(request).await {
         Ok(response) => {
-            write(sink, req, response.reply).await?;
-            for body in response.backlog {
-                write(sink, None, body).await?;
+            out.write(req, response.reply).await?;
+            // The backlog, a page at a time: the next page is read only once this one is written.
+            loop {
+                let permit = backlog_reads.acquire().await.map_err(|_| ())?;
+                let page = session.backlog_page().await;
+                drop(permit);
+                let page = match page {
+                    Ok(page) if page.is_empty() => break,
+                    Ok(page) => page,
+                    Err(error) => {
+                        // The reply is out already: drop the socket, the client resumes from its cursor.
+                        tracing::error!(%error, "could not read a backlog page; dropping the socket");
+                        return Err(());
+                    }
+                };
+                for body in page {
+                    out.write(None, body).await?;
+                }
             }
             Ok(response.close)
         }
-        Err(error) => write_error(sink, req, &error).await.map(|_| false),
+        Err(error) => out.write_error(req, &error).await.map(|_| false),
     }
 }
 
@@ -207,24 +326,6 @@ fn req_of_object(text: &str) -> Option<String> {
     }
     let only: ReqOnly = serde_json::from_str(text).ok()?;
     only.req?.as_str().map(str::to_owned)
-}
-
-async fn write(sink: &mut Sink, req: Option<String>, body: ServerBody) -> Result<(), ()> {
-    let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
-    sink.send(Message::Text(text.into())).await.map_err(|_| ())
-}
-
-async fn write_error(sink: &mut Sink, req: Option<String>, error: &Error) -> Result<(), ()> {
-    crate::metrics::request_failed(error.code());
-    if error.code() == ErrorCode::Internal {
-        tracing::error!(%error, "request failed");
-    }
-    let body = ServerBody::Error {
-        code: error.code(),
-        message: error.client_message(),
-        retry_after_ms: error.retry_after_ms(),
-    };
-    write(sink, req, body).await
 }
 
 /// Whether a read error is the transport refusing an oversized frame.

@@ -17,8 +17,11 @@
 //! - [`chaos`]: kill -9 the primary (sometimes a backup) under load, time the failover, run the checker.
 //! - [`catchup`]: how long a replica that missed many messages takes to be in sync.
 //! - [`idle`]: how much memory idle connections cost a replica.
+//! - [`abuse`]: resumers that never read, a connection flood and slowloris against one replica, with a normal
+//!   client probed meanwhile.
 //! - [`plot`]: SVG plots of the results.
 
+pub mod abuse;
 pub mod catchup;
 pub mod chaos;
 pub mod check;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use replichat_bench::procs::{default_replichat, scratch_dir, Setup, Target};
-use replichat_bench::{catchup, chaos, idle, load, median, plot, procs, quantile, relay, write_json};
+use replichat_bench::{abuse, catchup, chaos, idle, load, median, plot, procs, quantile, relay, write_json};
 
 #[derive(Parser)]
 #[command(about = "Load generator, failover timer and checker for replichat")]
@@ -32,6 +32,9 @@ enum Command {
     Catchup(CatchupArgs),
     /// Memory of one replica holding many idle sessions.
     Idle(IdleArgs),
+    /// Abusive clients against one replica (resumers that never read, a connection flood, slowloris) while
+    /// a normal client and `/healthz` are probed: peak RSS, what was cut off, failed probes.
+    Abuse(AbuseArgs),
     /// Render the plots from result files.
     Plot {
         /// A `load` result file (its median run per target is drawn).
@@ -167,6 +170,38 @@ struct IdleArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct AbuseArgs {
+    #[command(flatten)]
+    system: System,
+    /// Stored events the resumers ask for.
+    #[arg(long, default_value_t = 6_000)]
+    history: usize,
+    /// Characters per message of the history.
+    #[arg(long, default_value_t = 1_000)]
+    text_chars: usize,
+    /// Sockets that `resume` from cursor 0 and never read.
+    #[arg(long, default_value_t = 100)]
+    resumers: usize,
+    /// Seconds the resumers are held (the replica's write timeout is 10 s by default).
+    #[arg(long, default_value_t = 15.0)]
+    hold_s: f64,
+    /// Idle TCP connections opened from one address (the replica is started with
+    /// `--max-connections-per-ip 1000` unless `--replica-arg` says otherwise).
+    #[arg(long, default_value_t = 2_000)]
+    flood: usize,
+    /// Slowloris connections.
+    #[arg(long, default_value_t = 300)]
+    slowloris: usize,
+    /// Seconds between a slowloris connection's header lines.
+    #[arg(long, default_value_t = 1.0)]
+    slow_every_s: f64,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -175,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Chaos(args) => run_chaos(args).await,
         Command::Catchup(args) => run_catchup(args).await,
         Command::Idle(args) => run_idle(args).await,
+        Command::Abuse(args) => run_abuse(args).await,
         Command::Plot { latency, chaos, out } => {
             std::fs::create_dir_all(&out)?;
             if let Some(path) = latency {
@@ -436,6 +472,68 @@ async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
     );
     if let Some(out) = &args.out {
         write_json(out, &reports)?;
+    }
+    Ok(())
+}
+
+async fn run_abuse(args: AbuseArgs) -> anyhow::Result<()> {
+    let plan = abuse::Plan {
+        history: args.history,
+        text_chars: args.text_chars,
+        resumers: args.resumers,
+        hold: Duration::from_secs_f64(args.hold_s),
+        flood: args.flood,
+        slowloris: args.slowloris,
+        slow_every: Duration::from_secs_f64(args.slow_every_s),
+    };
+    let mut reports = Vec::new();
+    for run in 1..=args.runs {
+        let mut setup = args.system.setup(Target::Single, "abuse")?;
+        // A cap for the flood to hit; a later --replica-arg overrides it.
+        setup.args.splice(0..0, ["--max-connections-per-ip".to_owned(), "1000".to_owned()]);
+        let r = abuse::run(setup, &plan).await?;
+        eprintln!(
+            "abuse: run {run}/{}: {} non-reading resumers over {} events: RSS {:.1} MB idle, peak {:.1} MB (+{:.1}), \
+             {:.1} MB after; {} dropped by the replica. flood {}: {} refused (429), {} closed, {} still open. \
+             slowloris {}: {} cut, longest {:.1} s. probes: {} ok, {} failed, slowest {:.0} ms",
+            args.runs,
+            r.resumers,
+            r.history,
+            r.rss_idle_mb,
+            r.rss_peak_mb,
+            r.peak_above_idle_mb,
+            r.rss_after_mb,
+            r.resumers_dropped,
+            r.flood,
+            r.flood_refused,
+            r.flood_closed,
+            r.flood_open,
+            r.slowloris,
+            r.slowloris_cut,
+            r.slowloris_max_s,
+            r.probes_ok,
+            r.probes_failed,
+            r.probe_max_ms
+        );
+        reports.push(r);
+    }
+    let above: Vec<f64> = reports.iter().map(|r| r.peak_above_idle_mb).collect();
+    let (min, max) = (above.iter().copied().fold(f64::INFINITY, f64::min), above.iter().copied().fold(0.0, f64::max));
+    let failed: u64 = reports.iter().map(|r| r.probes_failed).sum();
+    println!(
+        "{} non-reading resumers over {} events: peak RSS above idle median {:.1} MB (min {:.1}, max {:.1}); \
+         failed probes in all runs: {failed}",
+        args.resumers,
+        args.history,
+        median(&above),
+        min,
+        max
+    );
+    if let Some(out) = &args.out {
+        write_json(out, &reports)?;
+    }
+    if failed > 0 {
+        bail!("{failed} probes of a normal client or /healthz failed during the abuse");
     }
     Ok(())
 }

@@ -161,6 +161,11 @@ impl Cluster {
                 c.args(["--log", &setup.node_log]);
                 // The load generator sends as fast as acknowledgements allow: no per-account send rate.
                 c.args(["--send-rate", "1000000", "--send-burst", "1000000"]);
+                // The load generator opens every socket from 127.0.0.1 (10,000 for `bench idle`): no per-address
+                // cap, unless `setup.args` sets one (`bench abuse` does).
+                if !setup.args.iter().any(|a| a.starts_with("--max-connections-per-ip")) {
+                    c.args(["--max-connections-per-ip", "0"]);
+                }
                 if !self.peers.is_empty() {
                     c.args(["--peers", &self.peers, "--cluster-secret", &self.secret]);
                 }

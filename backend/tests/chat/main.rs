@@ -7,6 +7,7 @@ mod bad_input;
 mod determinism;
 mod hostile;
 mod lifecycle;
+mod limits;
 mod messaging;
 mod names;
 mod revocation;

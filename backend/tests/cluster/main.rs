@@ -6,6 +6,7 @@ mod harness;
 
 mod amnesia;
 mod election;
+mod exhaustion;
 mod failover;
 mod faults;
 mod full_disk;
