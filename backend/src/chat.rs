@@ -13,10 +13,10 @@ use replichat_shared::{
     MIN_PASSWORD_CHARS,
 };
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch, RwLockWriteGuard};
+use tokio::sync::{watch, RwLockWriteGuard};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnId, Hub, Push};
+use crate::hub::{ConnId, Hub, Push, Queue};
 use crate::op::Op;
 use crate::replication::{Replication, Role};
 use crate::storage::{Db, Delivery, User};
@@ -73,7 +73,7 @@ pub struct Mailbox {
     /// The socket's id in the hub.
     pub conn: ConnId,
     /// Where the hub sends its pushes.
-    pub tx: mpsc::Sender<Push>,
+    pub tx: Queue,
 }
 
 /// The chat's configurable limits (from [`crate::Config`]).

@@ -5,10 +5,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use replichat_shared::{Request, ServerBody, SessionEnd};
-use tokio::sync::mpsc;
 
 use crate::chat::{Attached, Authed, Backlog, Chat, Mailbox};
-use crate::hub::{ConnId, Push};
+use crate::hub::{ConnId, Inbox, Push};
 use crate::{Error, Result};
 
 /// What answering one request produced.
@@ -90,7 +89,7 @@ pub struct Session {
     /// The client's address: login attempts are limited per address as well as per account.
     client: IpAddr,
     /// Logged in as, with the queue the hub pushes to; `None` before `register`/`login`/`resume`.
-    attached: Option<(Authed, ConnId, mpsc::Receiver<Push>)>,
+    attached: Option<(Authed, ConnId, Inbox)>,
     /// Highest event index this socket has been sent; pushes at or below it are already covered.
     floor: u64,
     /// What of the login/resume backlog is still to be written (before any push).
@@ -219,7 +218,7 @@ impl Session {
         self.attached.as_ref().map(|(authed, _, _)| authed).ok_or(Error::Unauthenticated)
     }
 
-    fn mailbox(&self) -> Result<(Mailbox, (ConnId, mpsc::Receiver<Push>))> {
+    fn mailbox(&self) -> Result<(Mailbox, (ConnId, Inbox))> {
         if self.attached.is_some() {
             return Err(Error::AlreadyAuthenticated);
         }
@@ -227,7 +226,7 @@ impl Session {
         Ok((Mailbox { conn, tx }, (conn, rx)))
     }
 
-    async fn attach(&mut self, result: Result<Attached>, queue: (ConnId, mpsc::Receiver<Push>)) -> Result<Response> {
+    async fn attach(&mut self, result: Result<Attached>, queue: (ConnId, Inbox)) -> Result<Response> {
         let attached = result?;
         let (conn, rx) = queue;
         self.floor = attached.cursor;
