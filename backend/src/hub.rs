@@ -54,18 +54,30 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Queue `push` unless the queue is full, by count or by bytes.
-    fn try_send(&self, push: Push) -> Result<(), mpsc::error::TrySendError<Push>> {
+    /// Queue `push` unless the queue is full, by count or by bytes, or closed.
+    fn try_send(&self, push: Push) -> Result<(), Refused> {
         let weight = push.weight();
         // Counted before it is queued, so the inbox never subtracts what was not added yet.
         if self.bytes.fetch_add(weight, Ordering::Relaxed) + weight > QUEUE_BYTES {
             self.bytes.fetch_sub(weight, Ordering::Relaxed);
-            return Err(mpsc::error::TrySendError::Full(push));
+            return Err(Refused::Full);
         }
-        self.tx.try_send(push).inspect_err(|_| {
+        self.tx.try_send(push).map_err(|e| {
             self.bytes.fetch_sub(weight, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => Refused::Full,
+                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+            }
         })
     }
+}
+
+/// Why a push was not queued.
+enum Refused {
+    /// The socket is too far behind.
+    Full,
+    /// The socket's task is gone.
+    Closed,
 }
 
 /// The receiving half of a socket's push queue: what the socket's task reads.
@@ -149,11 +161,11 @@ impl Hub {
         let Some(conns) = users.get_mut(&user_id) else { return };
         conns.retain(|(conn, tx)| match tx.try_send(push.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 tracing::warn!(user_id, conn, "socket too slow for its pushes; dropping it, it can resume");
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         });
         if conns.is_empty() {
             users.remove(&user_id);

@@ -77,25 +77,11 @@ both!(a_send_committed_twice_with_one_client_id_is_stored_once, |engine| async m
     // After a failover, a client's retry can reach the new primary before it applied the original try from
     // the old term; both entries commit. Applying the second must store nothing and fail nothing.
     use replichat::op::Op;
-    use replichat::storage::Entry;
     let db = Db::open(&fresh_db(engine).await).await.unwrap();
-    let register = |user_id: i64, name: &str| Op::Register {
-        user_id,
-        username: name.into(),
-        password_hash: "$argon2id$stub".into(),
-        token_hash: format!("token-{name}"),
-        at: 1,
-        // As entries written before skeletons were carried: the applier computes it.
-        skeleton: None,
-    };
     let send =
         |text: &str| Op::Send { sender_id: 1, recipient_id: 2, client_id: "same".into(), text: text.into(), at: 2 };
-    let ops = [register(1, "alice"), register(2, "bob"), send("first try"), send("retry")];
-    let entries: Vec<Entry> = ops
-        .iter()
-        .enumerate()
-        .map(|(i, op)| Entry { index: i as u64 + 1, term: 1 + i as u64 / 3, op: op.to_json() })
-        .collect();
+    let ops = [entries::register(1, "alice"), entries::register(2, "bob"), send("first try"), send("retry")];
+    let entries = entries::numbered(&ops, |i| 1 + i as u64 / 3);
     db.append_entries(&entries).await.unwrap();
     let (applied, deliveries) = db.apply_committed(4).await.unwrap();
     assert_eq!(applied, 4, "both entries applied, none failed");

@@ -1,7 +1,6 @@
 //! Hostile clients: text both engines cannot store alike, and an entry no replica can apply.
 
-use replichat::op::Op;
-use replichat::storage::{Db, Entry};
+use replichat::storage::Db;
 use replichat_shared::{ErrorCode, Request, ServerBody};
 
 use crate::both;
@@ -162,20 +161,7 @@ both!(an_entry_that_cannot_be_applied_stops_the_replica_loudly, |engine| async m
     // for ever while every write times out.
     let url = fresh_db(engine).await;
     let db = Db::open(&url).await.unwrap();
-    let register = |user_id: i64, name: &str| Op::Register {
-        user_id,
-        username: name.into(),
-        password_hash: "$argon2id$stub".into(),
-        token_hash: format!("token-{name}"),
-        at: 1,
-        skeleton: None,
-    };
-    let poison = Op::Send { sender_id: 1, recipient_id: 2, client_id: "k".into(), text: "x\u{0}y".into(), at: 2 };
-    let entries: Vec<Entry> = [register(1, "a"), register(2, "b"), poison]
-        .iter()
-        .enumerate()
-        .map(|(i, op)| Entry { index: i as u64 + 1, term: 1, op: op.to_json() })
-        .collect();
+    let entries = entries::poisoned();
     db.append_entries(&entries).await.unwrap();
     db.save_election_state(1, None).await.unwrap();
     db.close().await;

@@ -13,6 +13,9 @@ use sqlx::Connection;
 mod client;
 pub use client::*;
 
+#[path = "../common/entries.rs"]
+pub mod entries;
+
 /// Which engine a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {

@@ -20,6 +20,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 use tokio::time::Instant;
 
+#[path = "../common/entries.rs"]
+pub mod entries;
+
 #[path = "../common/client.rs"]
 #[allow(dead_code)]
 mod client;

@@ -1,8 +1,7 @@
 //! A committed entry that no replica can apply (a bug, or a foreign writer) stops the real binary loudly: a
 //! non-zero exit naming the entry, not a retry loop that answers every write `unavailable`.
 
-use replichat::op::Op;
-use replichat::storage::{Db, Entry};
+use replichat::storage::Db;
 
 #[tokio::test]
 async fn an_unapplicable_entry_makes_the_binary_exit_non_zero_naming_it() {
@@ -10,21 +9,7 @@ async fn an_unapplicable_entry_makes_the_binary_exit_non_zero_naming_it() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("node0.db").display());
     let db = Db::open(&url).await.unwrap();
-    let register = |user_id: i64, name: &str| Op::Register {
-        user_id,
-        username: name.into(),
-        password_hash: "$argon2id$stub".into(),
-        token_hash: format!("token-{name}"),
-        at: 1,
-        skeleton: None,
-    };
-    // U+0000 in a message: what PostgreSQL cannot store, so no replica may apply it.
-    let poison = Op::Send { sender_id: 1, recipient_id: 2, client_id: "k".into(), text: "x\u{0}y".into(), at: 2 };
-    let entries: Vec<Entry> = [register(1, "a"), register(2, "b"), poison]
-        .iter()
-        .enumerate()
-        .map(|(i, op)| Entry { index: i as u64 + 1, term: 1, op: op.to_json() })
-        .collect();
+    let entries = crate::harness::entries::poisoned();
     db.append_entries(&entries).await.unwrap();
     db.save_election_state(1, None).await.unwrap();
     db.close().await;

@@ -37,14 +37,9 @@ impl Client {
         client
     }
 
-    /// Connect from the loopback address `from` (e.g. `127.0.0.2`): to the server, another client address.
-    pub async fn connect_from(url: &str, from: std::net::IpAddr) -> Client {
-        let addr = url.trim_start_matches("ws://").split('/').next().unwrap().parse::<std::net::SocketAddr>().unwrap();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::new(from, 0)).expect("bind the client address");
-        let stream = socket.connect(addr).await.expect("connect");
-        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("handshake");
-        let mut client = Client {
+    /// A client over an open WebSocket, before its first frame is read.
+    fn over(ws: Ws) -> Client {
+        Client {
             ws,
             inbox: VecDeque::new(),
             next_req: 0,
@@ -52,7 +47,17 @@ impl Client {
             username: None,
             cursor: 0,
             welcome: ServerBody::Ok,
-        };
+        }
+    }
+
+    /// Connect from the loopback address `from` (e.g. `127.0.0.2`): to the server, another client address.
+    pub async fn connect_from(url: &str, from: std::net::IpAddr) -> Client {
+        let addr = url.trim_start_matches("ws://").split('/').next().unwrap().parse::<std::net::SocketAddr>().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(from, 0)).expect("bind the client address");
+        let stream = socket.connect(addr).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("handshake");
+        let mut client = Client::over(ws);
         let first = client.next_frame().await;
         assert!(matches!(first.body, ServerBody::Welcome { .. }), "first frame is welcome: {first:?}");
         client.welcome = first.body;
@@ -236,15 +241,7 @@ impl Client {
             .await
             .map_err(|_| format!("{url}: timed out connecting"))?
             .map_err(|e| format!("{url}: {e}"))?;
-        let mut client = Client {
-            ws,
-            inbox: VecDeque::new(),
-            next_req: 0,
-            token: None,
-            username: None,
-            cursor: 0,
-            welcome: ServerBody::Ok,
-        };
+        let mut client = Client::over(ws);
         let first = client.try_read_frame(WAIT).await.map_err(|e| format!("{url}: first frame: {e}"))?;
         client.welcome = first.body.clone();
         Ok((client, first.body))
