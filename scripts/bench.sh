@@ -4,7 +4,7 @@
 # 2 cores. Run it on an otherwise idle machine; each figure is the median of several runs.
 #
 #   scripts/bench.sh            everything
-#   scripts/bench.sh load       one part: load | idle | catchup | chaos | plot
+#   scripts/bench.sh load       one part: load | idle | catchup | chaos | abuse | plot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,11 @@ fi
 if part chaos; then
   # Defaults of replichat (heartbeat 100 ms, election timeout 1000 ms); every 4th cycle kills a backup.
   $bench chaos --cycles 100 --users 20 --rate 200 --out "$out/chaos.json"
+fi
+if part abuse; then
+  # A connection flood, slowloris and 100 clients that resume a 6,000-event history and never read, against
+  # one replica, with a normal client and /healthz probed meanwhile (fails if a probe fails).
+  $bench abuse --runs 3 --out "$out/abuse.json"
 fi
 if part plot || [ "$what" = all ]; then
   $bench plot --latency "$out/load-1000.json" --chaos "$out/chaos.json" --out docs/bench
