@@ -147,6 +147,7 @@ fn Sidebar() -> impl IntoView {
         connection::get().request(Request::List { pattern: pattern.get_untracked(), after: None, limit: Some(50) });
     };
     let me = move || chat.me.get().unwrap_or_default();
+    let link = connection::get().state;
     view! {
         <aside class="sidebar">
             <form class="search" on:submit=move |ev| { ev.prevent_default(); search(); }>
@@ -173,27 +174,45 @@ fn Sidebar() -> impl IntoView {
                     </Show>
                 </ul>
             </Show>
-            <ul class="conversations">
+            <ul class="conversations" aria-label="Conversations" on:keydown=move |ev| {
+                // Up and down move between conversations (Tab reaches each as well).
+                let step = match ev.key().as_str() { "ArrowDown" => 1, "ArrowUp" => -1, _ => return };
+                ev.prevent_default();
+                move_focus(&ev, step);
+            }>
                 <For each=move || chat.conversations.get() key=|c| (c.with.clone(), c.unread, c.last.id, c.deleted) let:c>
                     {
                         let with = c.with.clone();
                         let presence_key = key(&c.with);
-                        let online = Signal::derive(move || chat.online.with(|o| o.get(&presence_key).copied().unwrap_or(false)));
-                        let online = move || online.get();
+                        // Unknown while the app has no connection: it cannot know.
+                        let online = Signal::derive(move || {
+                            matches!(link.get(), LinkState::Online { .. })
+                                .then(|| chat.online.with(|o| o.get(&presence_key).copied().unwrap_or(false)))
+                        });
+                        let presence_text = move || match online.get() {
+                            Some(true) => "online",
+                            Some(false) => "offline",
+                            None => "presence unknown while reconnecting",
+                        };
                         let active_key = key(&c.with);
-                        let is_active = move || chat.active.get().is_some_and(|a| key(&a) == active_key);
+                        let is_active = Signal::derive(move || chat.active.get().is_some_and(|a| key(&a) == active_key));
                         let preview: String = c.last.text.chars().take(40).collect();
                         let unread = c.unread;
+                        let deleted = c.deleted;
                         view! {
-                            <li class="conversation" class:active=is_active data-testid="conversation" data-with=c.with.clone()
-                                on:click=move |_| chat.open(&with)>
-                                <span class="presence" data-testid="presence" data-online=move || online().to_string()
-                                    title=move || if online() { "online" } else { "offline" }></span>
-                                <span class="name">{c.with.clone()}{c.deleted.then_some(" (deleted)")}</span>
-                                <span class="preview">{preview}</span>
-                                <Show when=move || { unread > 0 }>
-                                    <span class="unread" data-testid="unread">{unread}</span>
-                                </Show>
+                            <li class="conversation" class:active=move || is_active.get() data-testid="conversation" data-with=c.with.clone()>
+                                <button class="conversation-button" aria-current=move || is_active.get().then_some("true")
+                                    on:click=move |_| chat.open(&with)>
+                                    <span class="presence" data-testid="presence" role="img"
+                                        data-online=move || online.get().unwrap_or(false).to_string()
+                                        data-known=move || online.get().is_some().to_string()
+                                        aria-label=presence_text title=presence_text></span>
+                                    <span class="name" dir="auto">{c.with.clone()}{deleted.then_some(" (deleted)")}</span>
+                                    <span class="preview" dir="auto">{preview}</span>
+                                    <Show when=move || { unread > 0 }>
+                                        <span class="unread" data-testid="unread" aria-label=format!("{unread} unread")>{unread}</span>
+                                    </Show>
+                                </button>
                             </li>
                         }
                     }
@@ -209,7 +228,13 @@ fn ConversationPane() -> impl IntoView {
     view! {
         <section class="conversation-pane">
             <Show when=move || chat.active.get().is_some()
-                fallback=|| view! { <p class="hint empty">"Search for someone with * as a wildcard, then say hello."</p> }>
+                fallback=move || view! {
+                    <p class="hint empty">{move || if chat.conversations.with(Vec::is_empty) {
+                        "Search for someone with * as a wildcard, then say hello."
+                    } else {
+                        "Choose a conversation on the left, or search for someone new."
+                    }}</p>
+                }>
                 <OpenConversation/>
             </Show>
         </section>
@@ -236,6 +261,8 @@ fn OpenConversation() -> impl IntoView {
     let send = move || {
         if chat.send(&draft.get_untracked()) {
             draft.set(String::new());
+            // The peer's indicator ended with the message: the next keystroke announces typing again.
+            last_typing.set_value(0.0);
         }
     };
     let history = NodeRef::<leptos::html::Div>::new();
@@ -383,6 +410,24 @@ fn DeleteDialog() -> impl IntoView {
                 </div>
             </div>
         </Show>
+    }
+}
+
+/// Move the keyboard focus from the conversation button the key was pressed on to the one `step` away.
+fn move_focus(ev: &leptos::ev::KeyboardEvent, step: i32) {
+    use wasm_bindgen::JsCast;
+    let Some(item) = ev
+        .target()
+        .and_then(|t| t.dyn_into::<web_sys::Element>().ok())
+        .and_then(|e| e.closest("li.conversation").ok().flatten())
+    else {
+        return;
+    };
+    let next = if step > 0 { item.next_element_sibling() } else { item.previous_element_sibling() };
+    if let Some(button) = next.and_then(|li| li.query_selector("button").ok().flatten()) {
+        if let Ok(button) = button.dyn_into::<web_sys::HtmlElement>() {
+            let _ = button.focus();
+        }
     }
 }
 

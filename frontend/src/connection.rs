@@ -20,6 +20,7 @@ use replichat_shared::{ClientFrame, Request, ServerBody, ServerFrame};
 const ENDPOINTS_KEY: &str = "replichat.endpoints";
 const TOKEN_KEY: &str = "replichat.token";
 const CURSOR_KEY: &str = "replichat.cursor";
+const OPEN_KEY: &str = "replichat.open";
 /// Backoff between rounds of attempts: starts here, doubles, capped at `MAX_BACKOFF_MS` (while the page is
 /// visible: someone is waiting for their messages to go out, so at most about 2 s after a replica is back)
 /// or `HIDDEN_MAX_BACKOFF_MS` (a background tab), with ±25 % jitter.
@@ -375,6 +376,19 @@ pub fn new_client_id() -> String {
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// Remember which conversation is open (`None`: none), so a reload reopens it.
+pub fn remember_open(peer: Option<&str>) {
+    match peer {
+        Some(peer) => save(OPEN_KEY, peer),
+        None => remove(OPEN_KEY),
+    }
+}
+
+/// The conversation that was open before the page was (re)loaded.
+pub fn remembered_open() -> Option<String> {
+    load(OPEN_KEY)
 }
 
 fn storage() -> Option<web_sys::Storage> {

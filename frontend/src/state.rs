@@ -141,6 +141,7 @@ impl Chat {
     /// Forget everything about the session (logout, deletion, revoked token).
     pub fn reset(&self) {
         self.notice.set(None);
+        connection::remember_open(None);
         connection::get().set_session(None, 0);
         self.me.set(None);
         self.conversations.set(Vec::new());
@@ -153,6 +154,7 @@ impl Chat {
 
     /// Open the conversation with `peer` and load its latest page.
     pub fn open(&self, peer: &str) {
+        connection::remember_open(Some(peer));
         self.active.set(Some(peer.to_owned()));
         self.composer_error.set(None);
         connection::get().request(Request::History { with: peer.to_owned(), before: None, limit: Some(50) });
@@ -207,7 +209,8 @@ impl Chat {
                 self.notice.set(None);
                 self.me.set(Some(username));
                 conn.request(Request::Conversations);
-                if let Some(peer) = self.active.get_untracked() {
+                // After a reconnect, the conversation that is open; after a reload, the one that was.
+                if let Some(peer) = self.active.get_untracked().or_else(connection::remembered_open) {
                     self.open(&peer);
                 }
             }
