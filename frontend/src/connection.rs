@@ -21,6 +21,7 @@ const ENDPOINTS_KEY: &str = "replichat.endpoints";
 const TOKEN_KEY: &str = "replichat.token";
 const CURSOR_KEY: &str = "replichat.cursor";
 const OPEN_KEY: &str = "replichat.open";
+const OUTBOX_KEY: &str = "replichat.outbox";
 /// Backoff between rounds of attempts: starts here, doubles, capped at `MAX_BACKOFF_MS` (while the page is
 /// visible: someone is waiting for their messages to go out, so at most about 2 s after a replica is back)
 /// or `HIDDEN_MAX_BACKOFF_MS` (a background tab), with ±25 % jitter.
@@ -39,12 +40,17 @@ pub enum LinkState {
     Reconnecting { attempt: u32 },
 }
 
-/// A send the server has not acknowledged yet: re-sent after every reconnect until `sent` arrives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A send the server has not acknowledged yet: re-sent after every reconnect until `sent` arrives. Kept in
+/// localStorage as well, so a reload (or a closed tab) before the server answered loses nothing: the next
+/// page re-sends it with the same client id, which the server stores at most once.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pending {
     pub client_id: String,
     pub to: String,
     pub text: String,
+    /// When it was written (ms since the epoch, the browser's clock): its place until the server stamps it.
+    #[serde(default)]
+    pub written_at: f64,
 }
 
 struct Inner {
@@ -89,7 +95,8 @@ impl Connection {
                 max_term: 0,
                 token: load(TOKEN_KEY),
                 cursor: load(CURSOR_KEY).unwrap_or(0),
-                pending: Vec::new(),
+                // What this browser wrote and the server never acknowledged, before the last reload.
+                pending: load::<String>(TOKEN_KEY).and(load(OUTBOX_KEY)).unwrap_or_default(),
                 socket: None,
                 next_req: 0,
                 handler: None,
@@ -124,6 +131,7 @@ impl Connection {
             None => {
                 remove(TOKEN_KEY);
                 inner.pending.clear();
+                remove(OUTBOX_KEY);
             }
         }
         inner.token = token;
@@ -154,7 +162,11 @@ impl Connection {
     /// Send a chat message: kept as pending until the server acknowledges it ([`Connection::acknowledged`]),
     /// and re-sent with the same client id after every reconnect. Its `req` is [`send_req`] of the client id.
     pub fn send_message(&self, pending: Pending) {
-        self.inner.borrow_mut().pending.push(pending.clone());
+        {
+            let mut inner = self.inner.borrow_mut();
+            inner.pending.push(pending.clone());
+            save(OUTBOX_KEY, &inner.pending);
+        }
         let req = send_req(&pending.client_id);
         self.transmit(req, Request::Send { to: pending.to, text: pending.text, client_id: pending.client_id });
     }
@@ -172,7 +184,14 @@ impl Connection {
 
     /// The server acknowledged (or refused) the send with this client id: stop re-sending it.
     pub fn acknowledged(&self, client_id: &str) {
-        self.inner.borrow_mut().pending.retain(|p| p.client_id != client_id);
+        let mut inner = self.inner.borrow_mut();
+        inner.pending.retain(|p| p.client_id != client_id);
+        save(OUTBOX_KEY, &inner.pending);
+    }
+
+    /// The sends not acknowledged yet, oldest first (including those restored after a reload).
+    pub fn pending(&self) -> Vec<Pending> {
+        self.inner.borrow().pending.clone()
     }
 
     /// Merge `endpoints` into the known list and remember it across reloads.

@@ -160,6 +160,31 @@ impl Chat {
         connection::get().request(Request::History { with: peer.to_owned(), before: None, limit: Some(50) });
     }
 
+    /// Put every unacknowledged send of `conn` into its conversation, as sending, unless it is there.
+    fn show_pending(&self, conn: &Connection, me: &str) {
+        let pending = conn.pending();
+        if pending.is_empty() {
+            return;
+        }
+        self.lines.update(|lines| {
+            for p in pending {
+                let list = lines.entry(key(&p.to)).or_default();
+                if !list.iter().any(|l| l.client_id == p.client_id) {
+                    list.push(Line {
+                        id: None,
+                        client_id: p.client_id,
+                        from: me.to_owned(),
+                        text: p.text,
+                        sent_at: p.written_at as i64,
+                        status: Status::Sending,
+                        unread: false,
+                        from_deleted: false,
+                    });
+                }
+            }
+        });
+    }
+
     /// Load the page before the oldest loaded message of the open conversation.
     pub fn load_older(&self) {
         let Some(peer) = self.active.get_untracked() else { return };
@@ -193,7 +218,12 @@ impl Chat {
             from_deleted: false,
         };
         self.lines.update(|lines| lines.entry(key(&peer)).or_default().push(line));
-        connection::get().send_message(Pending { client_id, to: peer, text: text.to_owned() });
+        connection::get().send_message(Pending {
+            client_id,
+            to: peer,
+            text: text.to_owned(),
+            written_at: js_sys::Date::now(),
+        });
         true
     }
 
@@ -207,7 +237,10 @@ impl Chat {
                 }
                 self.auth_error.set(None);
                 self.notice.set(None);
-                self.me.set(Some(username));
+                self.me.set(Some(username.clone()));
+                // Messages written before a reload and not acknowledged yet: shown as sending again (the
+                // connection re-sends them with their client ids right after the resume).
+                self.show_pending(conn, &username);
                 conn.request(Request::Conversations);
                 // After a reconnect, the conversation that is open; after a reload, the one that was.
                 if let Some(peer) = self.active.get_untracked().or_else(connection::remembered_open) {
