@@ -11,8 +11,13 @@ test('conversations: keyboard, reload, typing after a send, the empty pane', asy
   const { primary, alice, bob } = await aliceAndBob(cluster, openPage);
   const carol = await signedUp(openPage, 'carol', { replica: primary });
 
+  step('signed in, the keyboard starts in the search box; picking a result clears it and focuses the message box');
+  await expect(bob.getByRole('textbox', { name: 'Find people (* is a wildcard)' })).toBeFocused();
+  await act.startChat(bob, 'ali*', 'alice');
+  await expect(find.searchInput(bob)).toHaveValue('');
+  await expect(bob.getByRole('textbox', { name: 'Message to alice' })).toBeFocused();
+
   step('bob and carol each write to alice: two conversations in her list');
-  await act.startChat(bob, 'alice', 'alice');
   await act.send(bob, 'Hello from bob');
   await act.startChat(carol, 'alice', 'alice');
   await act.send(carol, 'Hello from carol');
@@ -48,6 +53,12 @@ test('conversations: keyboard, reload, typing after a send, the empty pane', asy
   await check.messages(alice, ['Hello from bob', 'One more thing']);
   await act.type(bob, 'and');
   await check.typingShown(alice, true);
+
+  step('a new tab of the same browser is signed in already (the session belongs to the browser profile)');
+  const tab = await alice.context().newPage();
+  await tab.goto(alice.url());
+  await check.loggedIn(tab, 'alice');
+  await check.conversationOpen(tab, 'bob');
 
   step('on a new browser with conversations but none open, the empty pane points at the list');
   const tablet = await loggedIn(openPage, 'alice', { replica: primary });

@@ -148,10 +148,19 @@ fn Sidebar() -> impl IntoView {
     };
     let me = move || chat.me.get().unwrap_or_default();
     let link = connection::get().state;
+    // Signed in with no conversation open: the keyboard starts in the search box.
+    let search_input = NodeRef::<leptos::html::Input>::new();
+    Effect::new(move |_| {
+        if let Some(input) = search_input.get() {
+            if chat.active.get_untracked().is_none() {
+                let _ = input.focus();
+            }
+        }
+    });
     view! {
         <aside class="sidebar">
             <form class="search" on:submit=move |ev| { ev.prevent_default(); search(); }>
-                <input data-testid="search-input" placeholder="Find people: ali*, *son, bob"
+                <input data-testid="search-input" node_ref=search_input aria-label="Find people (* is a wildcard)" placeholder="ali*, *son, bob"
                     prop:value=pattern on:input=move |ev| pattern.set(event_target_value(&ev))/>
                 <button data-testid="search-button" type="submit">"Search"</button>
             </form>
@@ -164,6 +173,7 @@ fn Sidebar() -> impl IntoView {
                             view! {
                                 <li><button data-testid="search-result" data-username=user.clone() on:click=move |_| {
                                     chat.results.set(None);
+                                    pattern.set(String::new());
                                     chat.open(&name);
                                 }>{user.clone()}</button></li>
                             }
@@ -266,6 +276,14 @@ fn OpenConversation() -> impl IntoView {
         }
     };
     let history = NodeRef::<leptos::html::Div>::new();
+    // Opening a conversation puts the keyboard in its message box (not on the page body).
+    let composer = NodeRef::<leptos::html::Textarea>::new();
+    Effect::new(move |_| {
+        let _ = chat.active.get();
+        if let Some(composer) = composer.get() {
+            let _ = composer.focus();
+        }
+    });
     // While an older page is on its way: the history's height before it, to keep the reading position when it
     // is prepended (and scrolling at the top asks for nothing more meanwhile).
     let loading_older = StoredValue::new(None::<i32>);
@@ -318,7 +336,7 @@ fn OpenConversation() -> impl IntoView {
                 </p>
             </Show>
             <form class="composer-form" on:submit=move |ev| { ev.prevent_default(); send(); }>
-                <textarea data-testid="composer" rows="2" dir="auto" aria-label=move || format!("Message to {}", peer())
+                <textarea data-testid="composer" node_ref=composer rows="2" dir="auto" aria-label=move || format!("Message to {}", peer())
                     placeholder="Message (Enter to send, Shift+Enter for a new line)"
                     prop:disabled=peer_deleted
                     prop:value=draft
