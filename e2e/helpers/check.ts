@@ -207,3 +207,20 @@ export async function adminSourceIsOneOf(page: Page, urls: string[], timeout?: n
   const pattern = new RegExp(`(${urls.map(escapeRegExp).join('|')})(?!\\d)`);
   await expect(find.adminSource(page)).toHaveText(pattern, { timeout });
 }
+
+// ----- Accessibility -----
+
+/** axe-core finds no serious or critical WCAG 2 A/AA violation on the page as it is now (`view` names it). */
+export async function accessible(page: Page, view: string): Promise<void> {
+  const { default: AxeBuilder } = await import('@axe-core/playwright');
+  const results = await new AxeBuilder({ page }).withTags(['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']).analyze();
+  // axe really looked: rules ran and some passed (an empty page or a failed injection passes nothing).
+  expect(results.passes.length, `axe checked the ${view} view`).toBeGreaterThan(10);
+  const bad = results.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  const minor = results.violations.filter((v) => !bad.includes(v)).map((v) => `${v.impact} ${v.id}`);
+  if (minor.length) console.log(`axe on the ${view} view, minor or moderate: ${minor.join(', ')}`);
+  const report = bad
+    .map((v) => `${v.impact} ${v.id}: ${v.help}\n${v.nodes.map((n) => `    ${n.target.join(' ')}: ${n.failureSummary ?? ''}`).join('\n')}`)
+    .join('\n');
+  expect(bad.length, `axe on the ${view} view:\n${report}`).toBe(0);
+}
