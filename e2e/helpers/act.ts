@@ -159,12 +159,12 @@ export async function recordStatuses(page: Page): Promise<void> {
   });
 }
 
-/** Save a screenshot of `page` at 1280x800 to docs/screenshots/<name>.png (for the README). */
-export async function screenshot(page: Page, name: string): Promise<string> {
+/** Save a screenshot of `page` at `size` (default 1280x800) to docs/screenshots/<name>.png (for the README). */
+export async function screenshot(page: Page, name: string, size = { width: 1280, height: 800 }): Promise<string> {
   const dir = path.join(REPO_ROOT, 'docs', 'screenshots');
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `${name}.png`);
-  await page.setViewportSize({ width: 1280, height: 800 });
+  await page.setViewportSize(size);
   await page.screenshot({ path: file, fullPage: false, animations: 'disabled', caret: 'hide' });
   return file;
 }

@@ -30,7 +30,8 @@ pub fn ChatPage() -> impl IntoView {
                 fallback=move || view! { <Auth restoring=restoring/> }
             >
                 <Header/>
-                <main class="layout">
+                // On a phone the list and the conversation are two screens (style.css).
+                <main class="layout" class:conversation-open=move || chat.active.get().is_some()>
                     <Sidebar/>
                     <ConversationPane/>
                 </main>
@@ -304,7 +305,10 @@ fn OpenConversation() -> impl IntoView {
     });
     view! {
         <div class="conversation-view">
-            <h2 data-testid="conversation-title">{peer}</h2>
+            <div class="conversation-header">
+                <button class="back" aria-label="Back to conversations" on:click=move |_| chat.close()>"←"</button>
+                <h2 data-testid="conversation-title" dir="auto">{peer}</h2>
+            </div>
             <div class="history" data-testid="history" node_ref=history
                 on:scroll=move |_| {
                     // Scrolled to the top with older messages on the server: fetch the page before.

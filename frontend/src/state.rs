@@ -185,6 +185,12 @@ impl Chat {
         });
     }
 
+    /// Close the open conversation (back to the list, on a phone).
+    pub fn close(&self) {
+        connection::remember_open(None);
+        self.active.set(None);
+    }
+
     /// Load the page before the oldest loaded message of the open conversation.
     pub fn load_older(&self) {
         let Some(peer) = self.active.get_untracked() else { return };
