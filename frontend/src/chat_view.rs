@@ -290,14 +290,32 @@ fn OpenConversation() -> impl IntoView {
     let loading_older = StoredValue::new(None::<i32>);
     // Keep the newest message in view when one arrives; keep the reading position when an older page is
     // prepended.
-    let newest = StoredValue::new(None::<u64>);
+    // ...unless the reader has scrolled up to read older ones: then the position stays and a marker counts
+    // what arrived below.
+    let newest = StoredValue::new((String::new(), None::<u64>));
+    let at_bottom = StoredValue::new(true);
+    let unseen = RwSignal::new(0usize);
+    let to_bottom = move || {
+        if let Some(el) = history.get_untracked() {
+            el.set_scroll_top(el.scroll_height());
+        }
+        at_bottom.set_value(true);
+        unseen.set(0);
+    };
     Effect::new(move |_| {
         let lines = lines();
+        let shown = key(&peer());
         let Some(el) = history.get() else { return };
         let last = lines.last().and_then(|l| l.id.or(Some(u64::MAX)));
-        if last != newest.get_value() {
-            newest.set_value(last);
-            el.set_scroll_top(el.scroll_height());
+        let (before_peer, before_last) = newest.get_value();
+        if before_peer != shown || last != before_last {
+            newest.set_value((shown.clone(), last));
+            let mine = lines.last().is_some_and(|l| chat.me.get_untracked().is_some_and(|me| me == l.from));
+            if before_peer != shown || before_last.is_none() || at_bottom.get_value() || mine {
+                to_bottom();
+            } else {
+                unseen.update(|n| *n += 1);
+            }
         } else if let Some(height_before) = loading_older.get_value() {
             loading_older.set_value(None);
             el.set_scroll_top(el.scroll_height() - height_before);
@@ -311,6 +329,13 @@ fn OpenConversation() -> impl IntoView {
             </div>
             <div class="history" data-testid="history" node_ref=history
                 on:scroll=move |_| {
+                    if let Some(el) = history.get_untracked() {
+                        let bottom = el.scroll_height() - el.scroll_top() - el.client_height() < 48;
+                        at_bottom.set_value(bottom);
+                        if bottom {
+                            unseen.set(0);
+                        }
+                    }
                     // Scrolled to the top with older messages on the server: fetch the page before.
                     if let Some(el) = history.get_untracked() {
                         if el.scroll_top() <= 0 && more() && loading_older.get_value().is_none() {
@@ -331,6 +356,11 @@ fn OpenConversation() -> impl IntoView {
                     <MessageLine line=line/>
                 </For>
             </div>
+            <Show when=move || { unseen.get() > 0 }>
+                <button class="new-below" aria-live="polite" on:click=move |_| to_bottom()>
+                    {move || match unseen.get() { 1 => "1 new message ↓".to_owned(), n => format!("{n} new messages ↓") }}
+                </button>
+            </Show>
             <Show when=typing>
                 <p class="typing" data-testid="typing">{move || format!("{} is typing…", peer())}</p>
             </Show>
