@@ -2,9 +2,10 @@
  * Scenario 1: two users sign up, one finds the other with a wildcard search, they chat both ways live, and the
  * sender sees its messages go sent -> delivered -> read once the recipient has the conversation open.
  */
-import { signedUp, step, test } from '../fixtures/app';
+import { expect, signedUp, step, test } from '../fixtures/app';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
+import * as find from '../helpers/find';
 
 test('sign up, find with a wildcard, chat live both ways, see delivered and read', async ({ cluster, openPage }) => {
   const primary = await cluster.primary();
@@ -52,6 +53,8 @@ test('sign up, find with a wildcard, chat live both ways, see delivered and read
   await check.unreadMarks(alice, 'bob', [b1], false);
   await check.status(bob, b1, 'read');
   await check.statusSequence(bob, b1, ['read']);
+  // The status is a compact tick, said in words (with the time) to assistive technology and in its tooltip.
+  await expect(find.message(bob, b1).getByRole('img', { name: /^Sent at \d\d:\d\d, read$/ })).toBeVisible();
 
   step('more messages both ways, each shown once, in order, on both sides');
   const a2 = 'Perfect, see you there.';

@@ -22,6 +22,8 @@ test('conversations: keyboard, reload, typing after a send, the empty pane', asy
   await act.startChat(carol, 'alice', 'alice');
   await act.send(carol, 'Hello from carol');
   await expect(find.conversations(alice)).toHaveCount(2);
+  // Two unread messages: the tab's title says so.
+  await expect(alice).toHaveTitle('(2) replichat');
 
   step('alice reaches the list with Tab, moves with the arrows and opens a conversation with Enter');
   const first = find.conversations(alice).first().getByRole('button');
@@ -37,6 +39,9 @@ test('conversations: keyboard, reload, typing after a send, the empty pane', asy
   await expect(first).toBeFocused();
   await alice.keyboard.press('Enter');
   await check.conversationOpen(alice, 'carol');
+  await expect(alice).toHaveTitle('(1) replichat');
+  // Messages of a day come under its label.
+  await expect(alice.getByRole('separator', { name: 'Today' })).toBeVisible();
   // Presence is in words for assistive technology, not only a colour.
   await expect(find.presence(alice, 'carol')).toHaveAttribute('aria-label', 'online');
 

@@ -22,6 +22,13 @@ pub fn ChatPage() -> impl IntoView {
     let _ =
         set_interval_with_handle(move || tick.update(|t| *t = t.wrapping_add(1)), std::time::Duration::from_secs(1));
     provide_context(tick);
+    // Unread messages in the tab's title, so a background tab says there is something to read.
+    Effect::new(move |_| {
+        let unread: u64 = chat.conversations.with(|list| list.iter().map(|c| c.unread).sum());
+        if let Some(document) = web_sys::window().and_then(|w| w.document()) {
+            document.set_title(&if unread > 0 { format!("({unread}) replichat") } else { "replichat".to_owned() });
+        }
+    });
     let restoring = conn.token().is_some();
     view! {
         <div class="app">
@@ -194,6 +201,7 @@ fn Sidebar() -> impl IntoView {
                 <For each=move || chat.conversations.get() key=|c| (c.with.clone(), c.unread, c.last.id, c.deleted) let:c>
                     {
                         let with = c.with.clone();
+                        let with_for_avatar = c.with.clone();
                         let presence_key = key(&c.with);
                         // Unknown while the app has no connection: it cannot know.
                         let online = Signal::derive(move || {
@@ -214,6 +222,9 @@ fn Sidebar() -> impl IntoView {
                             <li class="conversation" class:active=move || is_active.get() data-testid="conversation" data-with=c.with.clone()>
                                 <button class="conversation-button" aria-current=move || is_active.get().then_some("true")
                                     on:click=move |_| chat.open(&with)>
+                                    <span class=format!("avatar c{}", avatar_colour(&with_for_avatar)) aria-hidden="true">
+                                        {initials(&with_for_avatar)}
+                                    </span>
                                     <span class="presence" data-testid="presence" role="img"
                                         data-online=move || online.get().unwrap_or(false).to_string()
                                         data-known=move || online.get().is_some().to_string()
@@ -352,8 +363,10 @@ fn OpenConversation() -> impl IntoView {
                         chat.load_older();
                     }>"Load older messages"</button>
                 </Show>
-                <For each=lines key=|l: &Line| (l.client_id.clone(), l.id, l.status.clone()) let:line>
-                    <MessageLine line=line/>
+                <For each=move || grouped(lines())
+                    key=|(l, first, day): &(Line, bool, Option<String>)| (l.client_id.clone(), l.id, l.status.clone(), *first, day.clone())
+                    let:entry>
+                    <MessageLine line=entry.0 first=entry.1 day=entry.2/>
                 </For>
             </div>
             <Show when=move || { unseen.get() > 0 }>
@@ -395,27 +408,73 @@ fn OpenConversation() -> impl IntoView {
     }
 }
 
+/// Each line with whether it starts a group (a new sender, a new day, or five minutes of silence: only then
+/// is the sender named) and, where the day changes, the day's label.
+fn grouped(lines: Vec<Line>) -> Vec<(Line, bool, Option<String>)> {
+    let mut out: Vec<(Line, bool, Option<String>)> = Vec::with_capacity(lines.len());
+    let mut previous: Option<(String, i64, String)> = None;
+    for line in lines {
+        let day = day_label(line.sent_at);
+        let (first, new_day) = match &previous {
+            None => (true, true),
+            Some((from, at, last_day)) => {
+                let new_day = *last_day != day;
+                (new_day || *from != line.from || line.sent_at - at > 5 * 60 * 1000, new_day)
+            }
+        };
+        previous = Some((line.from.clone(), line.sent_at, day.clone()));
+        out.push((line, first, new_day.then_some(day)));
+    }
+    out
+}
+
+/// "Today", "Yesterday", or the date, for a time in ms since the epoch (the browser's time zone).
+fn day_label(at: i64) -> String {
+    let date = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(at as f64));
+    let ymd = |d: &js_sys::Date| (d.get_full_year(), d.get_month(), d.get_date());
+    let today = js_sys::Date::new_0();
+    let yesterday = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(js_sys::Date::now() - 86_400_000.0));
+    if ymd(&date) == ymd(&today) {
+        "Today".to_owned()
+    } else if ymd(&date) == ymd(&yesterday) {
+        "Yesterday".to_owned()
+    } else {
+        String::from(date.to_locale_date_string("default", &wasm_bindgen::JsValue::UNDEFINED))
+    }
+}
+
 #[component]
-fn MessageLine(line: Line) -> impl IntoView {
+fn MessageLine(line: Line, first: bool, day: Option<String>) -> impl IntoView {
     let chat = expect_context::<Chat>();
     let mine = chat.me.get_untracked().is_some_and(|me| me == line.from);
     let time = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(line.sent_at as f64));
     let clock = format!("{:02}:{:02}", time.get_hours(), time.get_minutes());
-    let status_text = match &line.status {
-        Status::Sending => "sending…".to_owned(),
-        Status::Sent => "sent".to_owned(),
-        Status::Delivered => "delivered".to_owned(),
-        Status::Read => "read".to_owned(),
-        Status::Failed(reason) => format!("not sent: {reason}"),
+    // A compact tick for my messages, said in words to assistive technology and in the tooltip.
+    let (tick, status_text) = match &line.status {
+        Status::Sending => ("🕓", "Sending…".to_owned()),
+        Status::Sent => ("✓", format!("Sent at {clock}")),
+        Status::Delivered => ("✓✓", format!("Sent at {clock}, delivered")),
+        Status::Read => ("✓✓", format!("Sent at {clock}, read")),
+        Status::Failed(reason) => ("", format!("Not sent: {reason}")),
     };
+    let failed = matches!(line.status, Status::Failed(_));
+    let name = (first && !mine).then(|| format!("{}{}", line.from, if line.from_deleted { " (deleted account)" } else { "" }));
     view! {
-        <div class="message" class:mine=mine class:unread=line.unread data-testid="message" data-from=line.from.clone()
+        {day.map(|day| view! { <div class="day" role="separator" aria-label=day.clone()>{day.clone()}</div> })}
+        <div class="message" class:mine=mine class:first=first class:unread=line.unread data-testid="message" data-from=line.from.clone()
             data-id=line.id.map(|i| i.to_string()).unwrap_or_default() data-client-id=line.client_id.clone()
             data-status=line.status.name() data-unread=line.unread.to_string()>
-            <span class="from">{line.from.clone()}{line.from_deleted.then_some(" (deleted account)")}</span>
+            {name.map(|name| view! { <span class="from">{name}</span> })}
             // Text is inserted as a text node: never parsed as HTML.
             <p class="text" dir="auto" data-testid="message-text">{line.text.clone()}</p>
-            <span class="meta">{clock}{mine.then(|| format!(" · {status_text}"))}</span>
+            <span class="meta">
+                {clock.clone()}
+                {(mine && !failed).then(|| view! {
+                    " "<span class="tick" class:read=matches!(line.status, Status::Read) role="img"
+                        aria-label=status_text.clone() title=status_text.clone()>{tick}</span>
+                })}
+                {failed.then(|| format!(" · {status_text}"))}
+            </span>
         </div>
     }
 }
@@ -463,6 +522,18 @@ fn DeleteDialog() -> impl IntoView {
             </div>
         </Show>
     }
+}
+
+/// Up to two letters standing for a username: its first character, and the first after a `_`, `.` or `-`
+/// (ASCII letters upper-cased; no Unicode case tables in the bundle for this).
+fn initials(name: &str) -> String {
+    let mut parts = name.split(['_', '.', '-']).filter(|part| !part.is_empty());
+    parts.by_ref().take(2).filter_map(|part| part.chars().next()).map(|c| c.to_ascii_uppercase()).collect()
+}
+
+/// One of the stylesheet's eight avatar colours, the same for a name everywhere (FNV-1a of its key).
+fn avatar_colour(name: &str) -> u32 {
+    key(name).bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193)) % 8
 }
 
 /// Move the keyboard focus from the conversation button the key was pressed on to the one `step` away.
