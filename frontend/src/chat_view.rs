@@ -458,7 +458,8 @@ fn MessageLine(line: Line, first: bool, day: Option<String>) -> impl IntoView {
         Status::Failed(reason) => ("", format!("Not sent: {reason}")),
     };
     let failed = matches!(line.status, Status::Failed(_));
-    let name = (first && !mine).then(|| format!("{}{}", line.from, if line.from_deleted { " (deleted account)" } else { "" }));
+    let name =
+        (first && !mine).then(|| format!("{}{}", line.from, if line.from_deleted { " (deleted account)" } else { "" }));
     view! {
         {day.map(|day| view! { <div class="day" role="separator" aria-label=day.clone()>{day.clone()}</div> })}
         <div class="message" class:mine=mine class:first=first class:unread=line.unread data-testid="message" data-from=line.from.clone()
