@@ -659,18 +659,6 @@ impl Db {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    /// The account a session token (by its hash) belongs to, if the session exists.
-    pub async fn user_by_token(&self, token_hash: &str) -> Result<Option<User>> {
-        let row = sqlx::query(
-            "SELECT u.id, u.username, u.password_hash FROM sessions s JOIN users u ON u.id = s.user_id \
-             WHERE s.token_hash = $1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(user_from_row).transpose()
-    }
-
     /// The account a session token (by its hash) belongs to, and when the session was last used (created,
     /// or last touched), if the session exists.
     pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<(User, i64)>> {
