@@ -100,6 +100,27 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_ADOPT_DATABASE")]
     pub adopt_database: bool,
 
+    /// Start as a learner: neither vote nor stand for election, nor have acknowledgements counted, until
+    /// caught up with a primary. Automatic for a database created at this start (a new replica, or one whose
+    /// disk was wiped) or taken over from another replica id; pass it after restoring an older copy of this
+    /// replica's database, which may hold less than the replica acknowledged.
+    #[arg(long, env = "REPLICHAT_REJOIN_AS_LEARNER")]
+    pub rejoin_as_learner: bool,
+
+    /// PEM certificate chain (leaf first) the listener presents: with `--tls-key`, the port serves HTTPS and
+    /// WSS only (clients, the admin page and peers alike), and this replica's URL in `--peers` is `https://`.
+    #[arg(long, env = "REPLICHAT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "REPLICHAT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM file of the certificate authorities trusted when dialling `https://` peers (a private CA that signed
+    /// every replica's certificate, or a public CA bundle). Required when any other peer URL is `https://`.
+    #[arg(long, env = "REPLICHAT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
     /// Directory with the browser app (index.html, style.css, pkg/ from scripts/build-frontend.sh), served at
     /// `/`; `/admin` and other unknown paths get its index.html.
     #[arg(long, env = "REPLICHAT_STATIC_DIR", default_value = "static")]
@@ -161,6 +182,10 @@ impl Config {
             send_burst: 1_000_000,
             ack: Ack::Majority,
             adopt_database: false,
+            rejoin_as_learner: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
             static_dir: "static".into(),
             max_connections_per_ip: 1_000,
             header_timeout_ms: 10_000,

@@ -91,6 +91,9 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
         // Group commit at work: entries appended per transaction = proposed_entries / proposal_batches.
         "proposal_batches": status.proposal_batches,
         "proposed_entries": status.proposed_entries,
+        // False while a learner: the database is new, taken over or restored, and not yet caught up.
+        "voter": status.voter,
+        "incarnation": format!("{:016x}", state.node.incarnation),
     });
     (code, Json(body))
 }

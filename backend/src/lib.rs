@@ -51,6 +51,7 @@ pub mod replication;
 pub mod session;
 pub mod storage;
 pub mod throttle;
+pub mod tls;
 pub mod username;
 pub mod wildcard;
 pub mod ws;
@@ -79,6 +80,8 @@ pub struct NodeInfo {
     pub id: u64,
     /// Base URLs of every replica, by id: the endpoints clients may connect to.
     pub urls: std::collections::BTreeMap<u64, String>,
+    /// The database's incarnation (see [`storage::Membership`]), shown by `/healthz`.
+    pub incarnation: i64,
 }
 
 impl NodeInfo {
@@ -127,6 +130,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Its database (tests read it directly).
     pub db: Db,
+    /// Whether it serves TLS only (`--tls-cert`).
+    pub tls: bool,
     chat: Arc<Chat>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
@@ -138,18 +143,32 @@ pub async fn start(config: Config) -> Result<Running> {
     // First, so every series recorded while starting is kept.
     let metrics = metrics::install();
     let db = Db::open(&config.db).await?;
-    db.claim(config.id, cluster_id(config.cluster_secret.as_deref()), config.adopt_database).await?;
+    let membership = db
+        .claim(config.id, cluster_id(config.cluster_secret.as_deref()), config.adopt_database, config.rejoin_as_learner)
+        .await?;
+    if !membership.voter {
+        tracing::warn!(
+            incarnation = format!("{:x}", membership.incarnation),
+            "this database is new, taken over or restored: joining as a learner until caught up with a primary"
+        );
+    }
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let mut peers = config.peers.clone();
     let public_url = match (&config.public_url, peers.iter().find(|p| p.id == config.id)) {
         (Some(url), _) => url.clone(),
         (None, Some(me)) => me.url.clone(),
-        (None, None) => format!("http://{addr}"),
+        (None, None) => format!("{}://{addr}", if config.tls_cert.is_some() { "https" } else { "http" }),
     };
     if !peers.iter().any(|p| p.id == config.id) {
         peers.push(config::Peer { id: config.id, url: public_url.clone() });
     }
+    tls::check_peers(config.id, &peers, config.tls_cert.is_some(), config.tls_ca.is_some())?;
+    let server_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let peer_tls = config.tls_ca.as_deref().map(tls::client_config).transpose()?;
     if peers.len() > 1 && config.cluster_secret.as_deref().is_none_or(str::is_empty) {
         return Err(Error::BadRequest("--cluster-secret is required when --peers names other replicas".into()));
     }
@@ -165,8 +184,10 @@ pub async fn start(config: Config) -> Result<Running> {
         peers,
         config.cluster_secret.clone(),
         Some(addr.ip()),
+        peer_tls,
         timing,
         db.clone(),
+        membership.voter,
         Op::Noop.to_json(),
         shutdown.clone(),
     )
@@ -185,7 +206,7 @@ pub async fn start(config: Config) -> Result<Running> {
             shutdown.clone(),
         )
         .await?,
-        node: Arc::new(NodeInfo { id: config.id, urls }),
+        node: Arc::new(NodeInfo { id: config.id, urls, incarnation: membership.incarnation }),
         origins: Arc::new(origins),
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
@@ -200,10 +221,11 @@ pub async fn start(config: Config) -> Result<Running> {
     let limits = listener::Limits {
         per_address: config.max_connections_per_ip,
         header_timeout: (config.header_timeout_ms > 0).then(|| Duration::from_millis(config.header_timeout_ms)),
+        tls: server_tls,
     };
     let chat = state.chat.clone();
     let task = tokio::spawn(serve(listener, limits, app, state, db.clone()));
-    Ok(Running { addr, db, chat, shutdown, task })
+    Ok(Running { addr, db, chat, shutdown, task, tls: config.tls_cert.is_some() })
 }
 
 async fn serve(

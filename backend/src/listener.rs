@@ -27,14 +27,19 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How long a refused connection may take to receive its `429` before it is dropped.
 const REFUSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a TLS handshake may take when there is no header timeout.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// The limits the listener enforces.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Most open connections per client address; 0 for no cap.
     pub per_address: usize,
     /// Deadline for a complete request head; `None` for none.
     pub header_timeout: Option<Duration>,
+    /// Serve TLS only (`--tls-cert`): the TLS handshake must finish within the header timeout (10 s when
+    /// there is none), and everything else runs inside it.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Accept on `listener` and serve `app` until `shutdown`; then finish the requests in flight (upgraded
@@ -72,8 +77,24 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
         match counts.open(client.ip(), limits.per_address) {
             Some(slot) => {
                 let io = Counted { tcp, _slot: slot };
-                connections.spawn(connection(io, client, app.clone(), limits.header_timeout, shutdown.clone()));
+                let (app, header_timeout, shutdown) = (app.clone(), limits.header_timeout, shutdown.clone());
+                match &limits.tls {
+                    None => connections.spawn(connection(io, client, app, header_timeout, shutdown)),
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                        connections.spawn(async move {
+                            let deadline = header_timeout.unwrap_or(TLS_HANDSHAKE);
+                            match tokio::time::timeout(deadline, acceptor.accept(io)).await {
+                                Ok(Ok(tls)) => connection(tls, client, app, header_timeout, shutdown).await,
+                                Ok(Err(e)) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+                            }
+                        })
+                    }
+                };
             }
+            // Over TLS a plain-text 429 would not be understood: just close.
+            None if limits.tls.is_some() => drop(tcp),
             None => {
                 connections.spawn(refuse(tcp, limits.per_address));
             }
@@ -86,8 +107,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
 
 /// Serve HTTP/1 (with upgrades) on one connection until it ends, or until `shutdown` and its request in
 /// flight is answered.
-async fn connection(
-    io: Counted,
+async fn connection<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: I,
     client: SocketAddr,
     app: Router,
     header_timeout: Option<Duration>,

@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let mut running = replichat::start(config).await.context("starting the replica")?;
-    println!("replichat listening on http://{}", running.addr);
+    println!("replichat listening on {}://{}", if running.tls { "https" } else { "http" }, running.addr);
     tokio::select! {
         _ = shutdown_signal() => {}
         // It stopped by itself (an entry it cannot apply): exit non-zero with the reason.

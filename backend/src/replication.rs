@@ -24,6 +24,7 @@
 //!   acknowledging writes within one timeout.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -98,6 +99,9 @@ pub struct Status {
     /// Why this replica's storage failed, if it failed within the last two election timeouts (`/healthz`
     /// answers 503 meanwhile).
     pub storage_failure: Option<String>,
+    /// False while this replica is a learner: its database is new (or taken over, or restored), so it does
+    /// not vote or stand for election, and its acknowledgements do not count, until it has caught up.
+    pub voter: bool,
 }
 
 /// When a write counts as committed (`--ack`).
@@ -167,8 +171,10 @@ impl Replication {
         peers: Vec<Peer>,
         secret: Option<String>,
         bind_ip: Option<std::net::IpAddr>,
+        tls: Option<Arc<rustls::ClientConfig>>,
         timing: Timing,
         db: Db,
+        voter: bool,
         noop: String,
         shutdown: CancellationToken,
     ) -> Result<Replication> {
@@ -183,7 +189,8 @@ impl Replication {
             let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
             outbound.insert(peer.id, tx);
             let key = PeerKey::derive(secret.as_deref().unwrap_or_default());
-            tokio::spawn(dial(id, peer.clone(), key, bind_ip, rx, inbox_tx.clone(), shutdown.clone()));
+            let transport = Transport { bind_ip, tls: tls.clone() };
+            tokio::spawn(dial(id, peer.clone(), key, transport, rx, inbox_tx.clone(), shutdown.clone()));
         }
         let mut core = Core {
             id,
@@ -192,6 +199,9 @@ impl Replication {
             timing,
             term,
             voted_for,
+            // Alone, there is no one whose acknowledged entries it could have lost track of.
+            voter: voter || all.len() <= 1,
+            voter_checked: 0,
             role: Role::Backup,
             leader: None,
             last_index,
@@ -226,6 +236,7 @@ impl Replication {
                 proposal_batches: 0,
                 proposed_entries: 0,
                 storage_failure: None,
+                voter,
             })
             .0,
         };
@@ -278,6 +289,10 @@ struct Progress {
     snapshot: SnapshotState,
     /// In the in-sync set (`--ack all-live`): every commit waits for it.
     in_sync: bool,
+    /// It said it is a learner: its acknowledgements count only once it holds everything committed.
+    learner: bool,
+    /// When it last said it could not store entries.
+    storage_failed: Option<Instant>,
 }
 
 /// A backup's snapshot, as the primary tracks it.
@@ -298,6 +313,10 @@ struct Core {
     timing: Timing,
     term: u64,
     voted_for: Option<u64>,
+    /// False while a learner (see [`Status::voter`]); persisted once it turns true.
+    voter: bool,
+    /// The commit index [`Core::check_caught_up`] last looked at.
+    voter_checked: u64,
     role: Role,
     leader: Option<u64>,
     last_index: u64,
@@ -373,6 +392,11 @@ impl Core {
             if let Err(e) = result {
                 tracing::error!(error = %e, "replication step failed");
             }
+            if !self.voter {
+                if let Err(e) = self.check_caught_up().await {
+                    self.storage_failed(&e);
+                }
+            }
             self.publish();
         }
     }
@@ -414,12 +438,24 @@ impl Core {
     async fn handle(&mut self, input: Input) -> Result<()> {
         match input {
             Input::Request { frame, reply } => {
+                let stores = matches!(frame, PeerFrame::Append { .. } | PeerFrame::Snapshot { .. });
                 let answer = match self.on_request(frame).await {
                     Ok(answer) => answer,
                     Err(e) => {
                         if matches!(e, Error::Db(_) | Error::Io(_)) {
-                            // No answer: the primary does not count what this replica could not store.
                             self.storage_failed(&e);
+                            if stores {
+                                // Say so: the primary counts nothing of it, and shows this replica as failing
+                                // instead of waiting for an answer that never comes.
+                                let _ = reply.send(PeerFrame::Appended {
+                                    term: self.term,
+                                    from: self.id,
+                                    success: false,
+                                    last_index: self.last_index,
+                                    learner: !self.voter,
+                                    storage_failed: true,
+                                });
+                            }
                         }
                         return Err(e);
                     }
@@ -497,6 +533,23 @@ impl Core {
         }
     }
 
+    /// A learner becomes a voter once an entry of the current term is committed and in its log: by Raft's
+    /// leader completeness, every entry committed in an earlier term comes before it, so this replica now
+    /// holds everything it could ever have acknowledged. Persisted, so a restart keeps it a voter.
+    async fn check_caught_up(&mut self) -> Result<()> {
+        if self.commit_index == 0 || self.commit_index > self.last_index || self.commit_index == self.voter_checked {
+            return Ok(());
+        }
+        self.voter_checked = self.commit_index;
+        if self.db.term_at(self.commit_index).await? != Some(self.term) {
+            return Ok(());
+        }
+        self.db.become_voter().await?;
+        self.voter = true;
+        tracing::info!(term = self.term, commit_index = self.commit_index, "caught up with the primary; voting again");
+        Ok(())
+    }
+
     /// Stop being primary (or candidate) without a new term: a backup waiting for its election timer.
     fn step_down(&mut self) {
         self.role = Role::Backup;
@@ -532,6 +585,14 @@ impl Core {
     fn start_pre_vote(&mut self) -> bool {
         if self.storage_recently_failed() {
             tracing::warn!(term = self.term, "not standing for election: this replica's storage failed recently");
+            self.reset_election_deadline();
+            return false;
+        }
+        if !self.voter && self.last_index > 0 {
+            tracing::warn!(
+                last_index = self.last_index,
+                "not standing for election: this replica is a learner until it has caught up with a primary"
+            );
             self.reset_election_deadline();
             return false;
         }
@@ -609,6 +670,8 @@ impl Core {
                         last_ack: Some(Instant::now()),
                         snapshot: SnapshotState::Idle,
                         in_sync,
+                        learner: false,
+                        storage_failed: None,
                     },
                 )
             })
@@ -689,7 +752,14 @@ impl Core {
 
     /// This replica's answer to `append` or `snapshot`.
     fn appended(&self, success: bool, last_index: u64) -> PeerFrame {
-        PeerFrame::Appended { term: self.term, from: self.id, success, last_index }
+        PeerFrame::Appended {
+            term: self.term,
+            from: self.id,
+            success,
+            last_index,
+            learner: !self.voter,
+            storage_failed: false,
+        }
     }
 
     /// Whether a peer could have reached `term`: no further than [`MAX_TERM_LEAP`] beyond ours.
@@ -779,7 +849,11 @@ impl Core {
                 Ok(self.appended(true, last_index))
             }
             PeerFrame::Vote { term, candidate, last_index, last_term, pre } => {
-                let up_to_date = (last_term, last_index) >= (self.last_term, self.last_index);
+                // A learner (a new, wiped or restored database) may hold less than it acknowledged before, so it
+                // cannot tell whether a candidate has every committed entry: it votes only in the very first
+                // election of a new cluster, for a candidate whose log is as empty as its own.
+                let up_to_date =
+                    (last_term, last_index) >= (self.last_term, self.last_index) && (self.voter || last_index == 0);
                 // A replica that hears a live primary ignores candidates: a returning replica cannot depose
                 // a working primary (no preemption).
                 let leader_alive =
@@ -809,7 +883,7 @@ impl Core {
 
     async fn on_response(&mut self, frame: PeerFrame) -> Result<()> {
         match frame {
-            PeerFrame::Appended { term, from, success, last_index } => {
+            PeerFrame::Appended { term, from, success, last_index, learner, storage_failed } => {
                 if !self.plausible(term) || success && last_index > self.last_index {
                     tracing::warn!(term, from, last_index, "ignored an absurd answer from a peer");
                     return Ok(());
@@ -823,6 +897,19 @@ impl Core {
                 }
                 let Some(progress) = self.progress.get_mut(&from) else { return Ok(()) };
                 progress.last_ack = Some(Instant::now());
+                if learner != progress.learner {
+                    tracing::info!(peer = from, learner, "a backup's membership changed (a learner does not count)");
+                    progress.learner = learner;
+                }
+                if storage_failed {
+                    if progress.storage_failed.is_none() {
+                        tracing::warn!(peer = from, "a backup could not store entries (its disk is failing)");
+                    }
+                    progress.storage_failed = Some(Instant::now());
+                    // Resent with the next heartbeat, not at once.
+                    return Ok(());
+                }
+                progress.storage_failed = None;
                 if success {
                     progress.matched = progress.matched.max(last_index);
                     if !progress.in_sync && progress.matched >= self.commit_index {
@@ -888,7 +975,14 @@ impl Core {
     fn advance_commit(&mut self) {
         let candidate = match self.timing.ack {
             Ack::Majority => {
-                let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
+                // A learner (it may hold less than it acknowledged before) counts only once it has caught up with
+                // everything committed; in a new cluster, where every replica starts as a learner, that is at once.
+                let commit = self.commit_index;
+                let mut matched: Vec<u64> = self
+                    .progress
+                    .values()
+                    .map(|p| if p.learner && p.matched < commit { 0 } else { p.matched })
+                    .collect();
                 matched.push(self.last_index);
                 matched.sort_unstable_by(|a, b| b.cmp(a));
                 matched[self.majority() - 1]
@@ -999,11 +1093,18 @@ impl Core {
             .iter()
             .map(|(&id, url)| {
                 let (role, alive, last_index) = if id == self.id {
-                    (self.role.name(), true, self.last_index)
+                    let role = if self.role == Role::Backup && !self.voter { "learner" } else { self.role.name() };
+                    (role, true, self.last_index)
                 } else if self.role == Role::Primary {
                     let p = self.progress.get(&id);
                     let alive = p.and_then(|p| p.last_ack).is_some_and(|t| t.elapsed() <= window);
-                    (if alive { "backup" } else { "unknown" }, alive, p.map_or(0, |p| p.matched))
+                    let role = match p {
+                        _ if !alive => "unknown",
+                        Some(p) if p.storage_failed.is_some_and(|t| t.elapsed() <= window) => "failing",
+                        Some(p) if p.learner => "learner",
+                        _ => "backup",
+                    };
+                    (role, alive, p.map_or(0, |p| p.matched))
                 } else if let Some(seen) = self.remote_view.iter().find(|r| r.id == id) {
                     let leader_alive = self.heard_leader.is_some_and(|t| t.elapsed() <= window);
                     (seen.role.as_str(), seen.alive && leader_alive, seen.last_index)
@@ -1035,6 +1136,7 @@ impl Core {
             proposal_batches: self.proposal_batches,
             proposed_entries: self.proposed_entries,
             storage_failure: self.recent_storage_failure().map(str::to_owned),
+            voter: self.voter,
         };
         self.gauges.record(&status);
         self.status.send_if_modified(|current| {
@@ -1055,13 +1157,14 @@ async fn dial(
     id: u64,
     peer: Peer,
     key: PeerKey,
-    bind_ip: Option<std::net::IpAddr>,
+    transport: Transport,
     mut outbound: mpsc::Receiver<PeerFrame>,
     inbox: mpsc::Sender<Input>,
     shutdown: CancellationToken,
 ) {
     let url = format!("{}/internal/replicate", peer.url.replacen("http", "ws", 1));
-    let (mut logged_down, mut logged_refused) = (false, false);
+    // What was last logged about this peer being unreachable: each new reason once, not every 100 ms.
+    let mut logged: Option<String> = None;
     while !shutdown.is_cancelled() {
         let request = match url.as_str().into_client_request() {
             Ok(request) => request,
@@ -1071,27 +1174,29 @@ async fn dial(
             }
         };
         let opened = async {
-            let mut ws = connect(request, bind_ip).await.map_err(|e| (false, e))?;
+            let mut ws = transport.connect(request).await.map_err(|e| (false, e))?;
             authenticate(&mut ws, id, peer.id, &key).await.map_err(|e| (true, e.to_owned()))?;
             Ok::<_, (bool, String)>(ws)
         };
         let ws = match tokio::time::timeout(Duration::from_secs(1), opened).await {
             Ok(Ok(ws)) => ws,
             Ok(Err((reached, e))) => {
-                // Once per outage, not every 100 ms (a counter would be the next step).
-                if reached && !logged_refused {
-                    tracing::warn!(peer = peer.id, reason = %e, "the replica at this peer's URL did not authenticate");
-                    logged_refused = true;
-                } else if !reached && !logged_down {
-                    tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
-                    logged_down = true;
+                if logged.as_deref() != Some(e.as_str()) {
+                    if reached {
+                        tracing::warn!(peer = peer.id, reason = %e, "the replica at this peer's URL did not authenticate");
+                    } else if e.starts_with("TLS") {
+                        tracing::warn!(peer = peer.id, error = %e, "peer unreachable: its TLS certificate was refused");
+                    } else {
+                        tracing::info!(peer = peer.id, error = %e, "peer unreachable; retrying");
+                    }
+                    logged = Some(e);
                 }
                 tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(REDIAL) => continue }
             }
             Err(_) => continue,
         };
         tracing::info!(peer = peer.id, "connected to peer");
-        (logged_down, logged_refused) = (false, false);
+        logged = None;
         let _ = inbox.send(Input::Reachable(peer.id, true)).await;
         // Frames queued while the peer was away are stale; the core resends what matters.
         while outbound.try_recv().is_ok() {}
@@ -1166,27 +1271,54 @@ async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) ->
     }
 }
 
-type PeerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+type PeerSocket = tokio_tungstenite::WebSocketStream<Box<dyn crate::tls::Io>>;
 
-/// Open the WebSocket to a peer, from `bind_ip` if given.
-async fn connect(
-    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+/// How a replica reaches its peers.
+#[derive(Clone)]
+struct Transport {
+    /// Connections leave from this address when given (so a firewall rule on addresses can cut a replica off).
     bind_ip: Option<std::net::IpAddr>,
-) -> std::result::Result<PeerSocket, String> {
-    let uri = request.uri();
-    let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let addr =
-        tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| e.to_string())?.next().ok_or("no address")?;
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(|e| e.to_string())?;
-    if let Some(ip) = bind_ip.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4()) {
-        socket.bind(std::net::SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
+    /// For `https://` peers: the certificate authorities to trust (`--tls-ca`).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Transport {
+    /// Open the WebSocket to a peer: TCP (from `bind_ip` if given), TLS for a `wss://` URL (the certificate must
+    /// name the URL's host and chain to `--tls-ca`), then the WebSocket upgrade.
+    async fn connect(
+        &self,
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> std::result::Result<PeerSocket, String> {
+        let uri = request.uri();
+        let secure = uri.scheme_str() == Some("wss");
+        let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("no address")?;
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .map_err(|e| e.to_string())?;
+        if let Some(ip) = self.bind_ip.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4()) {
+            socket.bind(std::net::SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
+        }
+        let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let stream: Box<dyn crate::tls::Io> = if secure {
+            let config = self.tls.clone().ok_or("an https:// peer, but no --tls-ca")?;
+            let name = crate::tls::server_name(&host)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            Box::new(tls)
+        } else {
+            Box::new(stream)
+        };
+        let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| e.to_string())?;
+        Ok(ws)
     }
-    let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| e.to_string())?;
-    Ok(ws)
 }
 
 #[cfg(test)]
@@ -1205,7 +1337,8 @@ mod tests {
         let timing = Timing { heartbeat: election / 10, election, ack: Ack::Majority };
         let shutdown = CancellationToken::new();
         let replication =
-            Replication::start(0, peers, Some("s".into()), None, timing, db, "{}".into(), shutdown.clone()).await;
+            Replication::start(0, peers, Some("s".into()), None, None, timing, db, true, "{}".into(), shutdown.clone())
+                .await;
         (replication.unwrap(), shutdown)
     }
 
@@ -1252,7 +1385,8 @@ mod tests {
             Timing { heartbeat: Duration::from_millis(10), election: Duration::from_millis(100), ack: Ack::Majority };
         let shutdown = CancellationToken::new();
         let me = vec![Peer { id: 0, url: "http://127.0.0.1:9".to_owned() }];
-        let replica = Replication::start(0, me, None, None, timing, db, "{}".into(), shutdown.clone()).await.unwrap();
+        let replica =
+            Replication::start(0, me, None, None, None, timing, db, true, "{}".into(), shutdown.clone()).await.unwrap();
         assert_eq!(replica.status().borrow().role, Role::Primary, "a cluster of one elects itself");
         fill(&tmpfs.0.join("filler"));
         let mut proposed = 0;

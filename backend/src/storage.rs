@@ -119,6 +119,18 @@ const STATE_TABLES: &[Table] = &[
     ("login_failures", &[("user_id", true), ("failures", true), ("last_failure_at", true)], "user_id"),
 ];
 
+/// Whether a replica may vote, as its database says (see [`Db::claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    /// False for a learner: it neither votes nor stands for election (but for the very first election of a
+    /// new cluster, where every log is empty), and the primary does not count its acknowledgements, until it
+    /// has caught up with a primary.
+    pub voter: bool,
+    /// Random, chosen when the database was created (or taken over from another replica id): a database
+    /// that was wiped or swapped has another one.
+    pub incarnation: i64,
+}
+
 /// The whole replicated state as of one log entry: what a backup too far behind receives.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
@@ -290,13 +302,17 @@ impl Db {
     /// any other replica id or cluster: a database copied or mounted under the wrong replica would otherwise
     /// be accepted silently, and its acknowledgements credited to the wrong id. `adopt` rebinds it instead
     /// (after a deliberate move, or a change of the cluster secret).
-    pub async fn claim(&self, replica_id: u64, cluster_id: i64, adopt: bool) -> Result<()> {
+    ///
+    /// Also says whether this replica may vote ([`Membership`]): a database created now (a new replica, or
+    /// one whose disk was wiped), one taken over from another replica id, or one the operator marks with
+    /// `rejoin` (restored from an older copy) holds less than this replica may have acknowledged, so it is a
+    /// learner until it has caught up with a primary (see [`Db::become_voter`]).
+    pub async fn claim(&self, replica_id: u64, cluster_id: i64, adopt: bool, rejoin: bool) -> Result<Membership> {
         let owner = (self.meta("replica_id").await?, self.meta("cluster_id").await?);
         let mine = (Some(replica_id as i64), Some(cluster_id));
-        if owner == mine {
-            return Ok(());
-        }
-        if let (Some(id), Some(cluster)) = owner {
+        let mut voter = self.meta("voter").await?.is_none_or(|v| v != 0);
+        let mut incarnation = self.meta("incarnation").await?;
+        if let (Some(id), Some(cluster), true) = (owner.0, owner.1, owner != mine) {
             if !adopt {
                 let whose = if id as u64 != replica_id {
                     format!("replica {id}, not replica {replica_id}")
@@ -309,12 +325,37 @@ impl Db {
                 )));
             }
             tracing::warn!(from = id, to = replica_id, "--adopt-database: rebinding the database to this replica");
+            if id as u64 != replica_id {
+                // Another replica's log: this id may have acknowledged entries it does not hold.
+                (voter, incarnation) = (false, None);
+            }
         }
+        if owner.0.is_none() {
+            // Created now: a new replica, or one that lost its disk.
+            (voter, incarnation) = (false, None);
+        }
+        if rejoin {
+            voter = false;
+        }
+        let incarnation = incarnation.unwrap_or_else(|| rand::random::<i64>() & i64::MAX);
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         set_meta(&mut tx, "replica_id", replica_id as i64).await?;
         set_meta(&mut tx, "cluster_id", cluster_id).await?;
+        set_meta(&mut tx, "incarnation", incarnation).await?;
+        set_meta(&mut tx, "voter", voter as i64).await?;
         tx.commit().await?;
+        Ok(Membership { voter, incarnation })
+    }
+
+    /// Record that this replica caught up with a primary (it holds every entry committed so far): it votes
+    /// again, also after a restart.
+    pub async fn become_voter(&self) -> Result<()> {
+        let mut conn = self.transaction_connection().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
+        set_meta(&mut tx, "voter", 1).await?;
+        tx.commit().await?;
+        conn.finished();
         Ok(())
     }
 

@@ -481,6 +481,14 @@ pub enum PeerFrame {
         /// On success, the index of the last entry the backup holds that matches the primary's log; on
         /// failure, the backup's last index (where the primary should resume).
         last_index: u64,
+        /// The backup is a learner (its database is new, taken over or restored): the primary does not count
+        /// its acknowledgements until it says otherwise (docs/PROTOCOL.md §10.4).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        learner: bool,
+        /// The backup could not store the entries (a full or failing disk): the primary stops resending
+        /// until the next heartbeat and shows the backup as failing.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        storage_failed: bool,
     },
     /// Primary -> backup: the backup is so far behind that the entries it needs were compacted away; replace
     /// its whole state with this snapshot of the state as of entry `last_index`, then continue with entries.

@@ -110,3 +110,67 @@ async fn a_primary_with_a_full_disk_steps_down_and_rejoins_once_there_is_space()
     cluster.finish().await;
     drop(tmpfs);
 }
+
+/// A backup whose disk fills up says so to the primary (an explicit failed `appended`, not silence): the
+/// primary shows it as `failing`, keeps committing with the other backup, and the full one rejoins by itself
+/// once space is freed, with every acknowledged message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_with_a_full_disk_says_so_and_rejoins_once_there_is_space() {
+    let tmpfs = Tmpfs::mount("8m");
+    let options = Options { sqlite_dirs: vec![(2, tmpfs.0.clone())], ..Options::default() };
+    let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
+    let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    assert_ne!(leader, 2, "node 2 goes last in elections");
+    let mut alice = cluster.client_to_primary().await;
+    alice.register("alice", "password123").await;
+    let mut bob = cluster.client_to_primary().await;
+    bob.register("bob", "password123").await;
+
+    step!("node 2's disk fills up; the two others keep acknowledging every message");
+    fill(&tmpfs.0.join("filler"));
+    let mut acknowledged = Vec::new();
+    for i in 0..50 {
+        acknowledged.push(alice.send_message("bob", &format!("while node 2 is full {i}")).await);
+    }
+    let failing = cluster
+        .wait_until("the primary to show node 2 as failing", Duration::from_secs(10), |all| {
+            let primary = all.iter().find(|(id, _)| *id == leader)?;
+            let node2 = primary.1["replicas"].as_array()?.iter().find(|r| r["id"].as_u64() == Some(2))?.clone();
+            (node2["role"].as_str() == Some("failing") && node2["alive"].as_bool() == Some(true)).then_some(node2)
+        })
+        .await;
+    step!("the primary's view of node 2: {failing}");
+    let (code, body) = healthz(&cluster, 2).await;
+    assert_eq!((code, body["status"].as_str()), (503, Some("storage_failing")), "{body}");
+    assert_eq!(cluster.wait_for_primary(Duration::from_secs(5)).await, leader, "no election for a backup's disk");
+
+    step!("space is freed: node 2 catches up by itself and is healthy again");
+    std::fs::remove_file(tmpfs.0.join("filler")).unwrap();
+    cluster.wait_applied_equal(Duration::from_secs(20)).await;
+    cluster
+        .wait_until("the primary to show node 2 as a backup again", Duration::from_secs(10), |all| {
+            let primary = all.iter().find(|(id, _)| *id == leader)?;
+            let node2 = primary.1["replicas"].as_array()?.iter().find(|r| r["id"].as_u64() == Some(2))?.clone();
+            (node2["role"].as_str() == Some("backup")).then_some(())
+        })
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = healthz(&cluster, 2).await;
+        if code == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node 2 still unhealthy: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = cluster.dump_state(leader).await;
+    assert_same_dump(&format!("node {leader}"), &state, "node 2", &cluster.dump_state(2).await);
+    for i in 0..50 {
+        assert!(state.contains(&format!("while node 2 is full {i}")), "acknowledged message {i} is missing");
+    }
+    assert_eq!(acknowledged.len(), 50);
+    alice.close().await;
+    bob.close().await;
+    cluster.finish().await;
+    drop(tmpfs);
+}

@@ -71,15 +71,17 @@ pub struct Node {
     pub log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Serves TLS only.
+    tls: bool,
 }
 
 impl Node {
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+        format!("{}://{}/ws", if self.tls { "wss" } else { "ws" }, self.addr)
     }
 
     pub fn is_running(&self) -> bool {
@@ -97,6 +99,50 @@ pub struct Cluster {
     pg_databases: Vec<String>,
     /// More flags for every node (`--ack all-live`, `--compact-keep 20`, ...).
     extra_args: Vec<String>,
+    /// With [`Options::tls`]: the certificates every node uses, and what clients trust.
+    pub tls: Option<Tls>,
+}
+
+/// Certificates made for one TLS cluster: a test CA, and one certificate it signed for 127.0.0.1 and
+/// localhost that every node presents.
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Trusts the test CA only.
+    pub client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl Tls {
+    /// A new CA in `dir` (`<name>-ca.pem`), and a certificate and key it signed (`<name>-cert.pem`,
+    /// `<name>-key.pem`).
+    pub fn make(dir: &std::path::Path, name: &str) -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("replichat test CA {name}"));
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let path = |what: &str| dir.join(format!("{name}-{what}.pem"));
+        std::fs::write(path("ca"), ca.pem()).unwrap();
+        std::fs::write(path("cert"), cert.pem()).unwrap();
+        std::fs::write(path("key"), key.serialize_pem()).unwrap();
+        let client = replichat::tls::client_config(&path("ca")).unwrap();
+        Tls { ca: path("ca"), cert: path("cert"), key: path("key"), client }
+    }
+
+    /// The flags that make a node serve with this certificate and trust this CA.
+    pub fn args(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.display().to_string();
+        ["--tls-cert", &path(&self.cert), "--tls-key", &path(&self.key), "--tls-ca", &path(&self.ca)]
+            .map(str::to_owned)
+            .to_vec()
+    }
 }
 
 /// How to start a cluster.
@@ -110,6 +156,9 @@ pub struct Options {
     /// Put these nodes' SQLite files in these directories instead of the test directory (a small tmpfs, to
     /// fill a replica's disk).
     pub sqlite_dirs: Vec<(u64, PathBuf)>,
+    /// `https://` peer URLs: every node serves TLS with a certificate from a CA made for this cluster, and
+    /// trusts only that CA (see [`Tls`]).
+    pub tls: bool,
 }
 
 impl Cluster {
@@ -130,7 +179,14 @@ impl Cluster {
             (0..n).map(|i| std::net::TcpListener::bind(format!("{}:0", host(i))).unwrap()).collect();
         let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
         drop(listeners);
-        let peers = ports.iter().enumerate().map(|(i, p)| format!("{i}=http://{}:{p}", host(i))).collect::<Vec<_>>();
+        let scheme = if options.tls { "https" } else { "http" };
+        let peers =
+            ports.iter().enumerate().map(|(i, p)| format!("{i}={scheme}://{}:{p}", host(i))).collect::<Vec<_>>();
+        let tls = options.tls.then(|| Tls::make(&dir, "cluster"));
+        let mut extra_args = options.args.clone();
+        if let Some(tls) = &tls {
+            extra_args.extend(tls.args());
+        }
         let mut cluster = Cluster {
             engine,
             secret: format!("secret-{}", uuid::Uuid::new_v4().simple()),
@@ -138,7 +194,8 @@ impl Cluster {
             peers: peers.join(","),
             dir: dir.clone(),
             pg_databases: Vec::new(),
-            extra_args: options.args.clone(),
+            extra_args,
+            tls,
         };
         for (i, port) in ports.iter().enumerate() {
             let db = match engine {
@@ -159,6 +216,7 @@ impl Cluster {
                 log: dir.join(format!("node{i}.log")),
                 child: None,
                 starts: 0,
+                tls: options.tls,
             });
         }
         step!("starting {n} replicas ({engine:?}) in {}: {}", dir.display(), cluster.peers);
@@ -301,9 +359,25 @@ impl Cluster {
 
     /// `GET /api/cluster` on node `id`: `None` when it does not answer 200 with JSON (dead, starting, ...).
     pub async fn status(&self, id: u64) -> Option<Value> {
-        match http_get(&self.node(id).addr, "/api/cluster").await {
+        match self.get(id, "/api/cluster").await {
             Ok((200, body)) => serde_json::from_str(&body).ok(),
             _ => None,
+        }
+    }
+
+    /// `GET path` on node `id`, over TLS in a TLS cluster.
+    pub async fn get(&self, id: u64, path: &str) -> Result<(u16, String), String> {
+        match &self.tls {
+            None => http_get(&self.node(id).addr, path).await,
+            Some(tls) => https_get(&self.node(id).addr, path, tls.client.clone()).await,
+        }
+    }
+
+    /// A client of node `id` (over wss in a TLS cluster), expecting `welcome`.
+    pub async fn client(&self, id: u64) -> Client {
+        match &self.tls {
+            None => Client::connect(&self.node(id).ws_url()).await,
+            Some(tls) => Client::connect_tls(&self.node(id).ws_url(), tls.client.clone()).await,
         }
     }
 
@@ -388,7 +462,7 @@ impl Cluster {
     /// A client connected to the current primary (after waiting for one).
     pub async fn client_to_primary(&self) -> Client {
         let leader = self.wait_for_primary(Duration::from_secs(15)).await;
-        let client = Client::connect(&self.node(leader).ws_url()).await;
+        let client = self.client(leader).await;
         let ServerBody::Welcome { node, .. } = client.welcome else { unreachable!() };
         assert_eq!(node, leader, "the primary's welcome names it");
         client
@@ -495,10 +569,39 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     http_get_with_head(addr, path).await.map(|(status, _, body)| (status, body))
 }
 
+/// [`http_get`] over TLS, trusting what `config` trusts (the host checked is 127.0.0.1 or the name in `addr`).
+pub async fn https_get(
+    addr: &str,
+    path: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(u16, String), String> {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host).to_owned();
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let name = replichat::tls::server_name(&host)?;
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| format!("TLS {addr}: {e}"))
+    };
+    let stream = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| format!("GET {addr}{path}: timed out connecting"))??;
+    get_over(stream, addr, path).await.map(|(status, _, body)| (status, body))
+}
+
 /// [`http_get`], with the response head (status line and headers) too.
 pub async fn http_get_with_head(addr: &str, path: &str) -> Result<(u16, String, String), String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("GET {addr}{path}: timed out connecting"))?
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    get_over(stream, addr, path).await
+}
+
+async fn get_over(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: &str,
+    path: &str,
+) -> Result<(u16, String, String), String> {
     let request = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
         stream
             .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
             .await

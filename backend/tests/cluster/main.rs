@@ -15,3 +15,4 @@ mod impostor;
 mod metrics;
 mod poison;
 mod security;
+mod tls;

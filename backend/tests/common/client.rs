@@ -50,6 +50,23 @@ impl Client {
         }
     }
 
+    /// [`Client::connect`] to a `wss://` URL, trusting what `config` trusts.
+    pub async fn connect_tls(url: &str, config: std::sync::Arc<rustls::ClientConfig>) -> Client {
+        let connector = tokio_tungstenite::Connector::Rustls(config);
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{url}: timed out connecting"))
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let mut client = Client::over(ws);
+        let first = client.next_frame().await;
+        assert!(matches!(first.body, ServerBody::Welcome { .. }), "first frame is welcome: {first:?}");
+        client.welcome = first.body;
+        client
+    }
+
     /// Connect from the loopback address `from` (e.g. `127.0.0.2`): to the server, another client address.
     pub async fn connect_from(url: &str, from: std::net::IpAddr) -> Client {
         let addr = url.trim_start_matches("ws://").split('/').next().unwrap().parse::<std::net::SocketAddr>().unwrap();
