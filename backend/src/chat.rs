@@ -235,6 +235,7 @@ impl Chat {
                         // retry with a growing pause until it passes.
                         tracing::error!(error = %e, commit, "applying committed entries failed; retrying");
                         *self.storage_problem.lock().expect("problem lock") = Some(e.to_string());
+                        self.replication.apply_failed(e.to_string());
                         failures += 1;
                         let pause = Duration::from_millis(100 << failures.min(5));
                         tokio::select! {

@@ -147,6 +147,8 @@ enum Input {
     Reachable(u64, bool),
     /// The background task building and sending a snapshot to this peer finished (sent or not).
     SnapshotDone(u64),
+    /// Applying committed entries failed for a machine reason (the state tables' disk is full, ...).
+    ApplyFailed(String),
 }
 
 /// Handle on the replication core. Cheap to clone.
@@ -266,6 +268,12 @@ impl Replication {
         let (reply, rx) = oneshot::channel();
         self.proposals.send(Proposal { expected, op, reply }).await.map_err(|_| Error::Unavailable)?;
         rx.await.map_err(|_| Error::Unavailable)?
+    }
+
+    /// Applying committed entries to the state tables failed for a machine reason. A primary steps down (it
+    /// could append, but could not answer any write), and no replica stands for election right after.
+    pub fn apply_failed(&self, why: String) {
+        let _ = self.inbox.try_send(Input::ApplyFailed(why));
     }
 
     /// Answer a request frame from a peer.
@@ -472,6 +480,7 @@ impl Core {
                 }
                 crate::metrics::peer_connections(self.reachable.len());
             }
+            Input::ApplyFailed(why) => self.storage_failed_because(format!("applying committed entries: {why}")),
             Input::SnapshotDone(peer) => {
                 if let Some(progress) = self.progress.get_mut(&peer) {
                     progress.snapshot = SnapshotState::Sent(Instant::now());
@@ -563,11 +572,15 @@ impl Core {
     /// so that a replica with a working disk takes over, and no replica stands for election for a while after
     /// its own storage failed.
     fn storage_failed(&mut self, error: &Error) {
-        self.storage_failed_at = Some((Instant::now(), error.to_string()));
+        self.storage_failed_because(error.to_string());
+    }
+
+    fn storage_failed_because(&mut self, why: String) {
         if self.role != Role::Backup {
-            tracing::error!(error = %error, term = self.term, role = self.role.name(), "storage failed; stepping down");
+            tracing::error!(error = %why, term = self.term, role = self.role.name(), "storage failed; stepping down");
             self.step_down();
         }
+        self.storage_failed_at = Some((Instant::now(), why));
     }
 
     /// Whether storage failed within the last two election timeouts: such a replica does not stand for election.

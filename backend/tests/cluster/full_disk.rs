@@ -174,3 +174,178 @@ async fn a_backup_with_a_full_disk_says_so_and_rejoins_once_there_is_space() {
     cluster.finish().await;
     drop(tmpfs);
 }
+
+/// A PostgreSQL server of the test's own whose data directory is on a small tmpfs (its write-ahead log on the
+/// normal disk, as a separate WAL volume would be: a full WAL disk makes PostgreSQL itself stop), on a free
+/// port; stopped and unmounted on drop. Needs root and PostgreSQL 15's binaries.
+struct SmallPostgres {
+    data: Tmpfs,
+    wal: PathBuf,
+    port: u16,
+}
+
+impl SmallPostgres {
+    const BIN: &'static str = "/usr/lib/postgresql/15/bin";
+
+    fn as_postgres(args: &[&str]) {
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("runuser");
+        assert!(status.success(), "{args:?} failed");
+    }
+
+    fn start(size: &str) -> SmallPostgres {
+        let data = Tmpfs::mount(size);
+        let wal = std::env::temp_dir().join(format!("replichat-pgwal-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&wal).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        for dir in [&data.0, &wal] {
+            assert!(std::process::Command::new("chown").arg("postgres").arg(dir).status().unwrap().success());
+        }
+        let pgdata = data.0.join("pgdata");
+        let (pgdata_s, wal_s) = (pgdata.display().to_string(), wal.join("wal").display().to_string());
+        Self::as_postgres(&[
+            &format!("{}/initdb", Self::BIN),
+            "-D",
+            &pgdata_s,
+            "--waldir",
+            &wal_s,
+            "-A",
+            "trust",
+            "-U",
+            "replichat",
+        ]);
+        let log = wal.join("server.log").display().to_string();
+        let options = format!("-p {port} -k /tmp -c listen_addresses=127.0.0.1 -c shared_buffers=1MB");
+        Self::as_postgres(&[
+            &format!("{}/pg_ctl", Self::BIN),
+            "-D",
+            &pgdata_s,
+            "-l",
+            &log,
+            "-o",
+            &options,
+            "-w",
+            "start",
+        ]);
+        SmallPostgres { data, wal, port }
+    }
+
+    /// A new database on it.
+    async fn database(&self, name: &str) -> String {
+        use sqlx::Connection;
+        let base = format!("postgres://replichat@127.0.0.1:{}", self.port);
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("connect");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+        format!("{base}/{name}")
+    }
+}
+
+impl Drop for SmallPostgres {
+    fn drop(&mut self) {
+        let pgdata = self.data.0.join("pgdata").display().to_string();
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{}/pg_ctl", Self::BIN), "-D", &pgdata, "-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.wal);
+    }
+}
+
+/// The same on PostgreSQL: node `full` keeps its database on a server whose data disk fills up. Nothing
+/// acknowledged is lost, the other two keep serving (a full primary steps down), `/healthz` says why, and the
+/// replica rejoins by itself once space is freed (PostgreSQL itself keeps running: its WAL has room).
+async fn full_postgres_disk(full: u64) {
+    let small = SmallPostgres::start("64m");
+    let url = small.database("node_full").await;
+    let options = Options { db_urls: vec![(full, url)], ..Options::default() };
+    let cluster = Cluster::start_with(3, Engine::Postgres, options).await;
+    let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    let mut alice = cluster.client_to_primary().await;
+    alice.register("alice", "password123").await;
+    let mut bob = cluster.client_to_primary().await;
+    bob.register("bob", "password123").await;
+    let mut acknowledged = vec![alice.send_message("bob", "before the disk filled").await];
+
+    step!("node {full}'s PostgreSQL data disk fills up; messages keep being sent");
+    fill(&small.data.0.join("filler"));
+    for i in 0..300 {
+        let send =
+            Request::Send { to: "bob".into(), text: format!("m{i} {}", "x".repeat(900)), client_id: format!("c{i}") };
+        match alice.try_request(send, Duration::from_secs(5)).await {
+            Ok(ServerBody::Sent { id, .. }) => acknowledged.push(id),
+            _ => break,
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = healthz(&cluster, full).await;
+        if code == 503 {
+            assert_eq!(body["status"].as_str(), Some("storage_failing"), "{body}");
+            step!("node {full}: {body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node {full} never reported its full disk: {body}");
+        // Keep writing: a backup's disk is only found full when it must store something.
+        let mut writer = cluster.client_to_primary().await;
+        writer.login("alice", "password123").await;
+        acknowledged
+            .push(writer.send_message("bob", &format!("probe {} {}", acknowledged.len(), "y".repeat(900))).await);
+        writer.close().await;
+    }
+    let leader_now = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    assert_ne!(leader_now, full, "a replica with a full disk does not lead");
+    if full != leader {
+        assert_eq!(leader_now, leader, "no election for a backup's disk");
+    }
+    let mut alice = cluster.client_to_primary().await;
+    alice.login("alice", "password123").await;
+    for i in 0..5 {
+        acknowledged.push(alice.send_message("bob", &format!("while node {full} is full {i}")).await);
+    }
+
+    step!("space is freed: node {full} catches up by itself and is healthy again");
+    std::fs::remove_file(small.data.0.join("filler")).unwrap();
+    cluster.wait_applied_equal(Duration::from_secs(30)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = healthz(&cluster, full).await;
+        if code == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node {full} still unhealthy: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    step!("every acknowledged message ({}) is on every replica", acknowledged.len());
+    let state = cluster.dump_state(leader_now).await;
+    assert_same_dump(&format!("node {leader_now}"), &state, &format!("node {full}"), &cluster.dump_state(full).await);
+    let mut stored = std::collections::BTreeSet::new();
+    let mut before = None;
+    loop {
+        let history = alice.request(Request::History { with: "bob".into(), before, limit: Some(200) }).await;
+        let ServerBody::History { messages, .. } = history else { panic!("{history:?}") };
+        let Some(first) = messages.first() else { break };
+        before = Some(first.id);
+        stored.extend(messages.iter().map(|m| m.id));
+    }
+    for id in &acknowledged {
+        assert!(stored.contains(id), "acknowledged message {id} is missing");
+    }
+    alice.close().await;
+    bob.close().await;
+    cluster.finish().await;
+    drop(small);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_on_a_full_postgres_disk_steps_down_and_rejoins() {
+    full_postgres_disk(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_on_a_full_postgres_disk_says_so_and_rejoins() {
+    full_postgres_disk(2).await;
+}

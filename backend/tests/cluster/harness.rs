@@ -156,6 +156,8 @@ pub struct Options {
     /// Put these nodes' SQLite files in these directories instead of the test directory (a small tmpfs, to
     /// fill a replica's disk).
     pub sqlite_dirs: Vec<(u64, PathBuf)>,
+    /// Give these nodes these database URLs instead (a PostgreSQL server of the test's own, on a small disk).
+    pub db_urls: Vec<(u64, String)>,
     /// `https://` peer URLs: every node serves TLS with a certificate from a CA made for this cluster, and
     /// trusts only that CA (see [`Tls`]).
     pub tls: bool,
@@ -198,7 +200,9 @@ impl Cluster {
             tls,
         };
         for (i, port) in ports.iter().enumerate() {
+            let own_url = options.db_urls.iter().find(|(id, _)| *id == i as u64).map(|(_, url)| url.clone());
             let db = match engine {
+                _ if own_url.is_some() => own_url.unwrap(),
                 Engine::Sqlite => {
                     let own = options.sqlite_dirs.iter().find(|(id, _)| *id == i as u64).map(|(_, d)| d.clone());
                     format!("sqlite://{}", own.unwrap_or(dir.clone()).join(format!("node{i}.db")).display())
