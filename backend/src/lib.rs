@@ -15,6 +15,7 @@
 //!   preferred); entries are opaque to it.
 //! - [`peer_auth`]: the HMAC challenge-response by which two replicas prove the cluster secret to each other
 //!   without sending it.
+//! - [`tls`]: TLS for the listener and for dialling `https://` peers (rustls).
 //! - [`internal`]: the accepting side of `/internal/replicate`: the listener's half of the handshake, then
 //!   each request frame through the replication core.
 //! - [`chat`]: each chat operation: validate against current state, build the op, propose it, wait until it

@@ -45,6 +45,12 @@ use crate::{Error, Result};
 const BATCH: u32 = 256;
 /// Queue depth towards one peer; a full queue drops frames (the primary resends on the next heartbeat).
 const OUTBOUND_DEPTH: usize = 64;
+/// Most entries sent to one backup and not yet acknowledged (pipelining). Beyond it the primary sends that
+/// backup heartbeats only, until answers come back: a backup far behind on a slow link otherwise got a new
+/// 256-entry batch with every group commit, the queue towards it overflowed, dropped batches left gaps that it
+/// refused, and the rewinds resent what was still on its way (measured across a 20 ms round trip under 200
+/// msg/s: a restarted backup caught up at 130 entries/s, slower than the log grew, and never caught up).
+const MAX_IN_FLIGHT: u64 = 4 * BATCH as u64;
 /// Furthest a frame's term may be ahead of the receiver's. Terms grow by one per election, and pre-votes keep
 /// a cut-off replica from raising its own, so no real cluster gets near this; a frame beyond it is a bug or
 /// an attack, and adopting it could exhaust the term space (a replica at 2^64-1 can never start an election).
@@ -301,6 +307,9 @@ struct Progress {
     learner: bool,
     /// When it last said it could not store entries.
     storage_failed: Option<Instant>,
+    /// When `matched` last moved (or entries were last sent from `matched + 1`): entries in flight for an
+    /// election timeout without an answer are taken as lost and sent again.
+    advanced_at: Instant,
 }
 
 /// A backup's snapshot, as the primary tracks it.
@@ -472,6 +481,12 @@ impl Core {
             }
             Input::Response(frame) => self.on_response(frame).await?,
             Input::Reachable(peer, up) => {
+                // Frames queued towards it before are gone (dropped with the old connection): resend from what
+                // it acknowledged.
+                if let Some(progress) = self.progress.get_mut(&peer) {
+                    progress.next = progress.matched + 1;
+                    progress.advanced_at = Instant::now();
+                }
                 if up {
                     self.reachable.insert(peer);
                 } else {
@@ -685,6 +700,7 @@ impl Core {
                         in_sync,
                         learner: false,
                         storage_failed: None,
+                        advanced_at: Instant::now(),
                     },
                 )
             })
@@ -924,6 +940,9 @@ impl Core {
                 }
                 progress.storage_failed = None;
                 if success {
+                    if last_index > progress.matched {
+                        progress.advanced_at = Instant::now();
+                    }
                     progress.matched = progress.matched.max(last_index);
                     if !progress.in_sync && progress.matched >= self.commit_index {
                         tracing::info!(peer = from, "backup caught up; back in the in-sync set");
@@ -1019,19 +1038,34 @@ impl Core {
     }
 
     async fn send_append(&mut self, peer: u64) -> Result<()> {
-        let Some(progress) = self.progress.get(&peer).copied() else { return Ok(()) };
-        let prev_index = progress.next - 1;
+        let Some(mut progress) = self.progress.get(&peer).copied() else { return Ok(()) };
+        if progress.next > progress.matched + 1 && progress.advanced_at.elapsed() > self.timing.election {
+            // Sent long ago and never acknowledged: lost on the way (a dropped frame); send it again.
+            progress.next = progress.matched + 1;
+            progress.advanced_at = Instant::now();
+            self.progress.insert(peer, progress);
+        }
+        let in_flight = progress.next - 1 - progress.matched;
+        // With entries on their way, a heartbeat names what the backup has acknowledged (never refused for
+        // entries it has not received yet, which would rewind `next` and send them twice).
+        let full = in_flight >= MAX_IN_FLIGHT;
+        let prev_index = if full || (progress.next > self.last_index && in_flight > 0) {
+            progress.matched
+        } else {
+            progress.next - 1
+        };
         let Some(prev_term) = self.db.term_at(prev_index).await? else {
             // The entries this backup needs were compacted away: send the whole state instead.
             return self.send_snapshot(peer).await;
         };
-        let entries =
-            if progress.next <= self.last_index { self.db.entries(prev_index, BATCH).await? } else { Vec::new() };
+        let entries = if !full && prev_index == progress.next - 1 && progress.next <= self.last_index {
+            let room = (MAX_IN_FLIGHT - in_flight).min(BATCH as u64) as u32;
+            self.db.entries(prev_index, room).await?
+        } else {
+            Vec::new()
+        };
         let cluster = if entries.is_empty() { self.view() } else { Vec::new() };
-        if let Some(last) = entries.last() {
-            // Pipelining: assume they arrive; a refusal rewinds `next`.
-            self.progress.get_mut(&peer).expect("peer").next = last.index + 1;
-        }
+        let sent_up_to = entries.last().map(|e| e.index);
         let frame = PeerFrame::Append {
             term: self.term,
             leader: self.id,
@@ -1041,8 +1075,16 @@ impl Core {
             commit: self.commit_index,
             cluster,
         };
-        if let Some(tx) = self.outbound.get(&peer) {
-            let _ = tx.try_send(frame);
+        let Some(tx) = self.outbound.get(&peer) else { return Ok(()) };
+        if tx.try_send(frame).is_ok() {
+            if let Some(last) = sent_up_to {
+                // Pipelining: assume they arrive; a refusal rewinds `next`, silence for a timeout resends.
+                let progress = self.progress.get_mut(&peer).expect("peer");
+                if progress.next == progress.matched + 1 {
+                    progress.advanced_at = Instant::now();
+                }
+                progress.next = last + 1;
+            }
         }
         Ok(())
     }
