@@ -490,7 +490,10 @@ async fn send(ws: &mut Ws, to: &str, p: &Pending) -> anyhow::Result<()> {
 async fn connect(
     url: &str,
 ) -> Result<(Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
-    tokio_tungstenite::connect_async_with_config(url, None, true).await
+    // Over wss:// (the simulated multi-machine runs) with the run's CA; plain ws:// otherwise.
+    let authority = url.split("://").nth(1).and_then(|rest| rest.split('/').next()).unwrap_or_default();
+    let connector = crate::tls::client_for(authority).map(tokio_tungstenite::Connector::Rustls);
+    tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector).await
 }
 
 /// The next server frame; `None` when the socket closed.

@@ -10,7 +10,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// `GET path` on `addr` (`host:port`): status code and body. Times out after 2 s.
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     tokio::time::timeout(Duration::from_secs(2), async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        // Over TLS when the replicas serve it (the simulated multi-machine runs).
+        let mut stream: Box<dyn replichat::tls::Io> = match crate::tls::client_for(addr) {
+            Some(config) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+                let name = replichat::tls::server_name(host).map_err(anyhow::Error::msg)?;
+                Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
+            }
+            None => Box::new(tcp),
+        };
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();

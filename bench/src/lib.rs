@@ -29,9 +29,11 @@ pub mod client;
 pub mod http;
 pub mod idle;
 pub mod load;
+pub mod netsim;
 pub mod plot;
 pub mod procs;
 pub mod relay;
+pub mod tls;
 
 /// Median of a list of numbers (the mean of the two middle ones for an even count); `NaN` when empty.
 pub fn median(values: &[f64]) -> f64 {

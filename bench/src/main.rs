@@ -35,6 +35,14 @@ enum Command {
     /// Abusive clients against one replica (resumers that never read, a connection flood, slowloris) while
     /// a normal client and `/healthz` are probed: peak RSS, what was cut off, failed probes.
     Abuse(AbuseArgs),
+    /// The packet delayer of the simulated network (started by `--netsim-rtt-ms`, inside a replica's network
+    /// namespace): accepts every packet of NFQUEUE `queue` `delay-us` after it arrived.
+    Delay {
+        #[arg(long, default_value_t = 0)]
+        queue: u16,
+        #[arg(long)]
+        delay_us: u64,
+    },
     /// Render the plots from result files.
     Plot {
         /// A `load` result file (its median run per target is drawn).
@@ -67,6 +75,11 @@ struct System {
     /// The replicas' log filter (`info` shows elections and snapshot timings; add `--keep` to read them).
     #[arg(long, default_value = "warn")]
     node_log: String,
+    /// Simulate replicas on separate machines (`sqlite3` only; root needed): each in its own network
+    /// namespace and address, TLS between them and to the bench, and this many milliseconds added to the
+    /// round trip between two replicas (see bench/src/netsim.rs).
+    #[arg(long)]
+    netsim_rtt_ms: Option<f64>,
 }
 
 impl System {
@@ -78,14 +91,19 @@ impl System {
                 replichat.display()
             );
         }
-        Ok(Setup {
-            target,
-            replichat,
-            dir: scratch_dir(what),
-            pg: self.pg.clone(),
-            args: self.replica_args.clone(),
-            node_log: self.node_log.clone(),
-        })
+        let dir = scratch_dir(what);
+        let mut args = self.replica_args.clone();
+        let netsim = match self.netsim_rtt_ms.filter(|_| target != Target::Relay) {
+            Some(rtt_ms) => {
+                let rtt = std::time::Duration::from_secs_f64(rtt_ms / 1000.0);
+                let net = replichat_bench::netsim::Net::create(3, rtt, &std::env::current_exe()?)?;
+                let hosts: Vec<String> = (0..3).map(replichat_bench::netsim::Net::addr).collect();
+                args.extend(replichat_bench::tls::make(&dir.join("tls"), &hosts)?);
+                Some(std::sync::Arc::new(net))
+            }
+            None => None,
+        };
+        Ok(Setup { target, replichat, dir, pg: self.pg.clone(), args, node_log: self.node_log.clone(), netsim })
     }
 }
 
@@ -206,6 +224,12 @@ struct AbuseArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Relay { listen } => relay::serve(listen).await,
+        Command::Delay { queue, delay_us } => {
+            tokio::task::spawn_blocking(move || {
+                replichat_bench::netsim::delay_loop(queue, std::time::Duration::from_micros(delay_us))
+            })
+            .await?
+        }
         Command::Load(args) => run_load(args).await,
         Command::Chaos(args) => run_chaos(args).await,
         Command::Catchup(args) => run_catchup(args).await,

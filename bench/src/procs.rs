@@ -40,6 +40,9 @@ pub struct Setup {
     pub args: Vec<String>,
     /// The replicas' `--log` filter (their logs go to `<dir>/nodeN.log`).
     pub node_log: String,
+    /// Run each replica in its own network namespace of this simulated network, over TLS (`args` then carries
+    /// the TLS flags: see [`crate::tls::make`]). SQLite only.
+    pub netsim: Option<std::sync::Arc<crate::netsim::Net>>,
 }
 
 /// One process of the system under test.
@@ -51,11 +54,13 @@ pub struct Node {
     log: PathBuf,
     child: Option<Child>,
     pid: u32,
+    /// Serves TLS (wss://).
+    tls: bool,
 }
 
 impl Node {
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+        format!("{}://{}/ws", if self.tls { "wss" } else { "ws" }, self.addr)
     }
 
     pub fn is_running(&self) -> bool {
@@ -90,14 +95,22 @@ impl Cluster {
         // new one) would take a port from the ephemeral range. Every listener is held until all are chosen,
         // so no two nodes get the same one.
         let mut listeners = Vec::new();
-        while listeners.len() < n {
+        let simulated = setup.netsim.is_some();
+        if simulated && setup.target != Target::Sqlite3 {
+            bail!("the simulated network runs three SQLite replicas only (sqlite3)");
+        }
+        while !simulated && listeners.len() < n {
             let port = 20_000 + rand::random::<u16>() % 12_000;
             if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
                 listeners.push(listener);
             }
         }
-        let addrs: Vec<String> =
-            listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+        let addrs: Vec<String> = if simulated {
+            // Each replica has its own address (and port space) in its own namespace.
+            (0..n).map(|i| format!("{}:9100", crate::netsim::Net::addr(i))).collect()
+        } else {
+            listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?
+        };
         drop(listeners);
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let mut pg_databases = Vec::new();
@@ -113,10 +126,11 @@ impl Cluster {
                 _ => format!("sqlite://{}", setup.dir.join(format!("node{i}.db")).display()),
             };
             let log = setup.dir.join(format!("node{i}.log"));
-            nodes.push(Node { id: i as u64, addr: addr.clone(), db, log, child: None, pid: 0 });
+            nodes.push(Node { id: i as u64, addr: addr.clone(), db, log, child: None, pid: 0, tls: simulated });
         }
         let peers = if n > 1 {
-            addrs.iter().enumerate().map(|(i, a)| format!("{i}=http://{a}")).collect::<Vec<_>>().join(",")
+            let scheme = if simulated { "https" } else { "http" };
+            addrs.iter().enumerate().map(|(i, a)| format!("{i}={scheme}://{a}")).collect::<Vec<_>>().join(",")
         } else {
             String::new()
         };
@@ -156,7 +170,15 @@ impl Cluster {
                 c
             }
             _ => {
-                let mut c = tokio::process::Command::new(&setup.replichat);
+                let mut c = match &setup.netsim {
+                    // `ip netns exec` execs the replica: the child's pid is the replica's.
+                    Some(_) => {
+                        let mut c = tokio::process::Command::new("ip");
+                        c.args(["netns", "exec", &crate::netsim::Net::namespace(id as usize)]).arg(&setup.replichat);
+                        c
+                    }
+                    None => tokio::process::Command::new(&setup.replichat),
+                };
                 c.args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--db", &node.db]);
                 c.args(["--log", &setup.node_log]);
                 // The load generator sends as fast as acknowledgements allow: no per-account send rate.
