@@ -136,6 +136,7 @@ fn Header() -> impl IntoView {
         <header class="header">
             <Banner/>
             <span class="me" data-testid="me">{move || chat.me.get()}</span>
+            <NotifyButton/>
             <button data-testid="logout" on:click=logout>"Log out"</button>
             <button data-testid="logout-all" title="End every session of this account, on every device"
                 on:click=logout_all>"Log out everywhere"</button>
@@ -144,6 +145,28 @@ fn Header() -> impl IntoView {
                 chat.deleting.set(true);
             }>"Delete account"</button>
         </header>
+    }
+}
+
+/// Asks for desktop notifications only when clicked (never on page load), and only while undecided.
+#[component]
+fn NotifyButton() -> impl IntoView {
+    let permission = RwSignal::new(crate::state::notification_permission());
+    let ask = move |_| {
+        if let Ok(promise) = web_sys::Notification::request_permission() {
+            leptos::task::spawn_local(async move {
+                let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+                permission.set(crate::state::notification_permission());
+            });
+        }
+    };
+    view! {
+        <Show when=move || permission.get() == Some("default")>
+            <button data-testid="enable-notifications" on:click=ask
+                title="Show a desktop notification when a message arrives while this tab is in the background">
+                "Enable notifications"
+            </button>
+        </Show>
     }
 }
 
@@ -208,11 +231,8 @@ fn Sidebar() -> impl IntoView {
                             matches!(link.get(), LinkState::Online { .. })
                                 .then(|| chat.online.with(|o| o.get(&presence_key).copied().unwrap_or(false)))
                         });
-                        let presence_text = move || match online.get() {
-                            Some(true) => "online",
-                            Some(false) => "offline",
-                            None => "presence unknown while reconnecting",
-                        };
+                        let presence_peer = c.with.clone();
+                        let presence_text = move || presence_words(&chat, link, &presence_peer).0;
                         let active_key = key(&c.with);
                         let is_active = Signal::derive(move || chat.active.get().is_some_and(|a| key(&a) == active_key));
                         let preview: String = c.last.text.chars().take(40).collect();
@@ -228,7 +248,7 @@ fn Sidebar() -> impl IntoView {
                                     <span class="presence" data-testid="presence" role="img"
                                         data-online=move || online.get().unwrap_or(false).to_string()
                                         data-known=move || online.get().is_some().to_string()
-                                        aria-label=presence_text title=presence_text></span>
+                                        aria-label=presence_text.clone() title=presence_text></span>
                                     <span class="name" dir="auto">{c.with.clone()}{deleted.then_some(" (deleted)")}</span>
                                     <span class="preview" dir="auto">{preview}</span>
                                     <Show when=move || { unread > 0 }>
@@ -242,6 +262,29 @@ fn Sidebar() -> impl IntoView {
             </ul>
         </aside>
     }
+}
+
+/// A peer's presence in words, and whether it is known: online, last seen at HH:MM (when this app saw them
+/// go), offline, account deleted, or unknown while the app has no connection (it cannot know).
+fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String, bool) {
+    let peer = key(peer);
+    if !matches!(link.get(), LinkState::Online { .. }) {
+        return ("presence unknown while reconnecting".to_owned(), false);
+    }
+    if chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted)) {
+        return ("account deleted".to_owned(), true);
+    }
+    let text = match chat.online.with(|o| o.get(&peer).copied()) {
+        Some(true) => "online".to_owned(),
+        _ => match chat.last_seen.with(|seen| seen.get(&peer).copied()) {
+            Some(at) => {
+                let time = String::from(js_sys::Date::new(&at.into()).to_locale_time_string("en-GB"));
+                format!("last seen at {}", &time[..time.len().min(5)])
+            }
+            None => "offline".to_owned(),
+        },
+    };
+    (text, true)
 }
 
 #[component]
@@ -278,6 +321,9 @@ fn OpenConversation() -> impl IntoView {
         let peer = key(&peer());
         chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted))
     };
+    // In words: online, offline, last seen (when this app saw it go), or unknown while disconnected.
+    let link = connection::get().state;
+    let presence = move || presence_words(&chat, link, &peer());
     let draft = RwSignal::new(String::new());
     let last_typing = StoredValue::new(0f64);
     let send = move || {
@@ -336,7 +382,11 @@ fn OpenConversation() -> impl IntoView {
         <div class="conversation-view">
             <div class="conversation-header">
                 <button class="back" aria-label="Back to conversations" on:click=move |_| chat.close()>"←"</button>
-                <h2 data-testid="conversation-title" dir="auto">{peer}</h2>
+                <div class="title">
+                    <h2 data-testid="conversation-title" dir="auto">{peer}</h2>
+                    <p class="header-presence" data-testid="header-presence" role="status"
+                        data-known=move || presence().1.to_string()>{move || presence().0}</p>
+                </div>
             </div>
             <div class="history" data-testid="history" node_ref=history
                 on:scroll=move |_| {
