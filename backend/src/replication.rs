@@ -491,7 +491,10 @@ impl Core {
             PeerFrame::Vote { term, candidate, last_index, pre, .. } => {
                 (*candidate, if *pre { term.saturating_sub(1) } else { *term }, Some(*last_index))
             }
-            PeerFrame::Appended { term, from, success, last_index } => (*from, *term, success.then_some(*last_index)),
+            // Only what on_response would believe: a backup cannot hold more than this replica sent.
+            PeerFrame::Appended { term, from, success, last_index } => {
+                (*from, *term, (*success && *last_index <= self.last_index).then_some(*last_index))
+            }
             PeerFrame::Voted { term, from, .. } => (*from, *term, None),
         };
         if from == self.id || !self.urls.contains_key(&from) {
