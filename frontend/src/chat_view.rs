@@ -3,6 +3,7 @@
 
 use leptos::prelude::*;
 use replichat_shared::Request;
+use wasm_bindgen::JsCast;
 
 use crate::connection::{self, LinkState};
 use crate::state::{key, Chat, Line, Status};
@@ -311,7 +312,6 @@ fn OpenConversation() -> impl IntoView {
     let chat = expect_context::<Chat>();
     let tick = expect_context::<RwSignal<u32>>();
     let peer = move || chat.active.get().unwrap_or_default();
-    let lines = move || chat.lines.with(|l| l.get(&key(&peer())).cloned().unwrap_or_default());
     let more = move || chat.more.with(|m| m.get(&key(&peer())).copied().unwrap_or(false));
     let typing = move || {
         tick.track();
@@ -342,9 +342,65 @@ fn OpenConversation() -> impl IntoView {
             let _ = composer.focus();
         }
     });
-    // While an older page is on its way: the history's height before it, to keep the reading position when it
-    // is prepended (and scrolling at the top asks for nothing more meanwhile).
-    let loading_older = StoredValue::new(None::<i32>);
+    // Only a window of the conversation is in the page (a long one would make every update and scroll slow):
+    // `WINDOW` lines from `start`, or the newest `WINDOW` while `start` is `None` (following new messages).
+    // Scrolling near either end moves the window by `STEP` lines, keeping the reading position.
+    // (`NEWEST` for `None`, and the anchor below in a tuple type the page already has: each new signal type
+    // costs the bundle about a kilobyte.)
+    let start = RwSignal::new(NEWEST);
+    let count = move || chat.lines.with(|l| l.get(&key(&peer())).map_or(0, Vec::len));
+    let begin = move || match start.get() {
+        NEWEST => count().saturating_sub(WINDOW),
+        at => at,
+    };
+    let window = move || {
+        let begin = begin();
+        chat.lines.with(|l| {
+            let all = l.get(&key(&peer())).map_or(&[][..], Vec::as_slice);
+            let begin = begin.min(all.len());
+            // One line before the window, for its grouping and day separator.
+            let mut lines = grouped(all[begin.saturating_sub(1)..(begin + WINDOW).min(all.len())].to_vec());
+            if begin > 0 {
+                lines.remove(0);
+            }
+            lines
+        })
+    };
+    // A message that stays in the page while the window moves (its server id: the element itself may be
+    // re-created, its grouping changes), and its offset before: after the change the scroll moves by what was
+    // added or removed above it.
+    let anchor = StoredValue::new((String::new(), None::<u64>));
+    let find = move |id: &str| {
+        let found = history.get_untracked()?.query_selector(&format!("[data-id=\"{id}\"]")).ok()??;
+        Some(found.unchecked_into::<web_sys::HtmlElement>().offset_top())
+    };
+    let mark = move |selector: &str| {
+        let el = history.get_untracked()?;
+        let found = if selector.is_empty() { el.last_element_child() } else { el.query_selector(selector).ok()? };
+        let id = found?.get_attribute("data-id").filter(|id| !id.is_empty())?;
+        let top = find(&id)?;
+        anchor.set_value((id, Some(top as u64)));
+        Some(())
+    };
+    let settle = move || {
+        request_animation_frame(move || {
+            if let ((id, Some(top)), Some(el)) = (anchor.get_value(), history.get_untracked()) {
+                if let Some(now) = find(&id) {
+                    el.set_scroll_top(el.scroll_top() + now - top as i32);
+                }
+            }
+            anchor.set_value((String::new(), None));
+        })
+    };
+    // While an older page is on its way (scrolling at the top asks for nothing more meanwhile).
+    let loading_older = StoredValue::new(false);
+    let older = move || {
+        if mark(MESSAGE).is_some() || count() == 0 {
+            loading_older.set_value(true);
+            start.set(0);
+            chat.load_older();
+        }
+    };
     // Keep the newest message in view when one arrives; keep the reading position when an older page is
     // prepended.
     // ...unless the reader has scrolled up to read older ones: then the position stays and a marker counts
@@ -353,29 +409,40 @@ fn OpenConversation() -> impl IntoView {
     let at_bottom = StoredValue::new(true);
     let unseen = RwSignal::new(0usize);
     let to_bottom = move || {
-        if let Some(el) = history.get_untracked() {
-            el.set_scroll_top(el.scroll_height());
-        }
+        start.set(NEWEST);
+        let down = move || {
+            if let Some(el) = history.get_untracked() {
+                el.set_scroll_top(el.scroll_height());
+            }
+        };
+        down();
+        request_animation_frame(down);
         at_bottom.set_value(true);
         unseen.set(0);
     };
     Effect::new(move |_| {
-        let lines = lines();
         let shown = key(&peer());
-        let Some(el) = history.get() else { return };
-        let last = lines.last().and_then(|l| l.id.or(Some(u64::MAX)));
+        let (last, mine) = chat.lines.with(|l| {
+            let last = l.get(&shown).and_then(|v| v.last());
+            let me = chat.me.get_untracked();
+            (last.and_then(|l| l.id.or(Some(u64::MAX))), last.is_some_and(|l| me.is_some_and(|me| me == l.from)))
+        });
+        if history.get().is_none() {
+            return;
+        }
         let (before_peer, before_last) = newest.get_value();
         if before_peer != shown || last != before_last {
             newest.set_value((shown.clone(), last));
-            let mine = lines.last().is_some_and(|l| chat.me.get_untracked().is_some_and(|me| me == l.from));
-            if before_peer != shown || before_last.is_none() || at_bottom.get_value() || mine {
+            let following = at_bottom.get_value() && start.get_untracked() == NEWEST;
+            if before_peer != shown || before_last.is_none() || following || mine {
                 to_bottom();
             } else {
                 unseen.update(|n| *n += 1);
             }
-        } else if let Some(height_before) = loading_older.get_value() {
-            loading_older.set_value(None);
-            el.set_scroll_top(el.scroll_height() - height_before);
+        } else if loading_older.get_value() {
+            // An older page was prepended: the window starts at it.
+            loading_older.set_value(false);
+            settle();
         }
     });
     view! {
@@ -397,23 +464,33 @@ fn OpenConversation() -> impl IntoView {
                             unseen.set(0);
                         }
                     }
-                    // Scrolled to the top with older messages on the server: fetch the page before.
-                    if let Some(el) = history.get_untracked() {
-                        if el.scroll_top() <= 0 && more() && loading_older.get_value().is_none() {
-                            loading_older.set_value(Some(el.scroll_height()));
-                            chat.load_older();
+                    let Some(el) = history.get_untracked() else { return };
+                    if anchor.with_value(|a| a.1.is_some()) || loading_older.get_value() {
+                        return;
+                    }
+                    let begin = begin();
+                    if el.scroll_top() < 400 && begin > 0 {
+                        // Near the top of the window: older lines already here come in above.
+                        if mark(MESSAGE).is_some() {
+                            start.set(begin.saturating_sub(STEP));
+                            settle();
+                        }
+                    } else if el.scroll_top() <= 0 && more() {
+                        // At the top of what is here, with older messages on the server: fetch the page before.
+                        older();
+                    } else if el.scroll_height() - el.scroll_top() - el.client_height() < 400 && start.get_untracked() != NEWEST {
+                        // Near the bottom of a window that is not the newest: newer lines come in below.
+                        if mark("").is_some() {
+                            let next = begin + STEP;
+                            start.set(if next + WINDOW < count() { next } else { NEWEST });
+                            settle();
                         }
                     }
                 }>
                 <Show when=more>
-                    <button data-testid="load-older" class="load-older" on:click=move |_| {
-                        if let Some(el) = history.get_untracked() {
-                            loading_older.set_value(Some(el.scroll_height()));
-                        }
-                        chat.load_older();
-                    }>"Load older messages"</button>
+                    <button data-testid="load-older" class="load-older" on:click=move |_| older()>"Load older messages"</button>
                 </Show>
-                <For each=move || grouped(lines())
+                <For each=window
                     key=|(l, first, day): &(Line, bool, Option<String>)| (l.client_id.clone(), l.id, l.status.clone(), *first, day.clone())
                     let:entry>
                     <MessageLine line=entry.0 first=entry.1 day=entry.2/>
@@ -492,6 +569,14 @@ fn day_label(at: i64) -> String {
         String::from(date.to_locale_date_string("default", &wasm_bindgen::JsValue::UNDEFINED))
     }
 }
+
+/// How many lines of a conversation are in the page at once, and how far the window moves.
+const WINDOW: usize = 150;
+const STEP: usize = 50;
+/// The window's start while it follows the newest lines.
+const NEWEST: usize = usize::MAX;
+/// The first message element of the history.
+const MESSAGE: &str = "[data-testid=message]";
 
 #[component]
 fn MessageLine(line: Line, first: bool, day: Option<String>) -> impl IntoView {
