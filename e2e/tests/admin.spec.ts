@@ -77,70 +77,73 @@ test('after a kill -9 the admin page shows the dead replica as last known, the e
   openPage,
 }) => {
   test.setTimeout(90_000);
-  expect(await cluster.primary()).toBe(0);
+  const old = await cluster.primary();
+  const backup = [0, 1, 2].find((id) => id !== old)!;
 
-  step('the admin page, served by backup 1 (it outlives the kill), and some traffic');
-  const admin = await openPage('admin', { replica: 1, path: '/admin' });
-  const alice = await signedUp(openPage, 'alice', { replica: 0 });
-  await check.online(alice, 0);
+  step(`the admin page, served by backup ${backup} (it outlives the kill), and some traffic`);
+  const admin = await openPage('admin', { replica: backup, path: '/admin' });
+  const alice = await signedUp(openPage, 'alice', { replica: old });
+  await check.online(alice, old);
   await cluster.appliedEqual();
   const termBefore = await cluster.term();
-  const card0 = find.replicaCard(admin, 0);
-  await expect(card0.getByRole('heading')).toHaveText(/replica 0 ★ primary/);
+  const card0 = find.replicaCard(admin, old);
+  await expect(card0.getByRole('heading')).toHaveText(new RegExp(`replica ${old} ★ primary`));
   await expect(find.cardValue(card0, 'term')).toHaveText(String(termBefore));
-  const status0 = await cluster.status(0);
+  const status0 = await cluster.status(old);
   const indexBefore = status0!.last_index;
   expect(indexBefore).toBeGreaterThan(0);
   await expect(find.cardValue(card0, 'last index')).toHaveText(String(indexBefore));
 
-  step('record every state the card of replica 0 goes through');
-  await admin.evaluate(() => {
+  step(`record every state the card of replica ${old} goes through`);
+  await admin.evaluate((old) => {
     const w = window as unknown as { __card0: string[] };
     w.__card0 = [];
     const note = () => {
-      const card = document.querySelector('[data-testid="replica"][data-id="0"]');
+      const card = document.querySelector(`[data-testid="replica"][data-id="${old}"]`);
       const state = card ? `${card.getAttribute('data-role')}/${card.getAttribute('data-alive')}` : 'none';
       if (w.__card0[w.__card0.length - 1] !== state) w.__card0.push(state);
     };
     note();
     new MutationObserver(note).observe(document.body, { subtree: true, childList: true, attributes: true });
-  });
+  }, old);
 
-  step('kill -9 replica 0: replica 1 takes over');
-  await cluster.kill(0);
-  expect(await cluster.primary(20_000)).toBe(1);
+  step(`kill -9 replica ${old}: another takes over`);
+  await cluster.kill(old);
+  const next = await cluster.primary(20_000);
+  expect(next).not.toBe(old);
   const termAfter = await cluster.term();
-  await check.admin(admin, { primary: 1, roles: { 1: 'primary', 2: 'backup' }, alive: { 0: false } }, check.FAILOVER_MS);
+  await check.admin(admin, { primary: next, roles: { [next]: 'primary' }, alive: { [old]: false } }, check.FAILOVER_MS);
 
   step('the dead replica: not answering, its last known index and term, when it was last heard');
-  await expect(card0.getByRole('heading')).toHaveText(/replica 0 not answering/);
+  await expect(card0.getByRole('heading')).toHaveText(new RegExp(`replica ${old} not answering`));
   await expect(card0).not.toContainText('primary');
   await expect(find.cardValue(card0, 'last known index')).toHaveText(String(indexBefore));
   await expect(find.cardValue(card0, 'term')).toHaveText(String(termBefore));
   await expect(find.cardValue(card0, 'state')).toHaveText(/^last heard \d+ s ago$/);
-  const card1 = find.replicaCard(admin, 1);
-  await expect(card1.getByRole('heading')).toHaveText(/replica 1 ★ primary/);
+  const card1 = find.replicaCard(admin, next);
+  await expect(card1.getByRole('heading')).toHaveText(new RegExp(`replica ${next} ★ primary`));
   await expect(find.cardValue(card1, 'term')).toHaveText(String(termAfter));
   const states = await admin.evaluate(() => (window as unknown as { __card0: string[] }).__card0);
   const firstDown = states.indexOf('unknown/false');
-  expect(firstDown, `states of replica 0's card: ${states.join(' → ')}`).toBeGreaterThanOrEqual(0);
+  expect(firstDown, `states of replica ${old}'s card: ${states.join(' → ')}`).toBeGreaterThanOrEqual(0);
   expect(
     states.slice(firstDown).filter((s) => s.endsWith('/true')),
-    `once shown down, replica 0 is never shown alive again while it is dead: ${states.join(' → ')}`,
+    `once shown down, replica ${old} is never shown alive again while it is dead: ${states.join(' → ')}`,
   ).toEqual([]);
 
   step('the events: both elections (who won which term) and the replica that stopped answering');
-  await expect(find.adminEvents(admin).filter({ hasText: `replica 1 won the election of term ${termAfter}` })).toHaveCount(1);
-  await expect(find.adminEvents(admin).filter({ hasText: `replica 0 won the election of term ${termBefore}` })).toHaveCount(1);
-  await expect(find.adminEvents(admin).filter({ hasText: 'replica 0 stopped answering' })).toHaveCount(1);
+  await expect(find.adminEvents(admin).filter({ hasText: `replica ${next} won the election of term ${termAfter}` })).toHaveCount(1);
+  await expect(find.adminEvents(admin).filter({ hasText: `replica ${old} won the election of term ${termBefore}` })).toHaveCount(1);
+  await expect(find.adminEvents(admin).filter({ hasText: `replica ${old} stopped answering` })).toHaveCount(1);
   await expect(find.adminEvents(admin).first()).toHaveText(/^\d\d:\d\d:\d\d /);
 
   step('the chart: a legend per replica, lines told apart (dashes, offset), the scale clear of the plot');
   const chart = find.adminChart(admin);
   await expect(chart).toHaveAccessibleName(/last log index/i);
-  await expect(chart.getByText('replica 0 (not answering)')).toBeAttached();
-  await expect(chart.getByText('replica 1', { exact: true })).toBeAttached();
-  await expect(chart.getByText('replica 2', { exact: true })).toBeAttached();
+  for (const id of [0, 1, 2]) {
+    const label = id === old ? `replica ${id} (not answering)` : `replica ${id}`;
+    await expect(chart.getByText(label, { exact: true })).toBeAttached();
+  }
   const drawn = await chart.locator('polyline').evaluateAll((lines) =>
     lines.map((l) => ({ dashes: l.getAttribute('stroke-dasharray') ?? '', points: l.getAttribute('points') ?? '' })),
   );
