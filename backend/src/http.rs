@@ -119,6 +119,8 @@ async fn cluster(State(state): State<AppState>) -> impl axum::response::IntoResp
         last_index: status.last_index,
         applied_index: state.chat.applied_index(),
         replicas: status.replicas,
+        elections: status.elections,
+        now_ms: crate::replication::unix_ms(),
     };
     ([(axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")], Json(body))
 }

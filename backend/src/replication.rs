@@ -23,13 +23,13 @@
 //! - A primary that has not heard a majority within the election timeout steps down: an isolated primary stops
 //!   acknowledging writes within one timeout.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
-use replichat_shared::{PeerFrame, PeerHandshake, ReplicaView, WireEntry};
+use replichat_shared::{Election, PeerFrame, PeerHandshake, ReplicaView, WireEntry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -95,6 +95,8 @@ pub struct Status {
     pub last_index: u64,
     /// Every replica as this one sees it.
     pub replicas: Vec<ReplicaView>,
+    /// The elections this replica has seen since it started, oldest first (the last [`ELECTIONS_KEPT`]).
+    pub elections: Vec<Election>,
     /// While primary: the index of this term's first entry (its no-op). Everything before it came from earlier
     /// terms; once it is applied, every write this replica did not propose itself is in the state tables.
     pub term_start: Option<u64>,
@@ -230,6 +232,8 @@ impl Replication {
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
+            heard: BTreeMap::new(),
+            elections: VecDeque::new(),
             storage_failed_at: None,
             gauges: crate::metrics::ReplicaGauges::new(all.keys().copied().filter(|&peer| peer != id)),
             noop,
@@ -240,6 +244,7 @@ impl Replication {
                 commit_index,
                 last_index,
                 replicas: Vec::new(),
+                elections: Vec::new(),
                 term_start: None,
                 proposal_batches: 0,
                 proposed_entries: 0,
@@ -288,6 +293,26 @@ impl Replication {
         self.inbox.send(Input::Request { frame, reply }).await.ok()?;
         rx.await.ok()
     }
+}
+
+/// How many elections the status keeps.
+const ELECTIONS_KEPT: usize = 20;
+
+/// What a replica last heard from a peer (any frame), for `/api/cluster`.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    at: Instant,
+    /// The same instant, milliseconds since the Unix epoch.
+    wall_ms: u64,
+    /// The term it spoke in.
+    term: u64,
+    /// The highest index known to be on it, if a frame said.
+    index: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Leader-side knowledge of one backup.
@@ -362,6 +387,11 @@ struct Core {
     proposed_entries: u64,
     /// Peers whose connection is open now.
     reachable: BTreeSet<u64>,
+    /// What each peer last said (kept across terms and roles, so a replica that goes down keeps its last
+    /// known index and term in the status).
+    heard: BTreeMap<u64, Heard>,
+    /// Elections seen since start, oldest first.
+    elections: VecDeque<Election>,
     /// When and how this replica's storage last failed to make something durable (see
     /// [`Core::storage_failed`]).
     storage_failed_at: Option<(Instant, String)>,
@@ -456,6 +486,7 @@ impl Core {
         match input {
             Input::Request { frame, reply } => {
                 let stores = matches!(frame, PeerFrame::Append { .. } | PeerFrame::Snapshot { .. });
+                self.note_heard(&frame);
                 let answer = match self.on_request(frame).await {
                     Ok(answer) => answer,
                     Err(e) => {
@@ -479,7 +510,10 @@ impl Core {
                 };
                 let _ = reply.send(answer);
             }
-            Input::Response(frame) => self.on_response(frame).await?,
+            Input::Response(frame) => {
+                self.note_heard(&frame);
+                self.on_response(frame).await?
+            }
             Input::Reachable(peer, up) => {
                 // Frames queued towards it before are gone (dropped with the old connection): resend from what
                 // it acknowledged.
@@ -503,6 +537,42 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Remember what a peer's frame says about it (for the status only).
+    fn note_heard(&mut self, frame: &PeerFrame) {
+        let (from, term, index) = match frame {
+            PeerFrame::Append { term, leader, prev_index, entries, cluster, .. } => {
+                let own = cluster.iter().find(|r| r.id == *leader).map(|r| r.last_index);
+                (*leader, *term, Some(own.unwrap_or(prev_index + entries.len() as u64)))
+            }
+            PeerFrame::Snapshot { term, leader, last_index, .. } => (*leader, *term, Some(*last_index)),
+            // A pre-vote names the term the candidate would start; it is still in the one before.
+            PeerFrame::Vote { term, candidate, last_index, pre, .. } => {
+                (*candidate, if *pre { term.saturating_sub(1) } else { *term }, Some(*last_index))
+            }
+            // Only what on_response would believe: a backup cannot hold more than this replica sent.
+            PeerFrame::Appended { term, from, success, last_index, .. } => {
+                (*from, *term, (*success && *last_index <= self.last_index).then_some(*last_index))
+            }
+            PeerFrame::Voted { term, from, .. } => (*from, *term, None),
+        };
+        if from == self.id || !self.urls.contains_key(&from) {
+            return;
+        }
+        let previous = self.heard.get(&from).and_then(|h| h.index);
+        self.heard.insert(from, Heard { at: Instant::now(), wall_ms: unix_ms(), term, index: index.or(previous) });
+    }
+
+    /// Note that `leader` leads `term` (once per term).
+    fn note_election(&mut self, term: u64, leader: u64) {
+        if self.elections.back().is_some_and(|e| e.term >= term) {
+            return;
+        }
+        self.elections.push_back(Election { term, leader, at_ms: unix_ms() });
+        if self.elections.len() > ELECTIONS_KEPT {
+            self.elections.pop_front();
+        }
     }
 
     async fn tick(&mut self) -> Result<()> {
@@ -684,6 +754,7 @@ impl Core {
     async fn become_primary(&mut self) -> Result<()> {
         self.role = Role::Primary;
         self.leader = Some(self.id);
+        self.note_election(self.term, self.id);
         let next = self.last_index + 1;
         self.progress = self
             .outbound
@@ -734,8 +805,9 @@ impl Core {
             tracing::info!(term, ?leader, "following");
         }
         self.role = Role::Backup;
-        if leader.is_some() {
-            self.leader = leader;
+        if let Some(leader) = leader {
+            self.note_election(self.term, leader);
+            self.leader = Some(leader);
         }
         self.term_start = u64::MAX;
         Ok(())
@@ -1147,25 +1219,45 @@ impl Core {
         self.urls
             .iter()
             .map(|(&id, url)| {
-                let (role, alive, last_index) = if id == self.id {
+                let heard = self.heard.get(&id);
+                // Heard lately, over a connection that is still open (a killed process closes it at once).
+                let heard_alive = heard.is_some_and(|h| h.at.elapsed() <= window) && self.reachable.contains(&id);
+                let known_index = heard.and_then(|h| h.index).unwrap_or(0);
+                let (role, alive, last_index, mut term, mut last_heard_ms) = if id == self.id {
                     let role = if self.role == Role::Backup && !self.voter { "learner" } else { self.role.name() };
-                    (role, true, self.last_index)
+                    (role, true, self.last_index, Some(self.term), None)
                 } else if self.role == Role::Primary {
+                    // A new primary starts every backup's progress at 0 and counts it as just heard (so that
+                    // it does not step down at once): what it last said is the better report.
                     let p = self.progress.get(&id);
-                    let alive = p.and_then(|p| p.last_ack).is_some_and(|t| t.elapsed() <= window);
+                    let alive = heard_alive && p.and_then(|p| p.last_ack).is_some_and(|t| t.elapsed() <= window);
+                    let index = p.map_or(0, |p| p.matched).max(known_index);
                     let role = match p {
                         _ if !alive => "unknown",
                         Some(p) if p.storage_failed.is_some_and(|t| t.elapsed() <= window) => "failing",
                         Some(p) if p.learner => "learner",
                         _ => "backup",
                     };
-                    (role, alive, p.map_or(0, |p| p.matched))
+                    (role, alive, index, None, None)
                 } else if let Some(seen) = self.remote_view.iter().find(|r| r.id == id) {
                     let leader_alive = self.heard_leader.is_some_and(|t| t.elapsed() <= window);
-                    (seen.role.as_str(), seen.alive && leader_alive, seen.last_index)
+                    let index =
+                        if self.leader == Some(id) { seen.last_index.max(known_index) } else { seen.last_index };
+                    (seen.role.as_str(), seen.alive && leader_alive, index, seen.term, seen.last_heard_ms)
                 } else {
-                    ("unknown", false, 0)
+                    ("unknown", false, known_index, None, None)
                 };
+                if id != self.id {
+                    if let Some(h) = heard {
+                        term = Some(term.unwrap_or(0).max(h.term));
+                        if !alive {
+                            last_heard_ms = Some(last_heard_ms.unwrap_or(0).max(h.wall_ms));
+                        }
+                    }
+                }
+                if alive {
+                    last_heard_ms = None;
+                }
                 let role = if role == "primary" && id != self.id && self.leader != Some(id) { "unknown" } else { role };
                 ReplicaView {
                     id,
@@ -1174,6 +1266,8 @@ impl Core {
                     alive,
                     last_index,
                     lag: self.last_index.saturating_sub(last_index),
+                    term,
+                    last_heard_ms,
                 }
             })
             .collect()
@@ -1187,6 +1281,7 @@ impl Core {
             commit_index: self.commit_index,
             last_index: self.last_index,
             replicas: self.view(),
+            elections: self.elections.iter().cloned().collect(),
             term_start: (self.role == Role::Primary).then_some(self.term_start),
             proposal_batches: self.proposal_batches,
             proposed_entries: self.proposed_entries,

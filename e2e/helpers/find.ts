@@ -53,6 +53,8 @@ export const presence = (page: Page, withUser: string): Locator => conversation(
 // ----- Open conversation -----
 
 export const conversationTitle = (page: Page): Locator => page.getByTestId('conversation-title');
+/** The open conversation's presence line, in words: online, last seen at HH:MM, offline, or unknown. */
+export const headerPresence = (page: Page): Locator => page.getByTestId('header-presence');
 export const history = (page: Page): Locator => page.getByTestId('history');
 export const loadOlder = (page: Page): Locator => page.getByTestId('load-older');
 /** Every message of the open conversation, in display order. */
@@ -80,6 +82,17 @@ export const adminPrimary = (page: Page): Locator => page.getByTestId('admin-pri
 export const adminTerm = (page: Page): Locator => page.getByTestId('admin-term');
 export const adminChart = (page: Page): Locator => page.getByTestId('admin-chart');
 export const adminSource = (page: Page): Locator => page.getByTestId('admin-source');
+/** The admin page's card of replica `id`, found by its heading ("replica 1 ★ primary"). */
+export const replicaCard = (page: Page, id: number): Locator =>
+  page
+    .getByRole('list', { name: 'Replicas' })
+    .getByRole('listitem')
+    .filter({ has: page.getByRole('heading', { name: new RegExp(`^replica ${id}\\b`) }) });
+/** A card's value for the term `label` (its <dt>): the <dd> that follows it. */
+export const cardValue = (card: Locator, label: string): Locator =>
+  card.locator('dt').filter({ hasText: new RegExp(`^${label}$`) }).locator('xpath=following-sibling::dd[1]');
+/** The admin page's events (elections, replicas going quiet), newest first. */
+export const adminEvents = (page: Page): Locator => page.getByRole('list', { name: 'Events' }).getByRole('listitem');
 
 // ----- Page instrumentation (installed by act.recordStatuses) -----
 

@@ -3,6 +3,7 @@
 
 use leptos::prelude::*;
 use replichat_shared::Request;
+use wasm_bindgen::JsCast;
 
 use crate::connection::{self, LinkState};
 use crate::state::{key, Chat, Line, Status};
@@ -136,6 +137,7 @@ fn Header() -> impl IntoView {
         <header class="header">
             <Banner/>
             <span class="me" data-testid="me">{move || chat.me.get()}</span>
+            <NotifyButton/>
             <button data-testid="logout" on:click=logout>"Log out"</button>
             <button data-testid="logout-all" title="End every session of this account, on every device"
                 on:click=logout_all>"Log out everywhere"</button>
@@ -144,6 +146,28 @@ fn Header() -> impl IntoView {
                 chat.deleting.set(true);
             }>"Delete account"</button>
         </header>
+    }
+}
+
+/// Asks for desktop notifications only when clicked (never on page load), and only while undecided.
+#[component]
+fn NotifyButton() -> impl IntoView {
+    let permission = RwSignal::new(crate::state::notification_permission());
+    let ask = move |_| {
+        if let Ok(promise) = web_sys::Notification::request_permission() {
+            leptos::task::spawn_local(async move {
+                let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+                permission.set(crate::state::notification_permission());
+            });
+        }
+    };
+    view! {
+        <Show when=move || permission.get() == Some("default")>
+            <button data-testid="enable-notifications" on:click=ask
+                title="Show a desktop notification when a message arrives while this tab is in the background">
+                "Enable notifications"
+            </button>
+        </Show>
     }
 }
 
@@ -208,11 +232,8 @@ fn Sidebar() -> impl IntoView {
                             matches!(link.get(), LinkState::Online { .. })
                                 .then(|| chat.online.with(|o| o.get(&presence_key).copied().unwrap_or(false)))
                         });
-                        let presence_text = move || match online.get() {
-                            Some(true) => "online",
-                            Some(false) => "offline",
-                            None => "presence unknown while reconnecting",
-                        };
+                        let presence_peer = c.with.clone();
+                        let presence_text = move || presence_words(&chat, link, &presence_peer).0;
                         let active_key = key(&c.with);
                         let is_active = Signal::derive(move || chat.active.get().is_some_and(|a| key(&a) == active_key));
                         let preview: String = c.last.text.chars().take(40).collect();
@@ -228,7 +249,7 @@ fn Sidebar() -> impl IntoView {
                                     <span class="presence" data-testid="presence" role="img"
                                         data-online=move || online.get().unwrap_or(false).to_string()
                                         data-known=move || online.get().is_some().to_string()
-                                        aria-label=presence_text title=presence_text></span>
+                                        aria-label=presence_text.clone() title=presence_text></span>
                                     <span class="name" dir="auto">{c.with.clone()}{deleted.then_some(" (deleted)")}</span>
                                     <span class="preview" dir="auto">{preview}</span>
                                     <Show when=move || { unread > 0 }>
@@ -242,6 +263,29 @@ fn Sidebar() -> impl IntoView {
             </ul>
         </aside>
     }
+}
+
+/// A peer's presence in words, and whether it is known: online, last seen at HH:MM (when this app saw them
+/// go), offline, account deleted, or unknown while the app has no connection (it cannot know).
+fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String, bool) {
+    let peer = key(peer);
+    if !matches!(link.get(), LinkState::Online { .. }) {
+        return ("presence unknown while reconnecting".to_owned(), false);
+    }
+    if chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted)) {
+        return ("account deleted".to_owned(), true);
+    }
+    let text = match chat.online.with(|o| o.get(&peer).copied()) {
+        Some(true) => "online".to_owned(),
+        _ => match chat.last_seen.with(|seen| seen.get(&peer).copied()) {
+            Some(at) => {
+                let time = String::from(js_sys::Date::new(&at.into()).to_locale_time_string("en-GB"));
+                format!("last seen at {}", &time[..time.len().min(5)])
+            }
+            None => "offline".to_owned(),
+        },
+    };
+    (text, true)
 }
 
 #[component]
@@ -268,7 +312,6 @@ fn OpenConversation() -> impl IntoView {
     let chat = expect_context::<Chat>();
     let tick = expect_context::<RwSignal<u32>>();
     let peer = move || chat.active.get().unwrap_or_default();
-    let lines = move || chat.lines.with(|l| l.get(&key(&peer())).cloned().unwrap_or_default());
     let more = move || chat.more.with(|m| m.get(&key(&peer())).copied().unwrap_or(false));
     let typing = move || {
         tick.track();
@@ -278,6 +321,9 @@ fn OpenConversation() -> impl IntoView {
         let peer = key(&peer());
         chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted))
     };
+    // In words: online, offline, last seen (when this app saw it go), or unknown while disconnected.
+    let link = connection::get().state;
+    let presence = move || presence_words(&chat, link, &peer());
     let draft = RwSignal::new(String::new());
     let last_typing = StoredValue::new(0f64);
     let send = move || {
@@ -296,9 +342,65 @@ fn OpenConversation() -> impl IntoView {
             let _ = composer.focus();
         }
     });
-    // While an older page is on its way: the history's height before it, to keep the reading position when it
-    // is prepended (and scrolling at the top asks for nothing more meanwhile).
-    let loading_older = StoredValue::new(None::<i32>);
+    // Only a window of the conversation is in the page (a long one would make every update and scroll slow):
+    // `WINDOW` lines from `start`, or the newest `WINDOW` while `start` is `None` (following new messages).
+    // Scrolling near either end moves the window by `STEP` lines, keeping the reading position.
+    // (`NEWEST` for `None`, and the anchor below in a tuple type the page already has: each new signal type
+    // costs the bundle about a kilobyte.)
+    let start = RwSignal::new(NEWEST);
+    let count = move || chat.lines.with(|l| l.get(&key(&peer())).map_or(0, Vec::len));
+    let begin = move || match start.get() {
+        NEWEST => count().saturating_sub(WINDOW),
+        at => at,
+    };
+    let window = move || {
+        let begin = begin();
+        chat.lines.with(|l| {
+            let all = l.get(&key(&peer())).map_or(&[][..], Vec::as_slice);
+            let begin = begin.min(all.len());
+            // One line before the window, for its grouping and day separator.
+            let mut lines = grouped(all[begin.saturating_sub(1)..(begin + WINDOW).min(all.len())].to_vec());
+            if begin > 0 {
+                lines.remove(0);
+            }
+            lines
+        })
+    };
+    // A message that stays in the page while the window moves (its server id: the element itself may be
+    // re-created, its grouping changes), and its offset before: after the change the scroll moves by what was
+    // added or removed above it.
+    let anchor = StoredValue::new((String::new(), None::<u64>));
+    let find = move |id: &str| {
+        let found = history.get_untracked()?.query_selector(&format!("[data-id=\"{id}\"]")).ok()??;
+        Some(found.unchecked_into::<web_sys::HtmlElement>().offset_top())
+    };
+    let mark = move |selector: &str| {
+        let el = history.get_untracked()?;
+        let found = if selector.is_empty() { el.last_element_child() } else { el.query_selector(selector).ok()? };
+        let id = found?.get_attribute("data-id").filter(|id| !id.is_empty())?;
+        let top = find(&id)?;
+        anchor.set_value((id, Some(top as u64)));
+        Some(())
+    };
+    let settle = move || {
+        request_animation_frame(move || {
+            if let ((id, Some(top)), Some(el)) = (anchor.get_value(), history.get_untracked()) {
+                if let Some(now) = find(&id) {
+                    el.set_scroll_top(el.scroll_top() + now - top as i32);
+                }
+            }
+            anchor.set_value((String::new(), None));
+        })
+    };
+    // While an older page is on its way (scrolling at the top asks for nothing more meanwhile).
+    let loading_older = StoredValue::new(false);
+    let older = move || {
+        if mark(MESSAGE).is_some() || count() == 0 {
+            loading_older.set_value(true);
+            start.set(0);
+            chat.load_older();
+        }
+    };
     // Keep the newest message in view when one arrives; keep the reading position when an older page is
     // prepended.
     // ...unless the reader has scrolled up to read older ones: then the position stays and a marker counts
@@ -307,36 +409,51 @@ fn OpenConversation() -> impl IntoView {
     let at_bottom = StoredValue::new(true);
     let unseen = RwSignal::new(0usize);
     let to_bottom = move || {
-        if let Some(el) = history.get_untracked() {
-            el.set_scroll_top(el.scroll_height());
-        }
+        start.set(NEWEST);
+        let down = move || {
+            if let Some(el) = history.get_untracked() {
+                el.set_scroll_top(el.scroll_height());
+            }
+        };
+        down();
+        request_animation_frame(down);
         at_bottom.set_value(true);
         unseen.set(0);
     };
     Effect::new(move |_| {
-        let lines = lines();
         let shown = key(&peer());
-        let Some(el) = history.get() else { return };
-        let last = lines.last().and_then(|l| l.id.or(Some(u64::MAX)));
+        let (last, mine) = chat.lines.with(|l| {
+            let last = l.get(&shown).and_then(|v| v.last());
+            let me = chat.me.get_untracked();
+            (last.and_then(|l| l.id.or(Some(u64::MAX))), last.is_some_and(|l| me.is_some_and(|me| me == l.from)))
+        });
+        if history.get().is_none() {
+            return;
+        }
         let (before_peer, before_last) = newest.get_value();
         if before_peer != shown || last != before_last {
             newest.set_value((shown.clone(), last));
-            let mine = lines.last().is_some_and(|l| chat.me.get_untracked().is_some_and(|me| me == l.from));
-            if before_peer != shown || before_last.is_none() || at_bottom.get_value() || mine {
+            let following = at_bottom.get_value() && start.get_untracked() == NEWEST;
+            if before_peer != shown || before_last.is_none() || following || mine {
                 to_bottom();
             } else {
                 unseen.update(|n| *n += 1);
             }
-        } else if let Some(height_before) = loading_older.get_value() {
-            loading_older.set_value(None);
-            el.set_scroll_top(el.scroll_height() - height_before);
+        } else if loading_older.get_value() {
+            // An older page was prepended: the window starts at it.
+            loading_older.set_value(false);
+            settle();
         }
     });
     view! {
         <div class="conversation-view">
             <div class="conversation-header">
                 <button class="back" aria-label="Back to conversations" on:click=move |_| chat.close()>"←"</button>
-                <h2 data-testid="conversation-title" dir="auto">{peer}</h2>
+                <div class="title">
+                    <h2 data-testid="conversation-title" dir="auto">{peer}</h2>
+                    <p class="header-presence" data-testid="header-presence" role="status"
+                        data-known=move || presence().1.to_string()>{move || presence().0}</p>
+                </div>
             </div>
             <div class="history" data-testid="history" node_ref=history
                 on:scroll=move |_| {
@@ -347,23 +464,33 @@ fn OpenConversation() -> impl IntoView {
                             unseen.set(0);
                         }
                     }
-                    // Scrolled to the top with older messages on the server: fetch the page before.
-                    if let Some(el) = history.get_untracked() {
-                        if el.scroll_top() <= 0 && more() && loading_older.get_value().is_none() {
-                            loading_older.set_value(Some(el.scroll_height()));
-                            chat.load_older();
+                    let Some(el) = history.get_untracked() else { return };
+                    if anchor.with_value(|a| a.1.is_some()) || loading_older.get_value() {
+                        return;
+                    }
+                    let begin = begin();
+                    if el.scroll_top() < 400 && begin > 0 {
+                        // Near the top of the window: older lines already here come in above.
+                        if mark(MESSAGE).is_some() {
+                            start.set(begin.saturating_sub(STEP));
+                            settle();
+                        }
+                    } else if el.scroll_top() <= 0 && more() {
+                        // At the top of what is here, with older messages on the server: fetch the page before.
+                        older();
+                    } else if el.scroll_height() - el.scroll_top() - el.client_height() < 400 && start.get_untracked() != NEWEST {
+                        // Near the bottom of a window that is not the newest: newer lines come in below.
+                        if mark("").is_some() {
+                            let next = begin + STEP;
+                            start.set(if next + WINDOW < count() { next } else { NEWEST });
+                            settle();
                         }
                     }
                 }>
                 <Show when=more>
-                    <button data-testid="load-older" class="load-older" on:click=move |_| {
-                        if let Some(el) = history.get_untracked() {
-                            loading_older.set_value(Some(el.scroll_height()));
-                        }
-                        chat.load_older();
-                    }>"Load older messages"</button>
+                    <button data-testid="load-older" class="load-older" on:click=move |_| older()>"Load older messages"</button>
                 </Show>
-                <For each=move || grouped(lines())
+                <For each=window
                     key=|(l, first, day): &(Line, bool, Option<String>)| (l.client_id.clone(), l.id, l.status.clone(), *first, day.clone())
                     let:entry>
                     <MessageLine line=entry.0 first=entry.1 day=entry.2/>
@@ -442,6 +569,14 @@ fn day_label(at: i64) -> String {
         String::from(date.to_locale_date_string("default", &wasm_bindgen::JsValue::UNDEFINED))
     }
 }
+
+/// How many lines of a conversation are in the page at once, and how far the window moves.
+const WINDOW: usize = 150;
+const STEP: usize = 50;
+/// The window's start while it follows the newest lines.
+const NEWEST: usize = usize::MAX;
+/// The first message element of the history.
+const MESSAGE: &str = "[data-testid=message]";
 
 #[component]
 fn MessageLine(line: Line, first: bool, day: Option<String>) -> impl IntoView {

@@ -69,6 +69,10 @@ struct Inner {
     handler: Option<Rc<dyn Fn(ServerFrame)>>,
     /// Requests made before a primary answered (sent once one does).
     queued: VecDeque<String>,
+    /// Endpoints that did not answer in this round of attempts: not tried again (nor followed as a backup's
+    /// hint, which names the dead primary until the election) before the next backoff. Each failed attempt is a
+    /// console error the browser logs itself.
+    failed: Vec<String>,
 }
 
 /// The connection. Cheap to clone; one per page.
@@ -101,6 +105,7 @@ impl Connection {
                 next_req: 0,
                 handler: None,
                 queued: VecDeque::new(),
+                failed: Vec::new(),
             })),
             state: RwSignal::new(LinkState::Connecting),
         }
@@ -221,6 +226,7 @@ impl Connection {
                 let n = inner.endpoints.len().max(1);
                 hint.into_iter()
                     .chain((0..inner.endpoints.len()).map(|i| inner.endpoints[(next_endpoint + i) % n].clone()))
+                    .filter(|e| !inner.failed.contains(e))
                     .collect()
             };
             let mut followed_hint = false;
@@ -250,6 +256,7 @@ impl Connection {
             let backoff = (FIRST_BACKOFF_MS * 2f64.powi(attempt.min(8) as i32)).min(cap);
             let jittered = backoff * (0.75 + 0.5 * js_sys::Math::random());
             gloo_timers::future::TimeoutFuture::new(jittered as u32).await;
+            self.inner.borrow_mut().failed.clear();
         }
     }
 
@@ -267,7 +274,10 @@ impl Connection {
             Some(Ok(Message::Text(text))) => serde_json::from_str::<ServerFrame>(&text).ok(),
             _ => None,
         };
-        let Some(first) = first else { return Outcome::Unreachable };
+        let Some(first) = first else {
+            self.inner.borrow_mut().failed.push(base.to_owned());
+            return Outcome::Unreachable;
+        };
         match first.body {
             ServerBody::Welcome { node, term, ref endpoints, .. } => {
                 if term < self.inner.borrow().max_term {
@@ -275,7 +285,10 @@ impl Connection {
                     return Outcome::Unreachable;
                 }
                 self.remember_endpoints(endpoints);
-                self.inner.borrow_mut().max_term = term;
+                let mut inner = self.inner.borrow_mut();
+                inner.max_term = term;
+                inner.failed.clear();
+                drop(inner);
                 self.state.set(LinkState::Online { node, term });
             }
             ServerBody::NotLeader { leader_url, term, ref endpoints, .. } => {
@@ -283,7 +296,7 @@ impl Connection {
                 let mut inner = self.inner.borrow_mut();
                 if term >= inner.max_term {
                     inner.max_term = inner.max_term.max(term);
-                    if let Some(url) = leader_url.filter(|u| u != base) {
+                    if let Some(url) = leader_url.filter(|u| u != base && !inner.failed.contains(u)) {
                         inner.hint = Some(url);
                         return Outcome::Redirected;
                     }

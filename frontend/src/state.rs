@@ -106,6 +106,8 @@ pub struct Chat {
     pub typing: RwSignal<HashMap<String, f64>>,
     /// Peers' presence.
     pub online: RwSignal<HashMap<String, bool>>,
+    /// When this app saw a peer go offline (ms since epoch); the server does not say when for others.
+    pub last_seen: RwSignal<HashMap<String, f64>>,
     /// Error under the composer.
     pub composer_error: RwSignal<Option<String>>,
     /// Error in the delete dialog.
@@ -132,6 +134,7 @@ impl Chat {
             results: RwSignal::new(None),
             typing: RwSignal::new(HashMap::new()),
             online: RwSignal::new(HashMap::new()),
+            last_seen: RwSignal::new(HashMap::new()),
             composer_error: RwSignal::new(None),
             delete_error: RwSignal::new(None),
             deleting: RwSignal::new(false),
@@ -302,6 +305,14 @@ impl Chat {
                 });
             }
             ServerBody::Presence { username, online } => {
+                let was = self.online.get_untracked().get(&key(&username)).copied();
+                self.last_seen.update(|seen| {
+                    if online {
+                        seen.remove(&key(&username));
+                    } else if was == Some(true) {
+                        seen.insert(key(&username), js_sys::Date::now());
+                    }
+                });
                 self.online.update(|o| {
                     o.insert(key(&username), online);
                 });
@@ -404,6 +415,7 @@ impl Chat {
         if mine {
             conn.acknowledged(&message.client_id);
         } else if added {
+            notify(&message.from, &message.text);
             conn.request(Request::Delivered { up_to: message.id });
             if seen_now {
                 conn.request(Request::Read { with: peer.clone(), up_to: message.id });
@@ -491,6 +503,31 @@ fn rate_limited(req: &str, ms: u64) -> String {
     } else {
         format!("Too many wrong passwords: try again in {wait}.")
     }
+}
+
+/// The Notification API's permission ("default", "granted" or "denied"); `None` where there is no such API.
+pub fn notification_permission() -> Option<&'static str> {
+    let window = web_sys::window()?;
+    if !js_sys::Reflect::has(&window, &"Notification".into()).unwrap_or(false) {
+        return None;
+    }
+    Some(match web_sys::Notification::permission() {
+        web_sys::NotificationPermission::Granted => "granted",
+        web_sys::NotificationPermission::Denied => "denied",
+        _ => "default",
+    })
+}
+
+/// A desktop notification for a message from `from`, if the page is hidden and the user allowed them.
+fn notify(from: &str, text: &str) {
+    if page_visible() || notification_permission() != Some("granted") {
+        return;
+    }
+    let options = web_sys::NotificationOptions::new();
+    options.set_body(text);
+    // One notification per conversation: a newer message replaces the older one.
+    options.set_tag(&key(from));
+    let _ = web_sys::Notification::new_with_options(from, &options);
 }
 
 /// Whether the page is visible (not a background tab).

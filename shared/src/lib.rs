@@ -595,6 +595,25 @@ pub struct ReplicaView {
     pub last_index: u64,
     /// How many entries it is behind the reporting replica's last index.
     pub lag: u64,
+    /// The term it last spoke in, as the reporting replica knows it (`None`: not heard since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// While it is not alive: when the reporting replica last heard from it (milliseconds since the Unix epoch,
+    /// the reporter's clock; `None` while alive or when never heard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_ms: Option<u64>,
+}
+
+/// An election as some replica saw it: `leader` became primary of `term`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Election {
+    /// The term won.
+    pub term: u64,
+    /// The replica that won it.
+    pub leader: u64,
+    /// When the reporting replica learnt of it (milliseconds since the Unix epoch, its clock): the winner
+    /// itself when it won, the others at the new primary's first heartbeat.
+    pub at_ms: u64,
 }
 
 /// `GET /api/cluster`: the cluster as one replica sees it.
@@ -616,4 +635,11 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     /// Every replica, itself included.
     pub replicas: Vec<ReplicaView>,
+    /// The elections it has seen since it started, oldest first (the last 20).
+    #[serde(default)]
+    pub elections: Vec<Election>,
+    /// Its clock when it answered (milliseconds since the Unix epoch), to read `last_heard_ms` and `at_ms`
+    /// against.
+    #[serde(default)]
+    pub now_ms: u64,
 }

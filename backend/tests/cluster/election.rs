@@ -105,3 +105,39 @@ async fn a_crashed_primary_is_replaced_without_waiting_for_the_election_timeout(
     bob.register("bob", "password123").await;
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_the_new_primary_reports_the_dead_replica_as_it_last_was() {
+    let mut cluster = Cluster::start(3, Engine::Sqlite).await;
+    let first = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    let mut alice = cluster.client_to_primary().await;
+    alice.register("alice", "password123").await;
+    cluster.wait_applied_equal(Duration::from_secs(10)).await;
+    let before = cluster.status(first).await.expect("the primary answers /api/cluster");
+    let (index_before, term_before) = (before["last_index"].as_u64().unwrap(), before["term"].as_u64().unwrap());
+    let own = before["replicas"].as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(first)).unwrap();
+    assert_eq!(own["term"].as_u64(), Some(term_before), "each row carries a term: {before}");
+
+    step!("kill -9 the primary {first} (last index {index_before}, term {term_before})");
+    cluster.kill(first).await;
+    let next = cluster.wait_for_primary(Duration::from_secs(20)).await;
+    let status = cluster.status(next).await.expect("the new primary answers /api/cluster");
+    step!("the new primary {next} reports: {status}");
+    let dead = status["replicas"].as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(first)).unwrap();
+    assert_eq!(dead["alive"].as_bool(), Some(false), "a killed replica is not alive: {status}");
+    assert_eq!(dead["role"].as_str(), Some("unknown"), "{status}");
+    assert_eq!(dead["last_index"].as_u64(), Some(index_before), "its last known index, not 0: {status}");
+    assert_eq!(dead["term"].as_u64(), Some(term_before), "the term it was last heard in: {status}");
+    let heard = dead["last_heard_ms"].as_u64().expect("when it was last heard");
+    assert!(heard <= status["now_ms"].as_u64().unwrap(), "{status}");
+    let elections: Vec<(u64, u64)> = status["elections"]
+        .as_array()
+        .expect("elections")
+        .iter()
+        .map(|e| (e["term"].as_u64().unwrap(), e["leader"].as_u64().unwrap()))
+        .collect();
+    let term_after = status["term"].as_u64().unwrap();
+    assert!(elections.contains(&(term_before, first)), "{elections:?}");
+    assert!(elections.contains(&(term_after, next)), "{elections:?}");
+    cluster.finish().await;
+}

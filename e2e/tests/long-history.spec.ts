@@ -1,0 +1,122 @@
+/**
+ * A long conversation: only a window of it is in the page (bounded number of message elements), and scrolling
+ * still reaches its first message (older lines come into the window, then older pages from the server) and
+ * comes back down to the newest.
+ */
+import type { Page } from '@playwright/test';
+
+import { expect, loggedIn, step, test } from '../fixtures/app';
+import { ELECTION_TIMEOUT_MS, HEARTBEAT_MS } from '../fixtures/cluster';
+import * as act from '../helpers/act';
+import * as check from '../helpers/check';
+import * as find from '../helpers/find';
+import { PASSWORD } from '../fixtures/app';
+
+/** Messages seeded (alice to bob); REPLICHAT_E2E_LONG_HISTORY=10000 for the issue's size (about 3 minutes). */
+const COUNT = Number(process.env.REPLICHAT_E2E_LONG_HISTORY || 3000);
+/** The app keeps at most this many message elements in the page (WINDOW in chat_view.rs). */
+const MAX_IN_PAGE = 150;
+
+test.use({
+  clusterTiming: {
+    heartbeatMs: HEARTBEAT_MS,
+    electionTimeoutMs: ELECTION_TIMEOUT_MS,
+    args: ['--send-rate', '100000', '--send-burst', '100000'],
+  },
+});
+
+/** Register alice and bob and send COUNT messages from alice to bob over the protocol (in the page's context). */
+async function seed(page: Page, count: number): Promise<void> {
+  await page.evaluate(
+    async ({ count, password }) => {
+      const url = `${location.origin.replace('http', 'ws')}/ws`;
+      const open = () =>
+        new Promise<WebSocket>((resolve, reject) => {
+          const ws = new WebSocket(url);
+          ws.onerror = () => reject(new Error('socket error'));
+          ws.onmessage = (e) => {
+            if (JSON.parse(e.data).type === 'welcome') resolve(ws);
+          };
+        });
+      const ask = (ws: WebSocket, frames: object[]) =>
+        new Promise<void>((resolve, reject) => {
+          let left = frames.length;
+          ws.onmessage = (e) => {
+            const frame = JSON.parse(e.data);
+            if (frame.type === 'error') reject(new Error(e.data));
+            if (frame.req !== undefined && (frame.type === 'session' || frame.type === 'sent')) {
+              left -= 1;
+              if (left === 0) resolve();
+            }
+          };
+          for (const f of frames) ws.send(JSON.stringify(f));
+        });
+      const bob = await open();
+      await ask(bob, [{ type: 'register', req: 'r', username: 'bob', password }]);
+      bob.close();
+      const alice = await open();
+      await ask(alice, [{ type: 'register', req: 'r', username: 'alice', password }]);
+      for (let from = 1; from <= count; from += 500) {
+        const frames = [];
+        for (let i = from; i < Math.min(from + 500, count + 1); i++) {
+          const n = String(i).padStart(5, '0');
+          frames.push({ type: 'send', req: `s${i}`, to: 'bob', text: `seed ${n}`, client_id: `seed-${n}` });
+        }
+        await ask(alice, frames);
+      }
+      alice.close();
+    },
+    { count, password: PASSWORD },
+  );
+}
+
+/** How many message elements the page holds now. */
+const inPage = (page: Page) => find.messages(page).count();
+
+test('a conversation of thousands keeps a bounded window in the page and scrolls to its first message', async ({
+  cluster,
+  openPage,
+}) => {
+  test.setTimeout(Math.max(240_000, COUNT * 60));
+  const primary = await cluster.primary();
+  step(`seed ${COUNT} messages from alice to bob over the protocol`);
+  const seeder = await openPage('seeder', { replica: primary });
+  await seed(seeder, COUNT);
+
+  step('alice logs in and opens the conversation: the newest message, and a bounded window');
+  const alice = await loggedIn(openPage, 'alice', { replica: primary });
+  await act.openConversation(alice, 'bob');
+  await check.conversationOpen(alice, 'bob');
+  const last = `seed ${String(COUNT).padStart(5, '0')}`;
+  await expect(find.message(alice, last)).toBeVisible();
+
+  step('scroll up until the first message: the window moves, older pages load, the page stays bounded');
+  const first = find.message(alice, 'seed 00001');
+  let most = 0;
+  for (let round = 0; (await first.count()) === 0; round++) {
+    expect(round, 'rounds of scrolling up').toBeLessThan(COUNT / 10);
+    const top = await find.messages(alice).first().getAttribute('data-id');
+    await find.history(alice).evaluate((el) => {
+      el.scrollTop = 0;
+    });
+    await expect.poll(() => find.messages(alice).first().getAttribute('data-id')).not.toBe(top);
+    most = Math.max(most, await inPage(alice));
+  }
+  await first.scrollIntoViewIfNeeded();
+  await expect(first).toBeVisible();
+  most = Math.max(most, await inPage(alice));
+  console.log(`at most ${most} message elements in the page for a conversation of ${COUNT}`);
+  expect(most).toBeLessThanOrEqual(MAX_IN_PAGE);
+
+  step('scroll back down to the newest: the window follows, still bounded');
+  for (let round = 0; (await find.message(alice, last).count()) === 0; round++) {
+    expect(round, 'rounds of scrolling down').toBeLessThan(COUNT / 10);
+    const bottom = await find.messages(alice).last().getAttribute('data-id');
+    await find.history(alice).evaluate((el) => {
+      el.scrollTop = el.scrollHeight;
+    });
+    await expect.poll(() => find.messages(alice).last().getAttribute('data-id')).not.toBe(bottom);
+    expect(await inPage(alice)).toBeLessThanOrEqual(MAX_IN_PAGE);
+  }
+  await expect(find.message(alice, last)).toBeVisible();
+});
