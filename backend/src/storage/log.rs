@@ -8,6 +8,9 @@ use sqlx::{Connection, Row};
 use super::{set_meta, Db, Entry};
 use crate::Result;
 
+/// Log entries per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
+const ROWS_PER_INSERT: usize = super::MAX_BINDS / 3;
+
 impl Db {
     /// The index and term of the last entry in the log (the compaction point when the log is empty).
     pub async fn last_entry(&self) -> Result<(u64, u64)> {
@@ -59,44 +62,54 @@ impl Db {
     /// Durably append `entries` (consecutive, in order). An existing entry with the same index and term is
     /// kept; one with another term, and everything after it, is replaced (it was never committed). Returns
     /// the new last (index, term).
+    ///
+    /// A few statements per batch, not per entry: one range read of the terms already stored at the batch's
+    /// indexes, at most one truncating DELETE, and multi-row INSERTs of [`ROWS_PER_INSERT`] entries each.
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return self.last_entry().await };
         let mut conn = self.transaction_connection().await?;
         let started = Instant::now();
         let mut tx = conn.begin_with(self.begin_write()).await?;
-        let mut truncated = false;
-        let mut written = 0;
-        for entry in entries {
-            if !truncated {
-                let existing = sqlx::query("SELECT term FROM log WHERE idx = $1")
-                    .bind(entry.index as i64)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| r.try_get::<i64, _>("term"))
-                    .transpose()?;
-                match existing {
-                    Some(term) if term as u64 == entry.term => continue,
-                    Some(_) => {
-                        sqlx::query("DELETE FROM log WHERE idx >= $1")
-                            .bind(entry.index as i64)
-                            .execute(&mut *tx)
-                            .await?;
-                        truncated = true;
-                    }
-                    None => truncated = true,
-                }
+        let stored = sqlx::query("SELECT idx, term FROM log WHERE idx >= $1 AND idx <= $2 ORDER BY idx")
+            .bind(first.index as i64)
+            .bind(last.index as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        // The entries already stored with the same term are kept; the first one that is not (another term, or
+        // past the end of the log) starts what is written.
+        let mut keep = 0;
+        for (entry, row) in entries.iter().zip(&stored) {
+            let (index, term) = (row.try_get::<i64, _>("idx")? as u64, row.try_get::<i64, _>("term")? as u64);
+            if index != entry.index || term != entry.term {
+                break;
             }
-            sqlx::query("INSERT INTO log (idx, term, op) VALUES ($1, $2, $3)")
-                .bind(entry.index as i64)
-                .bind(entry.term as i64)
-                .bind(&entry.op)
-                .execute(&mut *tx)
-                .await?;
-            written += 1;
+            keep += 1;
+        }
+        let new = &entries[keep..];
+        if let Some(from) = new.first() {
+            if stored.len() > keep {
+                // A stored entry of another term at `from.index`: it and everything after it were never
+                // committed.
+                sqlx::query("DELETE FROM log WHERE idx >= $1").bind(from.index as i64).execute(&mut *tx).await?;
+            }
+            for chunk in new.chunks(ROWS_PER_INSERT) {
+                let sql = format!("INSERT INTO log (idx, term, op) VALUES {}", super::placeholders(chunk.len(), 3));
+                let mut query = sqlx::query(&sql);
+                for entry in chunk {
+                    query = query.bind(entry.index as i64).bind(entry.term as i64).bind(&entry.op);
+                }
+                query.execute(&mut *tx).await?;
+            }
         }
         tx.commit().await?;
         conn.finished();
-        crate::metrics::log_appended(written, started.elapsed());
-        self.last_entry().await
+        crate::metrics::log_appended(new.len(), started.elapsed());
+        if new.is_empty() {
+            // Every entry was already there; entries after them (if any) stay.
+            self.last_entry().await
+        } else {
+            Ok((last.index, last.term))
+        }
     }
 
     /// Log entries with an index greater than `after`, in order, at most `limit`.

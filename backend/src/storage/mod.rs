@@ -29,6 +29,29 @@ use crate::{Error, Result};
 
 pub use snapshot::Snapshot;
 
+/// Bound parameters per multi-row statement: far below SQLite's limit (32,766) and PostgreSQL's (65,535), and
+/// a statement of this size is already past the point where a bigger one saves anything.
+const MAX_BINDS: usize = 900;
+
+/// `($1, $2, $3), ($4, $5, $6), …`: the VALUES list of a multi-row INSERT of `rows` rows of `columns` each.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 1..=columns {
+            if c > 1 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("${}", r * columns + c));
+        }
+        out.push(')');
+    }
+    out
+}
+
 /// The migrations in `migrations/`, embedded at build time; one portable set for both backends.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

@@ -1,7 +1,7 @@
 //! The state machine: applies committed log entries to the state tables, in one transaction with the applied
 //! index, reading nothing but the database and the op.
 
-use replichat_shared::{ReceiptKind, ServerBody, SessionEnd};
+use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::{AnyConnection, Connection, Row};
 
 use super::queries::{contacts, message_from_row, MESSAGE_SELECT};
@@ -18,7 +18,28 @@ impl Db {
 
     /// Apply the entries after the applied index up to `up_to` (committed ones only), in one transaction.
     /// Returns the new applied index and the events the entries caused, in index order.
+    ///
+    /// A run of consecutive sends is applied with a few statements for the whole run ([`apply_sends`]); every
+    /// other op one by one. Should the batch fail on its data (a constraint, a value the engine refuses), it
+    /// is rolled back and applied again op by op, which names the entry at fault exactly as before.
     pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
+        match self.apply_range(up_to, true).await {
+            Err(e) if e.is_deterministic() => {
+                tracing::warn!("applying a batch failed on its data ({e}); applying it again op by op");
+                self.apply_range(up_to, false).await
+            }
+            done => done,
+        }
+    }
+
+    /// [`Db::apply_committed`] one op at a time, every send with its own statements: the reference the
+    /// batched path is tested against (and its fallback).
+    #[doc(hidden)]
+    pub async fn apply_committed_one_by_one(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
+        self.apply_range(up_to, false).await
+    }
+
+    async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
         let mut conn = self.transaction_connection().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         let applied = get_meta(&mut *tx, "applied_index").await?.unwrap_or(0);
@@ -27,9 +48,8 @@ impl Db {
             .bind(up_to as i64)
             .fetch_all(&mut *tx)
             .await?;
-        let mut deliveries = Vec::new();
+        let mut ops = Vec::with_capacity(rows.len());
         let mut last = applied;
-        let mut messages = 0;
         for row in rows {
             let index: i64 = row.try_get("idx")?;
             if index != last + 1 {
@@ -39,10 +59,28 @@ impl Db {
             let unapplicable = |reason: String| Error::Unapplicable { index: index as u64, reason };
             let op: Op = serde_json::from_str(&op).map_err(|e| unapplicable(format!("not an op: {e}")))?;
             op.check().map_err(unapplicable)?;
+            ops.push((index, op));
+            last = index;
+        }
+        let mut deliveries = Vec::new();
+        let mut messages = 0;
+        let mut rest = &ops[..];
+        while let Some((index, op)) = rest.first() {
+            let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
+            if run > 0 {
+                let (stored, caused) = apply_sends(&mut tx, &rest[..run]).await?;
+                messages += stored;
+                deliveries.extend(caused);
+                rest = &rest[run..];
+                continue;
+            }
+            let index = *index;
             // The same op fails the same way on every retry when the data is at fault; say which entry.
-            let caused = match apply(&mut tx, index, &op).await {
+            let caused = match apply(&mut tx, index, op).await {
                 Ok(caused) => caused,
-                Err(e) if e.is_deterministic() => return Err(unapplicable(e.to_string())),
+                Err(e) if e.is_deterministic() => {
+                    return Err(Error::Unapplicable { index: index as u64, reason: e.to_string() })
+                }
                 Err(e) => return Err(e),
             };
             // A send that stored its message causes its pushes; a duplicate stores and causes nothing.
@@ -60,7 +98,7 @@ impl Db {
                     .await?;
             }
             deliveries.extend(caused);
-            last = index;
+            rest = &rest[1..];
         }
         if last != applied {
             set_meta(&mut tx, "applied_index", last).await?;
@@ -70,6 +108,91 @@ impl Db {
         crate::metrics::messages_stored(messages);
         Ok((last as u64, deliveries))
     }
+}
+
+/// Apply a run of consecutive sends (every op in `run` is an [`Op::Send`]) with a few statements for the whole
+/// run: one read of the users involved, multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING id` for the
+/// messages, and multi-row INSERTs for their events. The events are built from the ops and those users, not
+/// read back. Returns how many messages were stored and the events, in index order: exactly what applying
+/// the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the users is
+/// what each send would have seen; a repeated client id, also within the run, stores and causes nothing).
+async fn apply_sends(tx: &mut AnyConnection, run: &[(i64, Op)]) -> Result<(u64, Vec<Delivery>)> {
+    let sends: Vec<(i64, i64, i64, &str, &str, i64)> = run
+        .iter()
+        .filter_map(|(index, op)| match op {
+            Op::Send { sender_id, recipient_id, client_id, text, at } => {
+                Some((*index, *sender_id, *recipient_id, client_id.as_str(), text.as_str(), *at))
+            }
+            _ => None,
+        })
+        .collect();
+    // Who they are: name, and whether deleted (a send proposed before its sender's deletion applied).
+    let mut ids: Vec<i64> = sends.iter().flat_map(|s| [s.1, s.2]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut users = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(super::MAX_BINDS) {
+        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("SELECT id, username, deleted_at FROM users WHERE id IN ({})", params.join(", "));
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            let deleted = row.try_get::<Option<i64>, _>("deleted_at")?.is_some();
+            users.insert(row.try_get::<i64, _>("id")?, (row.try_get::<String, _>("username")?, deleted));
+        }
+    }
+    if let Some(missing) = ids.iter().find(|id| !users.contains_key(id)) {
+        // Applied one by one, reading the message back fails on it; that path says which entry.
+        return Err(Error::Corrupt(format!("a send names account {missing}, which does not exist")));
+    }
+    let mut stored = std::collections::HashSet::with_capacity(sends.len());
+    for chunk in sends.chunks(super::MAX_BINDS / 6) {
+        let sql = format!(
+            "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
+             ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
+            super::placeholders(chunk.len(), 6)
+        );
+        let mut query = sqlx::query(&sql);
+        for (index, sender, recipient, client_id, text, at) in chunk {
+            query = query.bind(*index).bind(*sender).bind(*recipient).bind(*client_id).bind(*text).bind(*at);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            stored.insert(row.try_get::<i64, _>("id")?);
+        }
+    }
+    let mut deliveries = Vec::with_capacity(2 * stored.len());
+    let mut events: Vec<(i64, i64, String)> = Vec::with_capacity(2 * stored.len());
+    for &(index, sender, recipient, client_id, text, at) in sends.iter().filter(|s| stored.contains(&s.0)) {
+        let (from, from_deleted) = &users[&sender];
+        let message = Message {
+            id: index as u64,
+            from: from.clone(),
+            to: users[&recipient].0.clone(),
+            text: text.to_owned(),
+            client_id: client_id.to_owned(),
+            sent_at: at,
+            delivered_at: None,
+            read_at: None,
+            from_deleted: *from_deleted,
+        };
+        let body = ServerBody::Message { index: index as u64, message };
+        let json = serde_json::to_string(&body).map_err(|e| Error::Corrupt(e.to_string()))?;
+        events.push((recipient, index, json.clone()));
+        events.push((sender, index, json));
+        deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None });
+        deliveries.push(Delivery { user_id: sender, body, session: None });
+    }
+    for chunk in events.chunks(super::MAX_BINDS / 3) {
+        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", super::placeholders(chunk.len(), 3));
+        let mut query = sqlx::query(&sql);
+        for (user, index, body) in chunk {
+            query = query.bind(*user).bind(*index).bind(body.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok((stored.len() as u64, deliveries))
 }
 
 /// Apply one committed op inside the applying transaction: the chat state machine.

@@ -4,6 +4,7 @@ mod util;
 
 mod accounts;
 mod bad_input;
+mod batching;
 mod determinism;
 mod hostile;
 mod lifecycle;
