@@ -81,6 +81,48 @@ pub fn dump_section<'a>(dump: &'a str, name: &str) -> Vec<Vec<&'a str>> {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// Live accounts by name key, filled by lookups and emptied by the applier (see [`NameIndex`]).
+    names: std::sync::Arc<NameIndex>,
+}
+
+/// An in-memory index of live accounts, name key -> account id: what a `send` resolves its recipient with,
+/// without a query. Filled on demand from the database ([`Db::live_user_id`]); emptied whenever the
+/// accounts may have changed under it: after the applier committed an op that changes accounts (before the
+/// writer that proposed it is answered, so before it releases the write gate), after a snapshot install,
+/// and after an apply that was rolled back. A lookup that read the database while it was emptied does not
+/// fill it (the generation moved), so a name read before a deletion committed is never cached after it.
+#[derive(Debug, Default)]
+pub(crate) struct NameIndex {
+    inner: std::sync::Mutex<(u64, std::collections::HashMap<String, i64>)>,
+}
+
+impl NameIndex {
+    /// Entries kept at most; beyond that the index starts again (it is a cache, not the truth).
+    const CAPACITY: usize = 100_000;
+
+    /// The cached id for `key`, or the generation to fill it under.
+    fn get(&self, key: &str) -> Result<i64, u64> {
+        let inner = self.inner.lock().expect("name index lock");
+        inner.1.get(key).copied().ok_or(inner.0)
+    }
+
+    /// Cache `key -> id`, read from the database in `generation`, unless the index was emptied since.
+    fn fill(&self, generation: u64, key: String, id: i64) {
+        let mut inner = self.inner.lock().expect("name index lock");
+        if inner.0 == generation {
+            if inner.1.len() >= Self::CAPACITY {
+                inner.1.clear();
+            }
+            inner.1.insert(key, id);
+        }
+    }
+
+    /// Forget everything.
+    fn invalidate(&self) {
+        let mut inner = self.inner.lock().expect("name index lock");
+        inner.0 += 1;
+        inner.1.clear();
+    }
 }
 
 /// A live or deleted account.
@@ -177,7 +219,7 @@ impl Db {
             .await
             .map_err(|e| damaged(e.into()))?;
         MIGRATOR.run(&pool).await.map_err(|e| damaged(e.into()))?;
-        let db = Db { pool, backend };
+        let db = Db { pool, backend, names: Default::default() };
         db.backfill_usernames().await.map_err(damaged)?;
         db.check_integrity().await.map_err(damaged)?;
         Ok(db)

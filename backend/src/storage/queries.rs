@@ -25,6 +25,21 @@ impl Db {
         row.as_ref().map(user_from_row).transpose()
     }
 
+    /// The id of the live account with this username (ignoring case), from the in-memory index of live
+    /// accounts when it has the name ([`super::NameIndex`]), else from the database (and then cached).
+    pub async fn live_user_id(&self, username: &str) -> Result<Option<i64>> {
+        let key = name_key(username);
+        let generation = match self.names.get(&key) {
+            Ok(id) => return Ok(Some(id)),
+            Err(generation) => generation,
+        };
+        let row = sqlx::query("SELECT id FROM users WHERE live_key = $1").bind(&key).fetch_optional(&self.pool).await?;
+        let Some(row) = row else { return Ok(None) };
+        let id: i64 = row.try_get("id")?;
+        self.names.fill(generation, key, id);
+        Ok(Some(id))
+    }
+
     /// Whether a live account has this confusable skeleton (see [`crate::username`]).
     pub async fn skeleton_taken(&self, skeleton: &str) -> Result<bool> {
         let row = sqlx::query("SELECT 1 FROM users WHERE skeleton = $1 AND live_key IS NOT NULL LIMIT 1")

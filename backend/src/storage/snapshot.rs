@@ -108,6 +108,13 @@ impl Db {
 
     /// Replace the whole state and log with `snapshot`, in one transaction.
     pub async fn install_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        let installed = self.install_snapshot_tables(snapshot).await;
+        // Every account may have changed (and a failed install was rolled back): forget the live names.
+        self.names.invalidate();
+        installed
+    }
+
+    async fn install_snapshot_tables(&self, snapshot: &Snapshot) -> Result<()> {
         let mut conn = self.transaction_connection().await?;
         let mut tx = conn.begin_with(self.begin_write()).await?;
         sqlx::query("DELETE FROM log").execute(&mut *tx).await?;

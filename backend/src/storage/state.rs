@@ -23,20 +23,29 @@ impl Db {
     /// other op one by one. Should the batch fail on its data (a constraint, a value the engine refuses), it
     /// is rolled back and applied again op by op, which names the entry at fault exactly as before.
     pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
-        match self.apply_range(up_to, true).await {
+        let applied = match self.apply_range(up_to, true).await {
             Err(e) if e.is_deterministic() => {
                 tracing::warn!("applying a batch failed on its data ({e}); applying it again op by op");
                 self.apply_range(up_to, false).await
             }
             done => done,
+        };
+        if applied.is_err() {
+            // Rolled back: whatever was learnt about accounts meanwhile may describe a state that never was.
+            self.names.invalidate();
         }
+        applied
     }
 
     /// [`Db::apply_committed`] one op at a time, every send with its own statements: the reference the
     /// batched path is tested against (and its fallback).
     #[doc(hidden)]
     pub async fn apply_committed_one_by_one(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
-        self.apply_range(up_to, false).await
+        let applied = self.apply_range(up_to, false).await;
+        if applied.is_err() {
+            self.names.invalidate();
+        }
+        applied
     }
 
     async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
@@ -105,6 +114,10 @@ impl Db {
         }
         tx.commit().await?;
         conn.finished();
+        // Accounts changed: the index of live names forgets them before anyone learns the op was applied.
+        if ops.iter().any(|(_, op)| matches!(op, Op::Register { .. } | Op::DeleteAccount { .. })) {
+            self.names.invalidate();
+        }
         crate::metrics::messages_stored(messages);
         Ok((last as u64, deliveries))
     }

@@ -10,6 +10,7 @@ mod hostile;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod name_index;
 mod names;
 mod revocation;
 mod sessions;
