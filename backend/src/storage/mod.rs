@@ -83,6 +83,25 @@ pub struct Db {
     backend: Backend,
     /// Live accounts by name key, filled by lookups and emptied by the applier (see [`NameIndex`]).
     names: std::sync::Arc<NameIndex>,
+    /// SQLite: the one connection every writing transaction runs on (see [`Db::transaction_connection`]);
+    /// `None` on PostgreSQL (and for an in-memory SQLite database), where writes take pooled connections.
+    writer: Option<std::sync::Arc<SqliteWriter>>,
+}
+
+/// The connection SQLite writes go through, one transaction at a time, queued in-process. SQLite has one write
+/// lock per database: writers on several connections wait for it in SQLite's busy handler, which sleeps (1, 2,
+/// 5, 10 ms, ...) and retries, so a log append and an apply that collide lose milliseconds. Queued on a tokio
+/// mutex instead, the next writer starts the moment the previous one commits. Connected on first use, and
+/// again after a transaction that failed (its state cannot be trusted).
+pub(crate) struct SqliteWriter {
+    options: AnyConnectOptions,
+    conn: std::sync::Arc<tokio::sync::Mutex<Option<AnyConnection>>>,
+}
+
+impl std::fmt::Debug for SqliteWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteWriter").finish_non_exhaustive()
+    }
 }
 
 /// An in-memory index of live accounts, name key -> account id: what a `send` resolves its recipient with,
@@ -153,8 +172,15 @@ pub type Entry = replichat_shared::WireEntry;
 
 /// See [`Db::transaction_connection`].
 struct TxConnection {
-    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    conn: Held,
     finished: bool,
+}
+
+/// Where a [`TxConnection`]'s connection comes from.
+enum Held {
+    Pool(sqlx::pool::PoolConnection<sqlx::Any>),
+    /// SQLite's writer, held exclusively; `Some` while held.
+    Writer(tokio::sync::OwnedMutexGuard<Option<AnyConnection>>),
 }
 
 impl TxConnection {
@@ -167,13 +193,19 @@ impl TxConnection {
 impl std::ops::Deref for TxConnection {
     type Target = AnyConnection;
     fn deref(&self) -> &AnyConnection {
-        &self.conn
+        match &self.conn {
+            Held::Pool(conn) => conn,
+            Held::Writer(conn) => conn.as_ref().expect("the writer is connected while held"),
+        }
     }
 }
 
 impl std::ops::DerefMut for TxConnection {
     fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.conn
+        match &mut self.conn {
+            Held::Pool(conn) => conn,
+            Held::Writer(conn) => conn.as_mut().expect("the writer is connected while held"),
+        }
     }
 }
 
@@ -181,7 +213,11 @@ impl Drop for TxConnection {
     fn drop(&mut self) {
         if !self.finished {
             tracing::warn!("a storage transaction failed; closing its connection (the next one is fresh)");
-            self.conn.close_on_drop();
+            match &mut self.conn {
+                Held::Pool(conn) => conn.close_on_drop(),
+                // Dropped: SQLite rolls back what it left open; the next writer connects again.
+                Held::Writer(conn) => drop(conn.take()),
+            }
         }
     }
 }
@@ -206,20 +242,19 @@ impl Db {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        // Durability: a write is on disk when its commit returns. WAL lets readers run
-                        // beside the single writer.
-                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                        sqlite_settings(conn).await?;
                     }
                     Ok(())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| damaged(e.into()))?;
         MIGRATOR.run(&pool).await.map_err(|e| damaged(e.into()))?;
-        let db = Db { pool, backend, names: Default::default() };
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let writer = (backend == Backend::Sqlite && !in_memory)
+            .then(|| std::sync::Arc::new(SqliteWriter { options, conn: Default::default() }));
+        let db = Db { pool, backend, names: Default::default(), writer };
         db.backfill_usernames().await.map_err(damaged)?;
         db.check_integrity().await.map_err(damaged)?;
         Ok(db)
@@ -262,8 +297,23 @@ impl Db {
     /// connection's transaction state cannot be trusted. (Returned to the pool, a SQLite connection whose
     /// COMMIT failed kept a non-zero transaction depth, and every later transaction on it failed with
     /// "attempted to call begin_with at non-zero transaction depth", also once the disk had space again.)
+    ///
+    /// For a writing transaction: on SQLite the one writer connection ([`SqliteWriter`]), waited for
+    /// in-process; on PostgreSQL a pooled connection.
     async fn transaction_connection(&self) -> Result<TxConnection> {
-        Ok(TxConnection { conn: self.pool.acquire().await?, finished: false })
+        let Some(writer) = &self.writer else { return self.read_transaction_connection().await };
+        let mut conn = writer.conn.clone().lock_owned().await;
+        if conn.is_none() {
+            let mut fresh = AnyConnection::connect_with(&writer.options).await?;
+            sqlite_settings(&mut fresh).await?;
+            *conn = Some(fresh);
+        }
+        Ok(TxConnection { conn: Held::Writer(conn), finished: false })
+    }
+
+    /// A pooled connection for one transaction that only reads (see [`Db::transaction_connection`]).
+    async fn read_transaction_connection(&self) -> Result<TxConnection> {
+        Ok(TxConnection { conn: Held::Pool(self.pool.acquire().await?), finished: false })
     }
 
     /// Refuse a database that is damaged: SQLite's `PRAGMA quick_check` (pages, b-trees, indexes), and on both
@@ -341,6 +391,11 @@ impl Db {
 
     /// Close every connection (after in-flight queries finish).
     pub async fn close(&self) {
+        if let Some(writer) = &self.writer {
+            if let Some(conn) = writer.conn.lock().await.take() {
+                let _ = conn.close().await;
+            }
+        }
         self.pool.close().await;
     }
 
@@ -396,6 +451,16 @@ impl Db {
             Backend::Postgres => "COLLATE \"C\"",
         }
     }
+}
+
+/// Every SQLite connection's settings. Durability: a write is on disk when its commit returns. WAL lets
+/// readers run beside the single writer. The busy timeout is for what still waits on SQLite's lock: a
+/// reader during a checkpoint, a write at start-up.
+async fn sqlite_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+    sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Create the SQLite file of `url` if it does not exist yet, readable and writable by its owner only (0600),

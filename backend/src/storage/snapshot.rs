@@ -66,7 +66,7 @@ pub struct Snapshot {
 impl Db {
     /// The applied state, consistently read in one transaction.
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        let mut conn = self.transaction_connection().await?;
+        let mut conn = self.read_transaction_connection().await?;
         // Every statement below must see the same state (SQLite's read transactions always do).
         let begin = match self.backend {
             Backend::Sqlite => "BEGIN",
