@@ -104,8 +104,9 @@ pub struct Chat {
     /// validation. A tokio lock because it is held across `.await`s.
     writer: tokio::sync::RwLock<()>,
     /// Sends proposed but not yet applied, by (sender, client id): a concurrent retry waits for the original
-    /// instead of storing a second copy. A std mutex: never held across an `.await`.
-    sending: Mutex<std::collections::HashSet<(i64, String)>>,
+    /// instead of storing a second copy. The applier leaves each one's stored message here, which is what the
+    /// sender is answered with (no read-back). A std mutex: never held across an `.await`.
+    sending: Mutex<std::collections::HashMap<(i64, String), Sending>>,
     /// Highest index applied to the state tables, published by the applier.
     applied: watch::Receiver<u64>,
     /// Delays after failed password checks, per client address and per address and account.
@@ -119,6 +120,15 @@ pub struct Chat {
     fatal: Mutex<Option<String>>,
     /// Sessions unused for this long expire (`--session-idle-secs`).
     session_idle: Duration,
+}
+
+/// A send in flight on this replica (see `Chat::sending`).
+#[derive(Debug)]
+struct Sending {
+    /// The sender's username, which tells the sender's copy of the message event from the recipient's.
+    from: String,
+    /// The message, once applied and stored; stays `None` for a send whose client id was already stored.
+    stored: Option<Message>,
 }
 
 /// The exclusive right to write, with the index the next entry will get.
@@ -202,6 +212,7 @@ impl Chat {
                             *self.storage_problem.lock().expect("problem lock") = None;
                             tracing::info!(index, "applying committed entries works again");
                         }
+                        self.note_stored_sends(&deliveries);
                         for Delivery { user_id, body, session } in deliveries {
                             match body {
                                 ServerBody::SessionEnded { reason } => {
@@ -248,6 +259,23 @@ impl Chat {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = status.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Hand each in-flight send on this replica the message its entry stored (the sender's copy of the event).
+    fn note_stored_sends(&self, deliveries: &[Delivery]) {
+        let mut sending = self.sending.lock().expect("sending lock");
+        if sending.is_empty() {
+            return;
+        }
+        for d in deliveries {
+            if let ServerBody::Message { message, .. } = &d.body {
+                if let Some(send) = sending.get_mut(&(d.user_id, message.client_id.clone())) {
+                    if send.from == message.from {
+                        send.stored = Some(message.clone());
+                    }
+                }
             }
         }
     }
@@ -471,23 +499,39 @@ impl Chat {
             // A new primary may hold an earlier try of this very send from the old primary's term, committed
             // but not applied yet: validate only once everything before this term is applied.
             self.wait_applied(term_start).await?;
-            // A retry of a send that was stored: answer with the original, store nothing.
-            if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
-                return Ok(original);
-            }
-            let recipient = self.db.user_by_name(to).await?.ok_or_else(|| Error::UnknownUser(to.to_owned()))?;
-            if recipient.id == me.user_id {
+            // The recipient from the index of live names, no query; whether this client id was stored already
+            // is decided when the entry is applied (the unique key), not looked up here.
+            let Some(recipient_id) = self.db.live_user_id(to).await? else {
+                // A retry of a send that was stored, to an account deleted since: answer with the original.
+                if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
+                    return Ok(original);
+                }
+                return Err(Error::UnknownUser(to.to_owned()));
+            };
+            if recipient_id == me.user_id {
+                // A retry is answered with its original whatever its `to` says (docs/PROTOCOL.md, `send`).
+                if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {
+                    return Ok(original);
+                }
                 return Err(Error::SelfSend);
             }
             // The same send may be in flight right now (a retry racing its original): wait for it to land.
-            if !self.sending.lock().expect("sending lock").insert(key.clone()) {
+            let racing = {
+                let mut sending = self.sending.lock().expect("sending lock");
+                let racing = sending.contains_key(&key);
+                if !racing {
+                    sending.insert(key.clone(), Sending { from: me.username.clone(), stored: None });
+                }
+                racing
+            };
+            if racing {
                 drop(gate);
                 self.wait_for_send(&key).await?;
                 continue;
             }
             let op = Op::Send {
                 sender_id: me.user_id,
-                recipient_id: recipient.id,
+                recipient_id,
                 client_id: client_id.to_owned(),
                 text: text.to_owned(),
                 at: now_ms(),
@@ -503,8 +547,12 @@ impl Chat {
             }
         };
         let applied = self.wait_applied(index).await;
-        self.sending.lock().expect("sending lock").remove(&key);
+        let stored = self.sending.lock().expect("sending lock").remove(&key).and_then(|s| s.stored);
         applied?;
+        if let Some(message) = stored {
+            return Ok(message);
+        }
+        // The entry stored nothing: the client id was stored before (a retry). Answer with the original.
         self.db
             .message_by_client_id(me.user_id, client_id)
             .await?
@@ -525,7 +573,7 @@ impl Chat {
     async fn wait_for_send(&self, key: &(i64, String)) -> Result<()> {
         let mut applied = self.applied.clone();
         let wait = async {
-            while self.sending.lock().expect("sending lock").contains(key) {
+            while self.sending.lock().expect("sending lock").contains_key(key) {
                 applied.changed().await.map_err(|_| Error::Unavailable)?;
             }
             Ok(())

@@ -4,8 +4,6 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use crate::replication::Ack;
-
 /// `replichat`: a replicated web chat.
 #[derive(Debug, Parser)]
 #[command(name = "replichat", version, about)]
@@ -196,6 +194,18 @@ impl Config {
             log: "info".to_owned(),
         }
     }
+}
+
+/// When a write counts as committed (`--ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ack {
+    /// Durable on a majority of the replicas. Elections need a majority of votes. Safe under partitions.
+    Majority,
+    /// Durable on every replica in the in-sync set (the seed's 2-fault tolerance under crash-stop). A
+    /// replica silent for the election timeout leaves the set and rejoins once caught up; elections need the
+    /// votes of every replica the candidate can reach, so a lone survivor takes over. Can split the brain
+    /// under a network partition.
+    AllLive,
 }
 
 /// One replica of the cluster.

@@ -15,8 +15,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use replichat_shared::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::replication::{Role, Status};
-
 const MESSAGES_STORED: &str = "replichat_messages_stored_total";
 const REQUESTS: &str = "replichat_requests_total";
 const REQUEST_ERRORS: &str = "replichat_request_errors_total";
@@ -201,17 +199,16 @@ impl ReplicaGauges {
         }
     }
 
-    /// Record a status. The lag of each backup comes from the primary's view (last index minus what the
-    /// backup acknowledged); a replica that is not primary ships to no one and reports 0.
-    pub fn record(&self, status: &Status) {
-        let primary = status.role == Role::Primary;
-        self.term.set(status.term as f64);
+    /// Record the replication core's status: its term, whether it is primary, its last and commit index,
+    /// and `lag(peer)`, the entries each backup is behind as the primary sees it (last index minus what the
+    /// backup acknowledged). A replica that is not primary ships to no one and reports 0.
+    pub fn record(&self, term: u64, primary: bool, last_index: u64, commit_index: u64, lag: impl Fn(u64) -> u64) {
+        self.term.set(term as f64);
         self.is_primary.set(if primary { 1.0 } else { 0.0 });
-        self.last_index.set(status.last_index as f64);
-        self.commit_index.set(status.commit_index as f64);
+        self.last_index.set(last_index as f64);
+        self.commit_index.set(commit_index as f64);
         for (id, gauge) in &self.lag {
-            let lag = status.replicas.iter().find(|r| r.id == *id).filter(|_| primary).map_or(0, |r| r.lag);
-            gauge.set(lag as f64);
+            gauge.set(if primary { lag(*id) as f64 } else { 0.0 });
         }
     }
 }

@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Peer;
+use crate::config::{Ack, Peer};
 use crate::peer_auth::{self, PeerKey, Side, Transcript};
 use crate::storage::{Db, Snapshot};
 use crate::{Error, Result};
@@ -110,18 +110,6 @@ pub struct Status {
     /// False while this replica is a learner: its database is new (or taken over, or restored), so it does
     /// not vote or stand for election, and its acknowledgements do not count, until it has caught up.
     pub voter: bool,
-}
-
-/// When a write counts as committed (`--ack`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Ack {
-    /// Durable on a majority of the replicas. Elections need a majority of votes. Safe under partitions.
-    Majority,
-    /// Durable on every replica in the in-sync set (the seed's 2-fault tolerance under crash-stop). A
-    /// replica silent for the election timeout leaves the set and rejoins once caught up; elections need the
-    /// votes of every replica the candidate can reach, so a lone survivor takes over. Can split the brain
-    /// under a network partition.
-    AllLive,
 }
 
 /// Timings from the configuration.
@@ -1288,7 +1276,9 @@ impl Core {
             storage_failure: self.recent_storage_failure().map(str::to_owned),
             voter: self.voter,
         };
-        self.gauges.record(&status);
+        self.gauges.record(status.term, status.role == Role::Primary, status.last_index, status.commit_index, |peer| {
+            status.replicas.iter().find(|r| r.id == peer).map_or(0, |r| r.lag)
+        });
         self.status.send_if_modified(|current| {
             if *current != status {
                 *current = status;

@@ -70,6 +70,14 @@ pub struct Summary {
     pub out_of_order: u64,
     /// One entry per server process, then the bench client itself.
     pub processes: Vec<ProcessUsage>,
+    /// Server CPU time per acknowledged message, µs: the CPU seconds every server process (each replica, or
+    /// the relay; for `pg3` also every PostgreSQL process) used over the window, divided by the messages
+    /// acknowledged in it. Unlike msg/s it hardly moves when other work shares the machine.
+    #[serde(default)]
+    pub server_cpu_us_per_msg: f64,
+    /// The same without PostgreSQL's processes (equal to `server_cpu_us_per_msg` except on `pg3`).
+    #[serde(default)]
+    pub replica_cpu_us_per_msg: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
@@ -105,8 +113,15 @@ pub struct ProcessUsage {
     pub name: String,
     /// CPU time over the window / window length (100 = one core busy).
     pub cpu_percent: f64,
+    /// CPU seconds (user + system) over the window.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     pub peak_rss_mb: f64,
 }
+
+/// How a sample names a server node (the relay, or a replica) and the bench client.
+const NODE: &str = "node ";
+const CLIENT: &str = "bench client";
 
 /// Register `plan.users` users on `cluster`, run the plan, drain, check, and summarise.
 pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<(Summary, Outcome)> {
@@ -115,11 +130,11 @@ pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<
     let pg = cluster.setup.target == crate::procs::Target::Pg3;
     let sample = || {
         let mut usage: Vec<(String, Usage)> =
-            cluster.live().iter().map(|&id| (format!("node {id}"), cluster.usage(id))).collect();
+            cluster.live().iter().map(|&id| (format!("{NODE}{id}"), cluster.usage(id))).collect();
         if pg {
             usage.push(("postgres (all processes)".into(), Usage::postgres()));
         }
-        usage.push(("bench client".into(), Usage::own()));
+        usage.push((CLIENT.into(), Usage::own()));
         usage
     };
     let outcome = drive(users, plan, &shared, &sample).await?;
@@ -132,6 +147,7 @@ pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<
         .map(|((name, b), (_, a))| ProcessUsage {
             name: name.clone(),
             cpu_percent: 100.0 * (a.cpu_seconds - b.cpu_seconds) / secs,
+            cpu_seconds: a.cpu_seconds - b.cpu_seconds,
             peak_rss_mb: a.peak_rss as f64 / 1e6,
         })
         .collect();
@@ -145,6 +161,12 @@ pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<
         Pace::Every(interval) => format!("rate {:.0}/s", plan.users as f64 / interval.as_secs_f64()),
         Pace::Window(w) => format!("window {w}"),
     };
+    let per_msg = |include: &dyn Fn(&str) -> bool| {
+        let cpu: f64 = processes.iter().filter(|p| include(&p.name)).map(|p| p.cpu_seconds).sum();
+        1e6 * cpu / outcome.acked_in_window.max(1) as f64
+    };
+    let server_cpu_us_per_msg = per_msg(&|name| name != CLIENT);
+    let replica_cpu_us_per_msg = per_msg(&|name| name.starts_with(NODE));
     let summary = Summary {
         target: label.to_owned(),
         users: plan.users,
@@ -160,6 +182,8 @@ pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<
         duplicated: outcome.verdict.duplicated,
         out_of_order: outcome.verdict.out_of_order,
         processes,
+        server_cpu_us_per_msg,
+        replica_cpu_us_per_msg,
     };
     Ok((summary, outcome))
 }

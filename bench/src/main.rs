@@ -268,7 +268,17 @@ struct Median {
     target: String,
     runs: usize,
     msgs_per_s: f64,
+    /// The lowest and highest run.
+    #[serde(default)]
+    msgs_per_s_range: [f64; 2],
     ratio_to_relay: Option<f64>,
+    /// Server CPU µs per acknowledged message (see `load::Summary`), median and range.
+    #[serde(default)]
+    server_cpu_us_per_msg: f64,
+    #[serde(default)]
+    server_cpu_us_per_msg_range: [f64; 2],
+    #[serde(default)]
+    replica_cpu_us_per_msg: f64,
     ack_p50_ms: f64,
     ack_p99_ms: f64,
     ack_p999_ms: f64,
@@ -294,25 +304,39 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(args.warmup_s),
         Duration::from_secs_f64(args.duration_s),
     );
-    let mut runs = Vec::new();
-    let mut medians: Vec<Median> = Vec::new();
-    for &target in &args.target {
-        let label = serde_json::to_value(target)?.as_str().unwrap_or("?").to_owned();
-        let first = runs.len();
-        for run in 1..=args.runs {
-            let cluster = procs::Cluster::start(args.system.setup(target, &label)?).await?;
-            let result = load::run(&cluster, &plan, &label).await;
+    // Interleaved: run 1 of every target, then run 2 of every target, ... so that a change in the machine's
+    // load (it is shared) falls on every target alike, not on one.
+    let labels: Vec<String> = args
+        .target
+        .iter()
+        .map(|t| Ok(serde_json::to_value(t)?.as_str().unwrap_or("?").to_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    let mut by_target: Vec<Vec<load::Summary>> = vec![Vec::new(); args.target.len()];
+    for run in 1..=args.runs {
+        for (t, &target) in args.target.iter().enumerate() {
+            let label = &labels[t];
+            let cluster = procs::Cluster::start(args.system.setup(target, label)?).await?;
+            let result = load::run(&cluster, &plan, label).await;
             cluster.finish(args.system.keep || result.is_err()).await;
             let (summary, _) = result?;
             eprintln!(
-                "load: {label} run {run}/{}: {:.0} msg/s acknowledged; ack p50 {:.2} p99 {:.2} ms; delivered p50 {:.2} p99 {:.2} ms; lost {} duplicated {}",
-                args.runs, summary.msgs_per_s, summary.ack_ms.p50, summary.ack_ms.p99, summary.deliver_ms.p50,
-                summary.deliver_ms.p99, summary.lost, summary.duplicated
+                "load: {label} run {run}/{}: {:.0} msg/s acknowledged; server CPU {:.0} µs/msg (replicas {:.0}); ack p50 {:.2} p99 {:.2} ms; delivered p50 {:.2} p99 {:.2} ms; lost {} duplicated {}",
+                args.runs, summary.msgs_per_s, summary.server_cpu_us_per_msg, summary.replica_cpu_us_per_msg,
+                summary.ack_ms.p50, summary.ack_ms.p99, summary.deliver_ms.p50, summary.deliver_ms.p99, summary.lost,
+                summary.duplicated
             );
-            runs.push(summary);
+            by_target[t].push(summary);
         }
-        let these = &runs[first..];
+    }
+    let mut runs = Vec::new();
+    let mut medians: Vec<Median> = Vec::new();
+    for (label, these) in labels.iter().zip(by_target) {
+        let first = runs.len();
         let col = |f: &dyn Fn(&load::Summary) -> f64| median(&these.iter().map(f).collect::<Vec<_>>());
+        let spread = |f: &dyn Fn(&load::Summary) -> f64| {
+            let v: Vec<f64> = these.iter().map(f).collect();
+            [v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max)]
+        };
         let throughput = col(&|s| s.msgs_per_s);
         let median_run = first
             + these
@@ -325,7 +349,11 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
             target: label.clone(),
             runs: these.len(),
             msgs_per_s: throughput,
+            msgs_per_s_range: spread(&|s| s.msgs_per_s),
             ratio_to_relay: None,
+            server_cpu_us_per_msg: col(&|s| s.server_cpu_us_per_msg),
+            server_cpu_us_per_msg_range: spread(&|s| s.server_cpu_us_per_msg),
+            replica_cpu_us_per_msg: col(&|s| s.replica_cpu_us_per_msg),
             ack_p50_ms: col(&|s| s.ack_ms.p50),
             ack_p99_ms: col(&|s| s.ack_ms.p99),
             ack_p999_ms: col(&|s| s.ack_ms.p999),
@@ -339,20 +367,31 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
             peak_rss_mb: (0..processes).map(|p| col(&|s| s.processes[p].peak_rss_mb)).collect(),
             median_run,
         });
+        runs.extend(these);
     }
     let relay = medians.iter().find(|m| m.target == "relay").map(|m| m.msgs_per_s);
     for m in &mut medians {
         m.ratio_to_relay = relay.map(|r| m.msgs_per_s / r);
     }
-    println!("| target | msg/s (median of {}) | x relay | ack p50 / p99 / p99.9 ms | delivered p50 / p99 / p99.9 ms | CPU % per process (servers…, client) | peak RSS MB (servers…, client) | lost | dup |", args.runs);
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| target | msg/s (median of {}; range) | x relay | server CPU µs per acked msg (range) | ack p50 / p99 / p99.9 ms | delivered p50 / p99 / p99.9 ms | CPU % per process (servers…, client) | peak RSS MB (servers…, client) | lost | dup |", args.runs);
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for m in &medians {
         let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" / ");
         println!(
-            "| {} | {:.0} | {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} | {} | {} |",
+            "| {} | {:.0} ({:.0}–{:.0}) | {} | {:.0} ({:.0}–{:.0}){} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} | {} | {} | {} |",
             m.target,
             m.msgs_per_s,
-            m.ratio_to_relay.map_or("-".into(), |r| format!("{r:.2}")),
+            m.msgs_per_s_range[0],
+            m.msgs_per_s_range[1],
+            m.ratio_to_relay.map_or("-".into(), |r| format!("{r:.3}")),
+            m.server_cpu_us_per_msg,
+            m.server_cpu_us_per_msg_range[0],
+            m.server_cpu_us_per_msg_range[1],
+            if m.replica_cpu_us_per_msg < m.server_cpu_us_per_msg {
+                format!("; replicas alone {:.0}", m.replica_cpu_us_per_msg)
+            } else {
+                String::new()
+            },
             m.ack_p50_ms,
             m.ack_p99_ms,
             m.ack_p999_ms,

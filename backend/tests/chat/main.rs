@@ -4,11 +4,13 @@ mod util;
 
 mod accounts;
 mod bad_input;
+mod batching;
 mod determinism;
 mod hostile;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod name_index;
 mod names;
 mod revocation;
 mod sessions;

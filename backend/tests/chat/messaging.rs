@@ -181,3 +181,41 @@ both!(typing_and_presence_are_live, |engine| async move {
     let next = alice.expect_push("presence", |b| matches!(b, ServerBody::Presence { .. })).await;
     assert_eq!(next, ServerBody::Presence { username: "bob".into(), online: false });
 });
+
+both!(a_retry_pushes_nothing_and_is_answered_with_the_original, |engine| async move {
+    let server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    let mut bob = server.user("bob").await;
+    let send = || Request::Send { to: "bob".into(), text: "once".into(), client_id: "gone-retry".into() };
+    let ServerBody::Sent { id, .. } = alice.request(send()).await else { panic!() };
+    let ServerBody::Sent { id: again, .. } = alice.request(send()).await else { panic!() };
+    assert_eq!(again, id);
+    // Whatever the retry's `to` says: another account, the sender itself, nobody.
+    server.user("cat").await;
+    for to in ["cat", "alice", "nobody"] {
+        let retry = Request::Send { to: to.into(), text: "other".into(), client_id: "gone-retry".into() };
+        let ServerBody::Sent { id: again, .. } = alice.request(retry).await else { panic!("retry to {to}") };
+        assert_eq!(again, id, "retry to {to}");
+    }
+    // One push each of the message (the sender's own copy, the recipient's), none for the retry.
+    assert_eq!(alice.request(Request::Ping).await, ServerBody::Pong);
+    assert_eq!(bob.request(Request::Ping).await, ServerBody::Pong);
+    let pushes = |frames: Vec<replichat_shared::ServerFrame>| {
+        frames
+            .into_iter()
+            .filter(|f| matches!(&f.body, ServerBody::Message { message, .. } if message.id == id))
+            .count()
+    };
+    assert_eq!(pushes(alice.drain_inbox()), 1);
+    assert_eq!(pushes(bob.drain_inbox()), 1);
+    // The recipient deletes the account, which removes the messages it received: a retry is refused like any
+    // send to it, as before the deletion's entry stored nothing and pushes nothing.
+    assert_eq!(
+        bob.request(Request::DeleteAccount { password: "password123".into() }).await,
+        ServerBody::AccountDeleted
+    );
+    alice.drain_inbox();
+    alice.expect_error(send(), replichat_shared::ErrorCode::UnknownUser).await;
+    assert_eq!(alice.request(Request::Ping).await, ServerBody::Pong);
+    assert!(alice.drain_inbox().iter().all(|f| !matches!(f.body, ServerBody::Message { .. })));
+});

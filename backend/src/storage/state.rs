@@ -1,0 +1,425 @@
+//! The state machine: applies committed log entries to the state tables, in one transaction with the applied
+//! index, reading nothing but the database and the op.
+
+use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
+use sqlx::{AnyConnection, Connection, Row};
+
+use super::queries::{contacts, message_from_row, MESSAGE_SELECT};
+use super::{get_meta, set_meta, Db, Delivery};
+use crate::op::Op;
+use crate::wildcard::name_key;
+use crate::{Error, Result};
+
+impl Db {
+    /// The highest index applied to the state tables.
+    pub async fn applied_index(&self) -> Result<u64> {
+        Ok(self.meta("applied_index").await?.unwrap_or(0) as u64)
+    }
+
+    /// Apply the entries after the applied index up to `up_to` (committed ones only), in one transaction.
+    /// Returns the new applied index and the events the entries caused, in index order.
+    ///
+    /// A run of consecutive sends is applied with a few statements for the whole run ([`apply_sends`]); every
+    /// other op one by one. Should the batch fail on its data (a constraint, a value the engine refuses), it
+    /// is rolled back and applied again op by op, which names the entry at fault exactly as before.
+    pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
+        let applied = match self.apply_range(up_to, true).await {
+            Err(e) if e.is_deterministic() => {
+                tracing::warn!("applying a batch failed on its data ({e}); applying it again op by op");
+                self.apply_range(up_to, false).await
+            }
+            done => done,
+        };
+        if applied.is_err() {
+            // Rolled back: whatever was learnt about accounts meanwhile may describe a state that never was.
+            self.names.invalidate();
+        }
+        applied
+    }
+
+    /// [`Db::apply_committed`] one op at a time, every send with its own statements: the reference the
+    /// batched path is tested against (and its fallback).
+    #[doc(hidden)]
+    pub async fn apply_committed_one_by_one(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
+        let applied = self.apply_range(up_to, false).await;
+        if applied.is_err() {
+            self.names.invalidate();
+        }
+        applied
+    }
+
+    async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
+        let mut conn = self.transaction_connection().await?;
+        let mut tx = conn.begin_with(self.begin_write()).await?;
+        let applied = get_meta(&mut *tx, "applied_index").await?.unwrap_or(0);
+        let rows = sqlx::query("SELECT idx, op FROM log WHERE idx > $1 AND idx <= $2 ORDER BY idx")
+            .bind(applied)
+            .bind(up_to as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut ops = Vec::with_capacity(rows.len());
+        let mut last = applied;
+        for row in rows {
+            let index: i64 = row.try_get("idx")?;
+            if index != last + 1 {
+                return Err(Error::Corrupt(format!("log gap: entry {index} follows applied {last}")));
+            }
+            let op: String = row.try_get("op")?;
+            let unapplicable = |reason: String| Error::Unapplicable { index: index as u64, reason };
+            let op: Op = serde_json::from_str(&op).map_err(|e| unapplicable(format!("not an op: {e}")))?;
+            op.check().map_err(unapplicable)?;
+            ops.push((index, op));
+            last = index;
+        }
+        let mut deliveries = Vec::new();
+        let mut messages = 0;
+        let mut rest = &ops[..];
+        while let Some((index, op)) = rest.first() {
+            let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
+            if run > 0 {
+                let (stored, caused) = apply_sends(&mut tx, &rest[..run]).await?;
+                messages += stored;
+                deliveries.extend(caused);
+                rest = &rest[run..];
+                continue;
+            }
+            let index = *index;
+            // The same op fails the same way on every retry when the data is at fault; say which entry.
+            let caused = match apply(&mut tx, index, op).await {
+                Ok(caused) => caused,
+                Err(e) if e.is_deterministic() => {
+                    return Err(Error::Unapplicable { index: index as u64, reason: e.to_string() })
+                }
+                Err(e) => return Err(e),
+            };
+            // A send that stored its message causes its pushes; a duplicate stores and causes nothing.
+            if matches!(op, Op::Send { .. }) && !caused.is_empty() {
+                messages += 1;
+            }
+            // Live-only frames (`session_ended`) are pushed, never stored or replayed.
+            for d in caused.iter().filter(|d| d.body.index().is_some()) {
+                let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
+                sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
+                    .bind(d.user_id)
+                    .bind(index)
+                    .bind(body)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            deliveries.extend(caused);
+            rest = &rest[1..];
+        }
+        if last != applied {
+            set_meta(&mut tx, "applied_index", last).await?;
+        }
+        tx.commit().await?;
+        conn.finished();
+        // Accounts changed: the index of live names forgets them before anyone learns the op was applied.
+        if ops.iter().any(|(_, op)| matches!(op, Op::Register { .. } | Op::DeleteAccount { .. })) {
+            self.names.invalidate();
+        }
+        crate::metrics::messages_stored(messages);
+        Ok((last as u64, deliveries))
+    }
+}
+
+/// Apply a run of consecutive sends (every op in `run` is an [`Op::Send`]) with a few statements for the whole
+/// run: one read of the users involved, multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING id` for the
+/// messages, and multi-row INSERTs for their events. The events are built from the ops and those users, not
+/// read back. Returns how many messages were stored and the events, in index order: exactly what applying
+/// the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the users is
+/// what each send would have seen; a repeated client id, also within the run, stores and causes nothing).
+async fn apply_sends(tx: &mut AnyConnection, run: &[(i64, Op)]) -> Result<(u64, Vec<Delivery>)> {
+    let sends: Vec<(i64, i64, i64, &str, &str, i64)> = run
+        .iter()
+        .filter_map(|(index, op)| match op {
+            Op::Send { sender_id, recipient_id, client_id, text, at } => {
+                Some((*index, *sender_id, *recipient_id, client_id.as_str(), text.as_str(), *at))
+            }
+            _ => None,
+        })
+        .collect();
+    // Who they are: name, and whether deleted (a send proposed before its sender's deletion applied).
+    let mut ids: Vec<i64> = sends.iter().flat_map(|s| [s.1, s.2]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut users = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(super::MAX_BINDS) {
+        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!("SELECT id, username, deleted_at FROM users WHERE id IN ({})", params.join(", "));
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            let deleted = row.try_get::<Option<i64>, _>("deleted_at")?.is_some();
+            users.insert(row.try_get::<i64, _>("id")?, (row.try_get::<String, _>("username")?, deleted));
+        }
+    }
+    if let Some(missing) = ids.iter().find(|id| !users.contains_key(id)) {
+        // Applied one by one, reading the message back fails on it; that path says which entry.
+        return Err(Error::Corrupt(format!("a send names account {missing}, which does not exist")));
+    }
+    let mut stored = std::collections::HashSet::with_capacity(sends.len());
+    for chunk in sends.chunks(super::MAX_BINDS / 6) {
+        let sql = format!(
+            "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
+             ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
+            super::placeholders(chunk.len(), 6)
+        );
+        let mut query = sqlx::query(&sql);
+        for (index, sender, recipient, client_id, text, at) in chunk {
+            query = query.bind(*index).bind(*sender).bind(*recipient).bind(*client_id).bind(*text).bind(*at);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            stored.insert(row.try_get::<i64, _>("id")?);
+        }
+    }
+    let mut deliveries = Vec::with_capacity(2 * stored.len());
+    let mut events: Vec<(i64, i64, String)> = Vec::with_capacity(2 * stored.len());
+    for &(index, sender, recipient, client_id, text, at) in sends.iter().filter(|s| stored.contains(&s.0)) {
+        let (from, from_deleted) = &users[&sender];
+        let message = Message {
+            id: index as u64,
+            from: from.clone(),
+            to: users[&recipient].0.clone(),
+            text: text.to_owned(),
+            client_id: client_id.to_owned(),
+            sent_at: at,
+            delivered_at: None,
+            read_at: None,
+            from_deleted: *from_deleted,
+        };
+        let body = ServerBody::Message { index: index as u64, message };
+        let json = serde_json::to_string(&body).map_err(|e| Error::Corrupt(e.to_string()))?;
+        events.push((recipient, index, json.clone()));
+        events.push((sender, index, json));
+        deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None });
+        deliveries.push(Delivery { user_id: sender, body, session: None });
+    }
+    for chunk in events.chunks(super::MAX_BINDS / 3) {
+        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", super::placeholders(chunk.len(), 3));
+        let mut query = sqlx::query(&sql);
+        for (user, index, body) in chunk {
+            query = query.bind(*user).bind(*index).bind(body.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok((stored.len() as u64, deliveries))
+}
+
+/// Apply one committed op inside the applying transaction: the chat state machine.
+async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delivery>> {
+    match op {
+        Op::Register { user_id, username, password_hash, token_hash, at, skeleton } => {
+            let key = name_key(username);
+            let skeleton = skeleton.clone().unwrap_or_else(|| crate::username::skeleton(username));
+            sqlx::query(
+                "INSERT INTO users (id, username, name_key, live_key, password_hash, created_at, skeleton) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(user_id)
+            .bind(username)
+            .bind(&key)
+            .bind(&key)
+            .bind(password_hash)
+            .bind(at)
+            .bind(skeleton)
+            .execute(&mut *tx)
+            .await?;
+            insert_session(tx, token_hash, *user_id, *at).await?;
+            Ok(Vec::new())
+        }
+        Op::Login { user_id, token_hash, at } => {
+            insert_session(tx, token_hash, *user_id, *at).await?;
+            sqlx::query("DELETE FROM login_failures WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            Ok(Vec::new())
+        }
+        Op::LoginFailed { user_id, at } => {
+            // Failures further apart than the throttle forgets start the count again.
+            sqlx::query(
+                "INSERT INTO login_failures (user_id, failures, last_failure_at) VALUES ($1, 1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET \
+                 failures = CASE WHEN $2 - login_failures.last_failure_at > $3 THEN 1 \
+                 ELSE login_failures.failures + 1 END, last_failure_at = $2",
+            )
+            .bind(user_id)
+            .bind(at)
+            .bind(crate::throttle::FORGET_AFTER.as_millis() as i64)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Vec::new())
+        }
+        Op::Logout { token_hash } => {
+            let row = sqlx::query("DELETE FROM sessions WHERE token_hash = $1 RETURNING user_id")
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(row) = row else { return Ok(Vec::new()) };
+            Ok(vec![Delivery {
+                user_id: row.try_get("user_id")?,
+                body: ServerBody::SessionEnded { reason: SessionEnd::LoggedOut },
+                session: Some(token_hash.clone()),
+            }])
+        }
+        Op::LogoutAll { user_id } => {
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            Ok(vec![Delivery {
+                user_id: *user_id,
+                body: ServerBody::SessionEnded { reason: SessionEnd::LoggedOutEverywhere },
+                session: None,
+            }])
+        }
+        Op::Touch { token_hash, at } => {
+            // Touches may be proposed concurrently and land in any order: keep the latest.
+            sqlx::query(
+                "UPDATE sessions SET last_used_at = $2 \
+                 WHERE token_hash = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+            )
+            .bind(token_hash)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Vec::new())
+        }
+        Op::Send { sender_id, recipient_id, client_id, text, at } => {
+            let message_id = index;
+            // A second send with the same client id (a retry that reached a new primary before it applied the
+            // original) stores nothing and causes nothing, identically on every replica.
+            let inserted = sqlx::query(
+                "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender_id, client_id) DO NOTHING",
+            )
+            .bind(message_id)
+            .bind(sender_id)
+            .bind(recipient_id)
+            .bind(client_id)
+            .bind(text)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Ok(Vec::new());
+            }
+            let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
+            let message = message_from_row(&sqlx::query(&sql).bind(message_id).fetch_one(&mut *tx).await?)?;
+            let body = ServerBody::Message { index: index as u64, message };
+            Ok(vec![
+                Delivery { user_id: *recipient_id, body: body.clone(), session: None },
+                Delivery { user_id: *sender_id, body, session: None },
+            ])
+        }
+        Op::Delivered { user_id, up_to, at } => {
+            let by = username_of(tx, *user_id).await?;
+            let rows = sqlx::query(
+                "SELECT sender_id, MAX(id) AS up_to FROM messages \
+                 WHERE recipient_id = $1 AND id <= $2 AND delivered_at IS NULL GROUP BY sender_id ORDER BY sender_id",
+            )
+            .bind(user_id)
+            .bind(up_to)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE messages SET delivered_at = $3 WHERE recipient_id = $1 AND id <= $2 AND delivered_at IS NULL",
+            )
+            .bind(user_id)
+            .bind(up_to)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Delivery {
+                        user_id: row.try_get("sender_id")?,
+                        body: ServerBody::Receipt {
+                            index: index as u64,
+                            kind: ReceiptKind::Delivered,
+                            by: by.clone(),
+                            up_to: row.try_get::<i64, _>("up_to")? as u64,
+                            at: *at,
+                        },
+                        session: None,
+                    })
+                })
+                .collect()
+        }
+        Op::Read { user_id, peer_id, up_to, at } => {
+            let row = sqlx::query(
+                "SELECT MAX(id) AS up_to FROM messages \
+                 WHERE recipient_id = $1 AND sender_id = $2 AND id <= $3 AND read_at IS NULL",
+            )
+            .bind(user_id)
+            .bind(peer_id)
+            .bind(up_to)
+            .fetch_one(&mut *tx)
+            .await?;
+            let Some(covered) = row.try_get::<Option<i64>, _>("up_to")? else {
+                return Ok(Vec::new());
+            };
+            sqlx::query(
+                "UPDATE messages SET read_at = $4, delivered_at = COALESCE(delivered_at, $4) \
+                 WHERE recipient_id = $1 AND sender_id = $2 AND id <= $3 AND read_at IS NULL",
+            )
+            .bind(user_id)
+            .bind(peer_id)
+            .bind(up_to)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let by = username_of(tx, *user_id).await?;
+            Ok(vec![Delivery {
+                user_id: *peer_id,
+                body: ServerBody::Receipt {
+                    index: index as u64,
+                    kind: ReceiptKind::Read,
+                    by,
+                    up_to: covered as u64,
+                    at: *at,
+                },
+                session: None,
+            }])
+        }
+        Op::Noop => Ok(Vec::new()),
+        Op::DeleteAccount { user_id, at } => {
+            let username = username_of(tx, *user_id).await?;
+            let peers = contacts(&mut *tx, *user_id).await?;
+            for sql in [
+                "DELETE FROM messages WHERE recipient_id = $1",
+                "DELETE FROM sessions WHERE user_id = $1",
+                "DELETE FROM events WHERE user_id = $1",
+                "DELETE FROM login_failures WHERE user_id = $1",
+            ] {
+                sqlx::query(sql).bind(user_id).execute(&mut *tx).await?;
+            }
+            sqlx::query("UPDATE users SET live_key = NULL, password_hash = NULL, deleted_at = $2 WHERE id = $1")
+                .bind(user_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            Ok(peers
+                .into_iter()
+                .map(|peer| Delivery {
+                    user_id: peer,
+                    body: ServerBody::PeerDeleted { index: index as u64, username: username.clone() },
+                    session: None,
+                })
+                .collect())
+        }
+    }
+}
+
+async fn insert_session(tx: &mut AnyConnection, token_hash: &str, user_id: i64, at: i64) -> Result<()> {
+    sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at) VALUES ($1, $2, $3)")
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+async fn username_of(tx: &mut AnyConnection, user_id: i64) -> Result<String> {
+    let row = sqlx::query("SELECT username FROM users WHERE id = $1").bind(user_id).fetch_one(&mut *tx).await?;
+    Ok(row.try_get("username")?)
+}
