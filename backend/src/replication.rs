@@ -46,7 +46,8 @@ const BATCH: u32 = 256;
 /// Queue depth towards one peer; a full queue drops frames (the primary resends on the next heartbeat).
 const OUTBOUND_DEPTH: usize = 64;
 /// Most entries sent to one backup and not yet acknowledged (pipelining). Beyond it the primary sends that
-/// backup heartbeats only, until answers come back: a backup far behind on a slow link otherwise got a new
+/// backup heartbeats only (they follow the entries in flight on the same connection), until answers come
+/// back: a backup far behind on a slow link otherwise got a new
 /// 256-entry batch with every group commit, the queue towards it overflowed, dropped batches left gaps that it
 /// refused, and the rewinds resent what was still on its way (measured across a 20 ms round trip under 200
 /// msg/s: a restarted backup caught up at 130 entries/s, slower than the log grew, and never caught up).
@@ -214,6 +215,7 @@ impl Replication {
             primary_since: Instant::now(),
             last_heartbeat: Instant::now(),
             heard_leader: None,
+            primary_lost: None,
             remote_view: Vec::new(),
             outbound,
             inbox: inbox_tx.downgrade(),
@@ -365,6 +367,8 @@ struct Core {
     last_heartbeat: Instant,
     /// When a primary was last heard (as a backup).
     heard_leader: Option<Instant>,
+    /// The primary whose connection last closed, and when (see [`Core::primary_connection_lost`]).
+    primary_lost: Option<(u64, Instant)>,
     /// The primary's view of the cluster from its last heartbeat.
     remote_view: Vec<ReplicaView>,
     outbound: BTreeMap<u64, mpsc::Sender<PeerFrame>>,
@@ -606,6 +610,7 @@ impl Core {
             return;
         }
         self.heard_leader = None;
+        self.primary_lost = Some((peer, Instant::now()));
         let heartbeat = self.timing.heartbeat;
         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=heartbeat.as_millis() as u64 / 2));
         let soon = Instant::now() + heartbeat * (1 + 2 * self.election_rank()) + jitter;
@@ -897,8 +902,21 @@ impl Core {
                     return Ok(self.appended(false, self.last_index));
                 }
                 self.follow(term, Some(leader)).await?;
-                self.heard_leader = Some(Instant::now());
-                self.reset_election_deadline();
+                // An append the primary sent just before it died can be handled after its connection closed (it
+                // comes on the other connection, read by another task): within a heartbeat of the loss it does not
+                // count as hearing the primary, or it would undo the early election. A primary that is alive is
+                // heard again with its next heartbeat.
+                let stale =
+                    self.primary_lost.is_some_and(|(p, at)| p == leader && at.elapsed() < self.timing.heartbeat);
+                if stale {
+                    tracing::debug!(
+                        leader,
+                        "an append from the primary whose connection just closed: not counted as heard"
+                    );
+                } else {
+                    self.heard_leader = Some(Instant::now());
+                    self.reset_election_deadline();
+                }
                 if !cluster.is_empty() {
                     self.remote_view = cluster;
                 }
@@ -1105,20 +1123,17 @@ impl Core {
             progress.advanced_at = Instant::now();
             self.progress.insert(peer, progress);
         }
+        // Entries sent and not acknowledged. (A new primary knows nothing of a backup yet, `matched` 0: it sends
+        // a heartbeat first, and the answer says where the backup is.) Frames to one peer travel in order on one
+        // connection, so a heartbeat after entries in flight reaches the backup after them.
         let in_flight = progress.next - 1 - progress.matched;
-        // With entries on their way, a heartbeat names what the backup has acknowledged (never refused for
-        // entries it has not received yet, which would rewind `next` and send them twice).
         let full = in_flight >= MAX_IN_FLIGHT;
-        let prev_index = if full || (progress.next > self.last_index && in_flight > 0) {
-            progress.matched
-        } else {
-            progress.next - 1
-        };
+        let prev_index = progress.next - 1;
         let Some(prev_term) = self.db.term_at(prev_index).await? else {
             // The entries this backup needs were compacted away: send the whole state instead.
             return self.send_snapshot(peer).await;
         };
-        let entries = if !full && prev_index == progress.next - 1 && progress.next <= self.last_index {
+        let entries = if !full && progress.next <= self.last_index {
             let room = (MAX_IN_FLIGHT - in_flight).min(BATCH as u64) as u32;
             self.db.entries(prev_index, room).await?
         } else {
