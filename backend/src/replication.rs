@@ -509,8 +509,9 @@ impl Core {
             Input::Reachable(peer, up) => {
                 // Frames queued towards it before are gone (dropped with the old connection): resend from what
                 // it acknowledged.
-                if let Some(progress) = self.progress.get_mut(&peer) {
-                    progress.next = progress.matched + 1;
+                let resend = self.progress.get(&peer).map(|p| self.resend_point(p));
+                if let (Some(progress), Some(next)) = (self.progress.get_mut(&peer), resend) {
+                    progress.next = next;
                     progress.advanced_at = Instant::now();
                 }
                 if up {
@@ -1115,11 +1116,23 @@ impl Core {
         Ok(())
     }
 
+    /// Where to send from again after frames to a backup were lost: just after what it acknowledged, or, for a
+    /// backup that has not answered this primary yet, from the top of the log (a probe, as a new primary
+    /// sends, which its answer moves to where its log really ends; resending the whole log from index 1 made
+    /// a restarted replica's catch-up take 1.5 s instead of 0.1).
+    fn resend_point(&self, progress: &Progress) -> u64 {
+        if progress.matched > 0 {
+            progress.matched + 1
+        } else {
+            self.last_index + 1
+        }
+    }
+
     async fn send_append(&mut self, peer: u64) -> Result<()> {
         let Some(mut progress) = self.progress.get(&peer).copied() else { return Ok(()) };
         if progress.next > progress.matched + 1 && progress.advanced_at.elapsed() > self.timing.election {
             // Sent long ago and never acknowledged: lost on the way (a dropped frame); send it again.
-            progress.next = progress.matched + 1;
+            progress.next = self.resend_point(&progress);
             progress.advanced_at = Instant::now();
             self.progress.insert(peer, progress);
         }
