@@ -69,18 +69,24 @@ async fn short_chaos_on_postgres_loses_and_duplicates_nothing() {
     short_chaos(Target::Pg3, pg).await;
 }
 
-/// The same over the simulated multi-machine network of `bench --netsim-rtt-ms` (bench/src/netsim.rs): each
-/// replica in its own network namespace and address, TLS between replicas and to the bench, and 20 ms added
-/// to every round trip between replicas. The namespaces, links and rules are made here and removed on drop.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_chaos_across_a_simulated_network_over_tls_loses_and_duplicates_nothing() {
+/// Three SQLite replicas in the simulated multi-machine network of `bench --netsim-rtt-ms` (the namespaces,
+/// links and rules are removed when the setup is dropped), over TLS, 20 ms apart.
+fn across_20_ms() -> Setup {
     let net = replichat_bench::netsim::Net::create(3, Duration::from_millis(20), env!("CARGO_BIN_EXE_bench").as_ref())
         .expect("the simulated network (root, ip and iptables-legacy needed)");
     let mut setup = setup(Target::Sqlite3, String::new());
     let hosts: Vec<String> = (0..3).map(replichat_bench::netsim::Net::addr).collect();
     setup.args.extend(replichat_bench::tls::make(&setup.dir.join("tls"), &hosts).expect("certificates"));
     setup.netsim = Some(std::sync::Arc::new(net));
-    check_short_chaos(setup).await;
+    setup
+}
+
+/// The same over the simulated multi-machine network of `bench --netsim-rtt-ms` (bench/src/netsim.rs): each
+/// replica in its own network namespace and address, TLS between replicas and to the bench, and 20 ms added
+/// to every round trip between replicas. The namespaces, links and rules are made here and removed on drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_chaos_across_a_simulated_network_over_tls_loses_and_duplicates_nothing() {
+    check_short_chaos(across_20_ms()).await;
 }
 
 /// A replica restarted after a kill catches up under load across a 20 ms round trip. Before the primary bounded
@@ -89,12 +95,7 @@ async fn short_chaos_across_a_simulated_network_over_tls_loses_and_duplicates_no
 /// the 30-cycle run stopped with "did not catch up within 60s" at cycles 5 and 6 of two runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_replicas_catch_up_under_load_across_a_20_ms_round_trip() {
-    let net = replichat_bench::netsim::Net::create(3, Duration::from_millis(20), env!("CARGO_BIN_EXE_bench").as_ref())
-        .expect("the simulated network (root, ip and iptables-legacy needed)");
-    let mut setup = setup(Target::Sqlite3, String::new());
-    let hosts: Vec<String> = (0..3).map(replichat_bench::netsim::Net::addr).collect();
-    setup.args.extend(replichat_bench::tls::make(&setup.dir.join("tls"), &hosts).expect("certificates"));
-    setup.netsim = Some(std::sync::Arc::new(net));
+    let mut setup = across_20_ms();
     // Default timing, as in `bench chaos`; the chaos run waits at most 60 s for each restarted replica.
     setup.args.retain(|a| !a.starts_with("--heartbeat-ms") && !a.starts_with("--election-timeout-ms"));
     let options = Options { cycles: 8, users: 20, rate: 200.0, backup_every: 0, steady: Duration::from_secs(1) };

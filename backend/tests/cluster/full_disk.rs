@@ -43,6 +43,20 @@ fn fill(path: &Path) {
     while file.write_all(&block).and_then(|_| file.sync_all()).is_ok() {}
 }
 
+/// Poll node `id`'s `/healthz` until it answers 200 (healthy again two election timeouts after its last
+/// storage failure), or fail after 10 s.
+async fn wait_healthy(cluster: &Cluster, id: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = healthz(cluster, id).await;
+        if code == 200 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node {id} still unhealthy: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn healthz(cluster: &Cluster, id: u64) -> (u16, Value) {
     let (code, body) = http_get(&cluster.node(id).addr, "/healthz").await.expect("/healthz answers");
     (code, serde_json::from_str(&body).expect("/healthz is JSON"))
@@ -87,15 +101,7 @@ async fn a_primary_with_a_full_disk_steps_down_and_rejoins_once_there_is_space()
     std::fs::remove_file(tmpfs.0.join("filler")).unwrap();
     cluster.wait_applied_equal(Duration::from_secs(20)).await;
     // Healthy again two election timeouts after its last storage failure (polling, as the harness does).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (code, body) = healthz(&cluster, 0).await;
-        if code == 200 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "node 0 still unhealthy: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_healthy(&cluster, 0).await;
 
     step!("every acknowledged message ({}) is on every replica", acknowledged.len());
     let state = cluster.dump_state(leader).await;
@@ -154,15 +160,7 @@ async fn a_backup_with_a_full_disk_says_so_and_rejoins_once_there_is_space() {
             (node2["role"].as_str() == Some("backup")).then_some(())
         })
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (code, body) = healthz(&cluster, 2).await;
-        if code == 200 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "node 2 still unhealthy: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_healthy(&cluster, 2).await;
     let state = cluster.dump_state(leader).await;
     assert_same_dump(&format!("node {leader}"), &state, "node 2", &cluster.dump_state(2).await);
     for i in 0..50 {
@@ -310,15 +308,7 @@ async fn full_postgres_disk(full: u64) {
     step!("space is freed: node {full} catches up by itself and is healthy again");
     std::fs::remove_file(small.data.0.join("filler")).unwrap();
     cluster.wait_applied_equal(Duration::from_secs(30)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (code, body) = healthz(&cluster, full).await;
-        if code == 200 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "node {full} still unhealthy: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_healthy(&cluster, full).await;
     step!("every acknowledged message ({}) is on every replica", acknowledged.len());
     let state = cluster.dump_state(leader_now).await;
     assert_same_dump(&format!("node {leader_now}"), &state, &format!("node {full}"), &cluster.dump_state(full).await);
