@@ -70,7 +70,8 @@ async fn short_chaos_on_postgres_loses_and_duplicates_nothing() {
 }
 
 /// Three SQLite replicas in the simulated multi-machine network of `bench --netsim-rtt-ms` (the namespaces,
-/// links and rules are removed when the setup is dropped), over TLS, 20 ms apart.
+/// links and rules are removed when the setup is dropped), over TLS, 20 ms apart. The namespaces have fixed
+/// names: one such test at a time (scripts/test.sh runs this suite with `--test-threads 1`).
 fn across_20_ms() -> Setup {
     let net = replichat_bench::netsim::Net::create(3, Duration::from_millis(20), env!("CARGO_BIN_EXE_bench").as_ref())
         .expect("the simulated network (root, ip and iptables-legacy needed)");
