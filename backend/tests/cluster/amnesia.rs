@@ -63,7 +63,7 @@ async fn a_wiped_backup_catches_up_by_snapshot() {
 
 /// `/healthz`'s `voter` on node `id` (false while it is a learner).
 async fn is_voter(cluster: &Cluster, id: u64) -> Option<bool> {
-    let (_, body) = http_get(&cluster.node(id).addr, "/healthz").await.ok()?;
+    let (_, body) = cluster.get(id, "/healthz").await.ok()?;
     serde_json::from_str::<serde_json::Value>(&body).ok()?["voter"].as_bool()
 }
 

@@ -57,6 +57,22 @@ async fn wait_healthy(cluster: &Cluster, id: u64) {
     }
 }
 
+/// Every message id in `acknowledged` is in `client`'s history with `with` (read page by page, newest first).
+async fn assert_all_in_history(client: &mut Client, with: &str, acknowledged: &[u64]) {
+    let mut stored = std::collections::BTreeSet::new();
+    let mut before = None;
+    loop {
+        let history = client.request(Request::History { with: with.into(), before, limit: Some(200) }).await;
+        let ServerBody::History { messages, .. } = history else { panic!("{history:?}") };
+        let Some(first) = messages.first() else { break };
+        before = Some(first.id);
+        stored.extend(messages.iter().map(|m| m.id));
+    }
+    for id in acknowledged {
+        assert!(stored.contains(id), "acknowledged message {id} is missing");
+    }
+}
+
 async fn healthz(cluster: &Cluster, id: u64) -> (u16, Value) {
     let (code, body) = http_get(&cluster.node(id).addr, "/healthz").await.expect("/healthz answers");
     (code, serde_json::from_str(&body).expect("/healthz is JSON"))
@@ -106,11 +122,7 @@ async fn a_primary_with_a_full_disk_steps_down_and_rejoins_once_there_is_space()
     step!("every acknowledged message ({}) is on every replica", acknowledged.len());
     let state = cluster.dump_state(leader).await;
     assert_same_dump(&format!("node {leader}"), &state, "node 0", &cluster.dump_state(0).await);
-    let history = alice.request(Request::History { with: "bob".into(), before: None, limit: Some(200) }).await;
-    let ServerBody::History { messages, .. } = history else { panic!("{history:?}") };
-    for id in &acknowledged {
-        assert!(messages.iter().any(|m| m.id == *id), "acknowledged message {id} is missing");
-    }
+    assert_all_in_history(&mut alice, "bob", &acknowledged).await;
     alice.close().await;
     bob.close().await;
     cluster.finish().await;
@@ -312,18 +324,7 @@ async fn full_postgres_disk(full: u64) {
     step!("every acknowledged message ({}) is on every replica", acknowledged.len());
     let state = cluster.dump_state(leader_now).await;
     assert_same_dump(&format!("node {leader_now}"), &state, &format!("node {full}"), &cluster.dump_state(full).await);
-    let mut stored = std::collections::BTreeSet::new();
-    let mut before = None;
-    loop {
-        let history = alice.request(Request::History { with: "bob".into(), before, limit: Some(200) }).await;
-        let ServerBody::History { messages, .. } = history else { panic!("{history:?}") };
-        let Some(first) = messages.first() else { break };
-        before = Some(first.id);
-        stored.extend(messages.iter().map(|m| m.id));
-    }
-    for id in &acknowledged {
-        assert!(stored.contains(id), "acknowledged message {id} is missing");
-    }
+    assert_all_in_history(&mut alice, "bob", &acknowledged).await;
     alice.close().await;
     bob.close().await;
     cluster.finish().await;
