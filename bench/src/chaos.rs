@@ -26,6 +26,8 @@ pub struct Options {
     /// Steady load before each kill, counted in acknowledgements: `rate × steady` of them after the
     /// previous victim caught up.
     pub steady: Duration,
+    /// Keep the scratch directory (node logs, databases) also after a clean run.
+    pub keep: bool,
 }
 
 /// One kill.
@@ -73,7 +75,7 @@ pub async fn run(setup: Setup, options: &Options) -> anyhow::Result<Report> {
     let replica_args = setup.args.clone();
     let mut cluster = Cluster::start(setup).await?;
     let result = cycles(&mut cluster, options, replica_args).await;
-    let keep = !matches!(&result, Ok(r) if r.is_clean());
+    let keep = options.keep || !matches!(&result, Ok(r) if r.is_clean());
     if keep {
         eprintln!("chaos: keeping {} (node logs, databases)", cluster.setup.dir.display());
     }

@@ -333,6 +333,10 @@ impl User {
                     {
                         self.term = term;
                         self.hint = leader_url.map(|u| format!("{}/ws", u.replacen("http", "ws", 1)));
+                        if self.hint.as_ref().is_some_and(|hint| *hint != url) {
+                            // Told where the primary is: go there now, no backoff.
+                            continue;
+                        }
                     }
                     _ => {}
                 }

@@ -78,6 +78,10 @@ pub struct Summary {
     /// The same without PostgreSQL's processes (equal to `server_cpu_us_per_msg` except on `pg3`).
     #[serde(default)]
     pub replica_cpu_us_per_msg: f64,
+    /// Elections during the run (the highest term any replica reports, after minus before); `None` for the
+    /// relay. A healthy cluster under steady load has none.
+    #[serde(default)]
+    pub elections: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
@@ -137,7 +141,9 @@ pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<
         usage.push((CLIENT.into(), Usage::own()));
         usage
     };
+    let term_before = cluster.highest_term().await;
     let outcome = drive(users, plan, &shared, &sample).await?;
+    let elections = term_before.zip(cluster.highest_term().await).map(|(before, after)| after - before);
     let secs = outcome.window.as_secs_f64();
     let processes: Vec<ProcessUsage> = outcome
         .usage
@@ -184,6 +190,7 @@ pub async fn run(cluster: &Cluster, plan: &Plan, label: &str) -> anyhow::Result<
         processes,
         server_cpu_us_per_msg,
         replica_cpu_us_per_msg,
+        elections,
     };
     Ok((summary, outcome))
 }

@@ -288,6 +288,17 @@ impl Cluster {
         None
     }
 
+    /// The highest term any running replica reports (`None` when none answers `/api/cluster`, e.g. the relay).
+    pub async fn highest_term(&self) -> Option<u64> {
+        let mut highest = None;
+        for id in self.live() {
+            if let Ok(status) = http::cluster_status(&self.node(id).addr).await {
+                highest = highest.max(Some(status.term));
+            }
+        }
+        highest
+    }
+
     /// Wait until node `id` has applied everything the primary had committed one poll (10 ms) earlier.
     /// Under load the primary's commit index moves on all the time, and a backup learns of each commit only
     /// with the next append, so "applied up to the commit index read just now" would measure that race,

@@ -32,7 +32,8 @@ async fn short_chaos(target: Target, pg: String) {
 
 async fn check_short_chaos(setup: Setup) {
     // Cycles 1-3 kill the primary, cycle 4 a backup.
-    let options = Options { cycles: 4, users: 10, rate: 100.0, backup_every: 4, steady: Duration::from_millis(500) };
+    let options =
+        Options { cycles: 4, users: 10, rate: 100.0, backup_every: 4, steady: Duration::from_millis(500), keep: false };
     let report = chaos::run(setup, &options).await.expect("chaos run");
     let h = &report.history;
     let s = &report.stored;
@@ -99,7 +100,8 @@ async fn restarted_replicas_catch_up_under_load_across_a_20_ms_round_trip() {
     let mut setup = across_20_ms();
     // Default timing, as in `bench chaos`; the chaos run waits at most 60 s for each restarted replica.
     setup.args.retain(|a| !a.starts_with("--heartbeat-ms") && !a.starts_with("--election-timeout-ms"));
-    let options = Options { cycles: 8, users: 20, rate: 200.0, backup_every: 0, steady: Duration::from_secs(1) };
+    let options =
+        Options { cycles: 8, users: 20, rate: 200.0, backup_every: 0, steady: Duration::from_secs(1), keep: false };
     let report = chaos::run(setup, &options).await.expect("chaos run: every restarted replica caught up");
     let h = &report.history;
     assert_eq!((h.lost, h.duplicated, h.out_of_order, h.mismatched), (0, 0, 0, 0), "{:?}", h.examples);
