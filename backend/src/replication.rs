@@ -58,6 +58,9 @@ const MAX_IN_FLIGHT: u64 = 4 * BATCH as u64;
 const MAX_TERM_LEAP: u64 = 1 << 32;
 /// Pause between attempts to reach a peer that is down.
 const REDIAL: Duration = Duration::from_millis(100);
+/// After the primary's connection closed, a refused pre-vote is asked again this many times per heartbeat, for
+/// one election timeout.
+const PRE_VOTE_RETRIES_PER_HEARTBEAT: u32 = 4;
 
 /// A replica's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -612,9 +615,11 @@ impl Core {
         }
         self.heard_leader = None;
         self.primary_lost = Some((peer, Instant::now()));
+        // The lowest live id asks at once (a refused pre-vote is retried, see `start_pre_vote`); each later one
+        // two heartbeats after the one before it, so that it stands only if the lower ones cannot.
         let heartbeat = self.timing.heartbeat;
-        let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=heartbeat.as_millis() as u64 / 2));
-        let soon = Instant::now() + heartbeat * (1 + 2 * self.election_rank()) + jitter;
+        let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=heartbeat.as_millis() as u64 / 10));
+        let soon = Instant::now() + heartbeat * (2 * self.election_rank()) + jitter;
         if soon < self.election_deadline {
             tracing::info!(peer, "connection to the primary lost; asking for pre-votes early");
             self.election_deadline = soon;
@@ -700,6 +705,12 @@ impl Core {
         self.real_election = false;
         self.pre_votes = BTreeSet::from([self.id]);
         self.reset_election_deadline();
+        if self.primary_lost.is_some_and(|(_, at)| at.elapsed() < self.timing.election) {
+            // The primary's connection closed a moment ago: a peer that refuses may simply not have noticed its own
+            // connection close yet. Ask again soon rather than a whole election timeout later (a pre-vote changes
+            // no term, and a peer that still hears a live primary keeps refusing).
+            self.election_deadline = Instant::now() + self.timing.heartbeat / PRE_VOTE_RETRIES_PER_HEARTBEAT;
+        }
         if self.pre_votes.len() >= self.votes_needed() {
             // Nobody to ask (all-live mode with every peer unreachable): go straight to the election.
             return true;
@@ -916,6 +927,7 @@ impl Core {
                     );
                 } else {
                     self.heard_leader = Some(Instant::now());
+                    self.primary_lost = None;
                     self.reset_election_deadline();
                 }
                 if !cluster.is_empty() {
@@ -968,6 +980,17 @@ impl Core {
                     self.role == Role::Primary || self.heard_leader.is_some_and(|t| t.elapsed() < self.timing.election);
                 if pre {
                     let granted = term > self.term && up_to_date && !leader_alive;
+                    let behind = (last_term, last_index) < (self.last_term, self.last_index);
+                    if !granted && behind && !leader_alive && self.voter && self.role != Role::Primary {
+                        // No primary, and the candidate lacks entries this replica holds: it cannot win, so this
+                        // replica stands now instead of at its own, later, turn.
+                        let jitter = rand::thread_rng().gen_range(0..=self.timing.heartbeat.as_millis() as u64 / 10);
+                        let soon = Instant::now() + Duration::from_millis(jitter);
+                        if soon < self.election_deadline {
+                            tracing::info!(candidate, "a candidate with less log asked for a pre-vote; standing now");
+                            self.election_deadline = soon;
+                        }
+                    }
                     return Ok(PeerFrame::Voted { term: self.term, from: self.id, granted, pre: true });
                 }
                 if term < self.term || leader_alive && term > self.term {
@@ -1289,11 +1312,17 @@ impl Core {
             .collect()
     }
 
+    /// The primary this replica follows, unless its connection closed and it has not been heard since (most
+    /// likely it crashed): clients are not sent to a dead replica, and wait for the election instead.
+    fn live_leader(&self) -> Option<u64> {
+        self.leader.filter(|&leader| self.primary_lost.is_none_or(|(lost, _)| lost != leader))
+    }
+
     fn publish(&self) {
         let status = Status {
             role: self.role,
             term: self.term,
-            leader: self.leader,
+            leader: self.live_leader(),
             commit_index: self.commit_index,
             last_index: self.last_index,
             replicas: self.view(),
@@ -1496,11 +1525,18 @@ mod tests {
     /// A replica 0 of three whose peers are unreachable (nothing listens on port 9 of loopback), over a fresh
     /// SQLite file whose stored term is `term`, with the given election timeout.
     async fn replica(term: u64, election: Duration) -> (Replication, CancellationToken) {
+        replica_with_log(term, election, 0).await
+    }
+
+    /// The same with `entries` log entries of `term` already stored.
+    async fn replica_with_log(term: u64, election: Duration, entries: u64) -> (Replication, CancellationToken) {
         let dir = std::env::temp_dir().join("replichat-replication-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{}.db", uuid::Uuid::new_v4().simple()));
         let db = Db::open(&format!("sqlite://{}", path.display())).await.unwrap();
         db.save_election_state(term, None).await.unwrap();
+        let log: Vec<WireEntry> = (1..=entries).map(|index| WireEntry { index, term, op: "{}".into() }).collect();
+        db.append_entries(&log).await.unwrap();
         let peers = (0..3).map(|id| Peer { id, url: "http://127.0.0.1:9".to_owned() }).collect();
         let timing = Timing { heartbeat: election / 10, election, ack: Ack::Majority };
         let shutdown = CancellationToken::new();
@@ -1541,6 +1577,20 @@ mod tests {
         let answer = replica.request(heartbeat(4)).await;
         assert!(matches!(answer, Some(PeerFrame::Appended { success: true, term: 4, .. })), "{answer:?}");
         assert_eq!(replica.status().borrow().term, 4);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_replica_asked_by_a_candidate_with_less_log_stands_at_once() {
+        // An election timeout far beyond the test (and a heartbeat, the jitter's scale, of 6 s): only the refused
+        // pre-vote can make this replica stand.
+        let (replica, shutdown) = replica_with_log(3, Duration::from_secs(60), 5).await;
+        let behind = PeerFrame::Vote { term: 4, candidate: 1, last_index: 4, last_term: 3, pre: true };
+        let answer = replica.request(behind).await;
+        assert!(matches!(answer, Some(PeerFrame::Voted { granted: false, pre: true, .. })), "{answer:?}");
+        let mut status = replica.status();
+        let stands = tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.role == Role::Candidate));
+        assert!(stands.await.is_ok(), "the replica with more log did not ask for pre-votes itself");
         shutdown.cancel();
     }
 

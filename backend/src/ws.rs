@@ -49,6 +49,9 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Longest one write may wait for the client to read.
     pub write: Duration,
+    /// How long a replica that knows no live primary (an election is under way) holds a new client before
+    /// answering `not_leader` without a leader: two election timeouts.
+    pub leader_wait: Duration,
 }
 
 impl Timeouts {
@@ -60,6 +63,7 @@ impl Timeouts {
             ping: ms(config.ping_interval_ms),
             idle: ms(config.idle_timeout_ms),
             write: ms(config.write_timeout_ms),
+            leader_wait: ms(config.election_timeout_ms.saturating_mul(2)),
         }
     }
 }
@@ -148,7 +152,20 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     let (sink, mut stream) = socket.split();
     let mut out = Out { sink, timeout: timeouts.write };
     let mut status = state.chat.replication().status();
-    let first = status.borrow_and_update().clone();
+    let mut first = status.borrow_and_update().clone();
+    if first.role != Role::Primary && first.leader.is_none() {
+        // No live primary known: most likely one just died and an election is under way. Answer once it is
+        // decided (welcome, if this replica won), so the client neither backs off nor tries a dead replica.
+        let decided = status.wait_for(|s| s.role == Role::Primary || s.leader.is_some());
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {}
+            decided = tokio::time::timeout(timeouts.leader_wait, decided) => {
+                if let Ok(Ok(now)) = decided {
+                    first = now.clone();
+                }
+            }
+        }
+    }
     if first.role != Role::Primary {
         // Clients talk to the primary only: tell them where it is, then close.
         let _ = out.write(None, not_leader(&state, &first)).await;

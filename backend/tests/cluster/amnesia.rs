@@ -61,12 +61,6 @@ async fn a_wiped_backup_catches_up_by_snapshot() {
     wiped_backup_catches_up(options, "by snapshot: the primary compacted its log").await;
 }
 
-/// `/healthz`'s `voter` on node `id` (false while it is a learner).
-async fn is_voter(cluster: &Cluster, id: u64) -> Option<bool> {
-    let (_, body) = cluster.get(id, "/healthz").await.ok()?;
-    serde_json::from_str::<serde_json::Value>(&body).ok()?["voter"].as_bool()
-}
-
 /// Raft's amnesia hazard. Entries are committed by the primary and one backup while the other backup is down;
 /// the backup that acknowledged them loses its disk; the primary stops. The stale backup lacks the committed
 /// entries, and the wiped one cannot know that: if the wiped one voted as if it still had its log, the two would
@@ -91,7 +85,7 @@ async fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     alice.close().await;
     let committed = cluster.wait_applied_equal(Duration::from_secs(10)).await;
     for id in [leader, acker] {
-        assert_eq!(is_voter(&cluster, id).await, Some(true), "node {id} caught up long ago");
+        assert_eq!(cluster.is_voter(id).await, Some(true), "node {id} caught up long ago");
     }
 
     step!("node {acker} loses its disk, node {leader} stops, nodes {stale} and {acker} start");
@@ -103,7 +97,7 @@ async fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     cluster.stop(leader).await;
     cluster.restart(stale).await;
     cluster.restart(acker).await;
-    assert_eq!(is_voter(&cluster, acker).await, Some(false), "a wiped replica starts as a learner");
+    assert_eq!(cluster.is_voter(acker).await, Some(false), "a wiped replica starts as a learner");
 
     // An absence can only be observed over a window: ten election timeouts, in which the two would have
     // elected node {stale} many times over (it took about one without the learner rule).
@@ -129,7 +123,7 @@ async fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     let reference = cluster.dump_state(leader).await;
     for id in [acker, stale] {
         assert_same_dump(&format!("node {leader}"), &reference, &format!("node {id}"), &cluster.dump_state(id).await);
-        assert_eq!(is_voter(&cluster, id).await, Some(true), "node {id} caught up, so it votes again");
+        assert_eq!(cluster.is_voter(id).await, Some(true), "node {id} caught up, so it votes again");
     }
     for i in 0..10 {
         assert!(reference.contains(&format!("committed on two {i}")), "message {i} was lost:\n{reference}");

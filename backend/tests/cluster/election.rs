@@ -141,3 +141,41 @@ async fn after_a_kill_the_new_primary_reports_the_dead_replica_as_it_last_was() 
     assert!(elections.contains(&(term_after, next)), "{elections:?}");
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_knows_no_live_primary_holds_a_client_until_one_is_elected() {
+    // An election timeout longer than the whole test: only the early path (closed connections) elects.
+    let options = Options { args: vec!["--election-timeout-ms".into(), "5000".into()], ..Options::default() };
+    let mut cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
+    let first = cluster.wait_for_primary(Duration::from_secs(60)).await;
+    let mut alice = cluster.client_to_primary().await;
+    alice.register("alice", "password123").await;
+    cluster.wait_applied_equal(Duration::from_secs(10)).await;
+    cluster.wait_all_voters(Duration::from_secs(10)).await;
+    let backups: Vec<u64> = (0..3).filter(|&id| id != first).collect();
+    let (alone, other) = (backups[0], backups[1]);
+
+    step!("stop backup {other}, then kill -9 the primary {first}: node {alone} is left without a majority");
+    cluster.stop(other).await;
+    cluster.kill(first).await;
+    // A client sent to the dead primary would only find a refused connection: the replica must stop naming it.
+    cluster
+        .wait_until(&format!("node {alone} to stop naming the dead primary {first}"), Duration::from_secs(10), |all| {
+            all.iter().find(|(id, _)| *id == alone).and_then(|(_, s)| s["leader"].is_null().then_some(()))
+        })
+        .await;
+
+    step!("a client connects to node {alone} while no primary can be known; node {other} comes back");
+    let url = cluster.node(alone).ws_url();
+    let held = tokio::spawn(async move { Client::connect_any(&url).await });
+    cluster.restart(other).await;
+    let (_client, answer) = held.await.unwrap().expect("an answer to the held client");
+    let primary = cluster.wait_for_primary(Duration::from_secs(20)).await;
+    step!("the held client was told: {answer:?}; the primary is node {primary}");
+    match answer {
+        ServerBody::Welcome { node, .. } => assert_eq!(node, primary, "welcomed by a replica that is not primary"),
+        ServerBody::NotLeader { leader, .. } => assert_eq!(leader, Some(primary), "not told the new primary"),
+        other => panic!("unexpected first frame: {other:?}"),
+    }
+    cluster.finish().await;
+}

@@ -385,6 +385,24 @@ impl Cluster {
         }
     }
 
+    /// `/healthz`'s `voter` on node `id` (false while it is a learner; `None` when it does not answer).
+    pub async fn is_voter(&self, id: u64) -> Option<bool> {
+        let (_, body) = self.get(id, "/healthz").await.ok()?;
+        serde_json::from_str::<Value>(&body).ok()?["voter"].as_bool()
+    }
+
+    /// Wait until every running node is a voter (a new cluster's replicas are learners until they have an entry
+    /// of the first primary's term), or panic at the deadline.
+    pub async fn wait_all_voters(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        for id in self.live() {
+            while self.is_voter(id).await != Some(true) {
+                assert!(Instant::now() < deadline, "node {id} is not a voter after {within:?}");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+
     /// Statuses of every running node (`None` for a node that did not answer).
     pub async fn statuses(&self) -> Vec<(u64, Option<Value>)> {
         let mut out = Vec::new();
