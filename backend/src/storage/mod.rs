@@ -441,15 +441,17 @@ impl Db {
         self.pool.close().await;
     }
 
-    /// SQLite's `PRAGMA journal_mode` and `PRAGMA synchronous` as seen by a pooled connection; `None` on
-    /// PostgreSQL. Lets tests check the durability settings are really in force.
+    /// SQLite's `PRAGMA journal_mode` and `PRAGMA synchronous` as the writer connection (which appends to the
+    /// log) sees them between two transactions; `None` on PostgreSQL. Lets tests check the durability settings
+    /// are really in force.
     pub async fn sqlite_durability(&self) -> Result<Option<(String, i64)>> {
         if self.backend != Backend::Sqlite {
             return Ok(None);
         }
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.transaction_connection().await?;
         let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&mut *conn).await?.try_get(0)?;
         let sync: i64 = sqlx::query("PRAGMA synchronous").fetch_one(&mut *conn).await?.try_get(0)?;
+        conn.finished();
         Ok(Some((mode, sync)))
     }
 

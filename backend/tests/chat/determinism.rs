@@ -112,3 +112,66 @@ both!(a_snapshot_installs_as_the_identical_state, |engine| async move {
     assert_eq!(replica.applied_index().await.unwrap(), applied);
     assert!(replica.dump_state().await.unwrap().contains("message 399"));
 });
+
+// A crash between appending an entry and committing its apply: the real binary aborts (as abruptly as kill -9)
+// inside an apply transaction, after writing the state and before committing it. Restarted, it applies the
+// entry from the log; the client's retry with the same client id gets the original answer; nothing is lost or
+// stored twice, and the state is exactly what replaying the log into an empty database gives.
+both!(a_crash_inside_an_apply_loses_and_repeats_nothing, |engine| async move {
+    let db = fresh_db(engine).await;
+    // The no-op and two registrations are the first three applies; the eighth is a send's.
+    let process = Process::spawn(&db, &[("REPLICHAT_TEST_ABORT_IN_APPLY", "8")]).await;
+    let mut alice = Client::connect(&process.ws_url()).await;
+    alice.register("alice", "password123").await;
+    Client::connect(&process.ws_url()).await.register("bob", "password123").await;
+    let send = |i: usize| Request::Send {
+        to: "bob".into(),
+        text: format!("message {i}"),
+        client_id: format!("client-id-{i}"),
+    };
+    let mut acked = Vec::new();
+    let mut crashed_at = None;
+    for i in 0..20 {
+        match alice.try_request(send(i), WAIT).await {
+            Ok(ServerBody::Sent { id, .. }) => acked.push((i, id)),
+            Ok(other) => panic!("send {i}: {other:?}"),
+            Err(_) => {
+                crashed_at = Some(i);
+                break;
+            }
+        }
+    }
+    let crashed_at = crashed_at.expect("the replica aborted inside an apply");
+    let mut process = process;
+    let exit = tokio::time::timeout(WAIT, process.child.wait()).await.expect("the process ended").unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(exit.signal(), Some(6), "aborted (SIGABRT) inside the apply: {exit:?}");
+
+    let process = Process::spawn(&db, &[]).await;
+    let mut alice = Client::connect(&process.ws_url()).await;
+    alice.login("alice", "password123").await;
+    // The unanswered send again (same client id), then the rest.
+    for i in crashed_at..20 {
+        let ServerBody::Sent { id, .. } = alice.request(send(i)).await else { panic!("send {i} after the restart") };
+        acked.push((i, id));
+    }
+    let mut bob = Client::connect(&process.ws_url()).await;
+    bob.login("bob", "password123").await;
+    let ServerBody::History { messages, .. } =
+        bob.request(Request::History { with: "alice".into(), before: None, limit: Some(100) }).await
+    else {
+        panic!("history")
+    };
+    let stored: Vec<(String, u64)> = messages.iter().map(|m| (m.text.clone(), m.id)).collect();
+    let expected: Vec<(String, u64)> = acked.iter().map(|(i, id)| (format!("message {i}"), *id)).collect();
+    assert_eq!(stored, expected, "every acknowledged message once, under its acknowledged id, in order");
+    assert!(process.terminate().await.success());
+
+    let db = Db::open(&db).await.unwrap();
+    let entries = db.entries(0, u32::MAX).await.unwrap();
+    assert_eq!(db.applied_index().await.unwrap(), entries.last().unwrap().index, "everything was applied");
+    let replica = Db::open(&fresh_db(engine).await).await.unwrap();
+    replica.append_entries(&entries).await.unwrap();
+    replica.apply_committed(entries.len() as u64).await.unwrap();
+    assert_eq!(replica.dump().await.unwrap(), db.dump().await.unwrap(), "the state is the log's, replayed");
+});

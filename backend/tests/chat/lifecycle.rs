@@ -1,10 +1,6 @@
 //! The process around the chat: durability settings, restart, graceful shutdown, health.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use replichat_shared::{Request, ServerBody};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::both;
 use crate::util::*;
@@ -15,6 +11,12 @@ async fn sqlite_runs_in_wal_mode_with_full_sync() {
     let (mode, sync) = server.db().sqlite_durability().await.unwrap().expect("sqlite");
     assert_eq!(mode.to_lowercase(), "wal");
     assert_eq!(sync, 2, "synchronous = FULL");
+    // Applies are not synced (the log is), but the next log append on the same connection must be again.
+    let mut alice = server.user("alice").await;
+    server.user("bob").await;
+    alice.send_message("bob", "applied without a sync of its own").await;
+    let (_, sync) = server.db().sqlite_durability().await.unwrap().expect("sqlite");
+    assert_eq!(sync, 2, "the writer is back to synchronous = FULL after an apply");
 }
 
 #[cfg(unix)]
@@ -59,32 +61,24 @@ both!(state_survives_a_restart, |engine| async move {
 async fn sigterm_closes_sockets_with_1001_and_exits_0() {
     init_tracing();
     let db = fresh_db(Engine::Sqlite).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
-        .args(["serve", "--id", "3", "--listen", "127.0.0.1:0", "--db", &db])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn replichat");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("startup line").unwrap().expect("a line");
-    let base = line.strip_prefix("replichat listening on ").expect("announces its address").to_owned();
+    let process = Process::spawn(&db, &[]).await;
+    let base = process.base.clone();
 
     let health = http_get(&format!("{}/healthz", base.trim_start_matches("http://"))).await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     assert!(health.contains(r#""id":3"#), "{health}");
 
-    let mut client = Client::connect(&format!("{}/ws", base.replace("http://", "ws://"))).await;
+    let mut client = Client::connect(&process.ws_url()).await;
     let ServerBody::Welcome { node, .. } = client.welcome.clone() else { panic!() };
     assert_eq!(node, 3);
     client.register("alice", "password123").await;
 
-    let pid = child.id().expect("pid").to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
-    let frame = client.expect_close().await.expect("close frame");
+    let pid = process.child.id().expect("pid").to_string();
+    let closing = tokio::spawn(async move { client.expect_close().await });
+    let exit = process.terminate().await;
+    let frame = closing.await.unwrap().expect("close frame");
     assert_eq!(u16::from(frame.code), 1001);
-    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits").unwrap();
-    assert!(exit.success(), "exit status {exit:?}");
+    assert!(exit.success(), "exit status {exit:?} of {pid}");
 }
 
 // `/metrics` on an in-process server. Every server this test binary starts shares one recorder (one per

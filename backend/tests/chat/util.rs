@@ -119,3 +119,40 @@ impl Server {
         }
     }
 }
+
+/// The real `replichat` binary serving `db` alone on a free loopback port, with `env` set, its stdout read up
+/// to the listening line. Killed when dropped.
+pub struct Process {
+    pub child: tokio::process::Child,
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+}
+
+impl Process {
+    pub async fn spawn(db: &str, env: &[(&str, &str)]) -> Process {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
+            .args(["serve", "--id", "3", "--listen", "127.0.0.1:0", "--db", db])
+            .args(["--send-rate", "1000000", "--send-burst", "1000000"])
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn replichat");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("startup line").unwrap().expect("a line");
+        let base = line.strip_prefix("replichat listening on ").expect("announces its address").to_owned();
+        Process { child, base }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("{}/ws", self.base.replace("http://", "ws://"))
+    }
+
+    /// SIGTERM, then wait (at most 15 s) for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("pid").to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        tokio::time::timeout(std::time::Duration::from_secs(15), self.child.wait()).await.expect("exits").unwrap()
+    }
+}
