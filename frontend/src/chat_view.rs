@@ -265,8 +265,9 @@ fn Sidebar() -> impl IntoView {
     }
 }
 
-/// A peer's presence in words, and whether it is known: online, last seen at HH:MM (when this app saw them
-/// go), offline, account deleted, or unknown while the app has no connection (it cannot know).
+/// A peer's presence in words, and whether it is known: online, last seen (at HH:MM today, yesterday at
+/// HH:MM, or on a date, as the server recorded it), offline (never recorded), account deleted, or unknown
+/// while the app has no connection (it cannot know).
 fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String, bool) {
     let peer = key(peer);
     if !matches!(link.get(), LinkState::Online { .. }) {
@@ -278,14 +279,33 @@ fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String
     let text = match chat.online.with(|o| o.get(&peer).copied()) {
         Some(true) => "online".to_owned(),
         _ => match chat.last_seen.with(|seen| seen.get(&peer).copied()) {
-            Some(at) => {
-                let time = String::from(js_sys::Date::new(&at.into()).to_locale_time_string("en-GB"));
-                format!("last seen at {}", &time[..time.len().min(5)])
-            }
+            Some(at) => last_seen_words(at, js_sys::Date::now()),
             None => "offline".to_owned(),
         },
     };
     (text, true)
+}
+
+/// "last seen at 14:05" (today), "last seen yesterday at 14:05", "last seen 28 Nov at 14:05" (this year),
+/// "last seen 28 Nov 2025"; in local time.
+fn last_seen_words(at: f64, now: f64) -> String {
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let seen = js_sys::Date::new(&at.into());
+    let today = js_sys::Date::new(&now.into());
+    let day = |d: &js_sys::Date| (d.get_full_year(), d.get_month(), d.get_date());
+    let yesterday = js_sys::Date::new(&today.clone().into());
+    yesterday.set_date(today.get_date() - 1);
+    let time = format!("{:02}:{:02}", seen.get_hours(), seen.get_minutes());
+    let date = format!("{} {}", seen.get_date(), MONTHS[(seen.get_month() as usize).min(11)]);
+    if day(&seen) == day(&today) {
+        format!("last seen at {time}")
+    } else if day(&seen) == day(&yesterday) {
+        format!("last seen yesterday at {time}")
+    } else if seen.get_full_year() == today.get_full_year() {
+        format!("last seen {date} at {time}")
+    } else {
+        format!("last seen {date} {}", seen.get_full_year())
+    }
 }
 
 #[component]
@@ -321,7 +341,7 @@ fn OpenConversation() -> impl IntoView {
         let peer = key(&peer());
         chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted))
     };
-    // In words: online, offline, last seen (when this app saw it go), or unknown while disconnected.
+    // In words: online, offline, last seen (as the server recorded it), or unknown while disconnected.
     let link = connection::get().state;
     let presence = move || presence_words(&chat, link, &peer());
     let draft = RwSignal::new(String::new());
