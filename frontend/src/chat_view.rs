@@ -279,33 +279,29 @@ fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String
     let text = match chat.online.with(|o| o.get(&peer).copied()) {
         Some(true) => "online".to_owned(),
         _ => match chat.last_seen.with(|seen| seen.get(&peer).copied()) {
-            Some(at) => last_seen_words(at, js_sys::Date::now()),
+            Some(at) => last_seen_words(at),
             None => "offline".to_owned(),
         },
     };
     (text, true)
 }
 
-/// "last seen at 14:05" (today), "last seen yesterday at 14:05", "last seen 28 Nov at 14:05" (this year),
-/// "last seen 28 Nov 2025"; in local time.
-fn last_seen_words(at: f64, now: f64) -> String {
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let seen = js_sys::Date::new(&at.into());
-    let today = js_sys::Date::new(&now.into());
-    let day = |d: &js_sys::Date| (d.get_full_year(), d.get_month(), d.get_date());
-    let yesterday = js_sys::Date::new(&today.clone().into());
-    yesterday.set_date(today.get_date() - 1);
-    let time = format!("{:02}:{:02}", seen.get_hours(), seen.get_minutes());
-    let date = format!("{} {}", seen.get_date(), MONTHS[(seen.get_month() as usize).min(11)]);
-    if day(&seen) == day(&today) {
-        format!("last seen at {time}")
-    } else if day(&seen) == day(&yesterday) {
-        format!("last seen yesterday at {time}")
-    } else if seen.get_full_year() == today.get_full_year() {
-        format!("last seen {date} at {time}")
-    } else {
-        format!("last seen {date} {}", seen.get_full_year())
+/// "last seen at 14:05" (today), "last seen yesterday at 14:05", or "last seen 28/11/2026 at 14:05" (the
+/// browser's date format and time zone).
+fn last_seen_words(at: f64) -> String {
+    let at = at as i64;
+    let time = clock(at);
+    match day_label(at).as_str() {
+        "Today" => format!("last seen at {time}"),
+        "Yesterday" => format!("last seen yesterday at {time}"),
+        date => format!("last seen {date} at {time}"),
     }
+}
+
+/// "14:05": the hours and minutes of a time in ms since the epoch (the browser's time zone).
+fn clock(at: i64) -> String {
+    let time = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(at as f64));
+    format!("{:02}:{:02}", time.get_hours(), time.get_minutes())
 }
 
 #[component]
@@ -602,8 +598,7 @@ const MESSAGE: &str = "[data-testid=message]";
 fn MessageLine(line: Line, first: bool, day: Option<String>) -> impl IntoView {
     let chat = expect_context::<Chat>();
     let mine = chat.me.get_untracked().is_some_and(|me| me == line.from);
-    let time = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(line.sent_at as f64));
-    let clock = format!("{:02}:{:02}", time.get_hours(), time.get_minutes());
+    let clock = clock(line.sent_at);
     // A compact tick for my messages, said in words to assistive technology and in the tooltip.
     let (tick, status_text) = match &line.status {
         Status::Sending => ("🕓", "Sending…".to_owned()),
