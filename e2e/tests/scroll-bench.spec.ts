@@ -2,9 +2,10 @@
  * A benchmark, not a timed assertion: how smoothly a conversation of 10,000 messages scrolls from its newest
  * message to its first with the mouse wheel. Frame times come from requestAnimationFrame timestamps in the
  * page during scripted wheel scrolling (Playwright's `mouse.wheel`, one notch after another, as fast as the
- * page takes them); the spec prints p50/p95/p99, the frames over 33 ms ("dropped": two or more 60 Hz frames
- * missed) and the DOM size, and writes them to `test-results/scroll-bench-<count>.json`. It asserts only
- * structure: the first message is reached and the page stays bounded.
+ * page takes them); the spec prints p50/p95/p99, the frames over 33 ms (at least one 60 Hz refresh missed),
+ * the refreshes missed in all ("dropped frames") and the DOM size, and writes them to
+ * `test-results/.../scroll-bench-<count>.json`. It asserts only structure: the first message is reached and
+ * the page stays bounded.
  *
  * Opt-in (seeding 10,000 messages and scrolling through them takes minutes):
  *   REPLICHAT_E2E_SCROLL_BENCH=10000 scripts/e2e.sh tests/scroll-bench.spec.ts --repeat-each 3
@@ -119,8 +120,10 @@ test('scrolling a conversation of 10,000 messages from the newest to the first: 
     p95_ms: Number(percentile(sorted, 95).toFixed(1)),
     p99_ms: Number(percentile(sorted, 99).toFixed(1)),
     max_ms: Number(sorted[sorted.length - 1].toFixed(1)),
-    over_33ms: deltas.filter((d) => d > 33.4).length,
+    // A frame slower than 33 ms missed at least one 60 Hz refresh; dropped frames counts the refreshes missed.
+    over_33ms: deltas.filter((d) => d > 33).length,
     over_50ms: deltas.filter((d) => d > 50).length,
+    dropped_frames: deltas.reduce((n, d) => n + Math.max(0, Math.round(d / (1000 / 60)) - 1), 0),
     max_dom_elements: sample.maxNodes,
     max_message_elements: sample.maxMessages,
   };
