@@ -70,6 +70,20 @@ test('a page opened after a peer left says when they were last seen, from the se
   await expect(find.headerPresence(fresh)).toHaveText('online');
   await bobAgain.close();
   await expect(find.headerPresence(fresh)).toHaveText(/^last seen at \d\d:\d\d$/);
+
+  step('seen from a day later, and from three days later: "yesterday at", then the date');
+  const DAY = 86_400_000;
+  for (const [days, words] of [
+    [1, /^last seen yesterday at \d\d:\d\d$/],
+    [3, /^last seen \d{1,2}[/.]\d{1,2}[/.]\d{4} at \d\d:\d\d$/],
+  ] as const) {
+    const later = await loggedIn(openPage, 'alice', {
+      replica: primary,
+      setup: (context) => context.clock.setFixedTime(new Date(Date.now() + days * DAY)),
+    });
+    await expect(find.conversation(later, 'bob').getByRole('img', { name: words })).toBeAttached();
+    await later.close();
+  }
 });
 
 /** Replace window.Notification with a recorder; `document.hidden` follows `window.__e2eHidden`. */
