@@ -120,6 +120,8 @@ pub struct Chat {
     fatal: Mutex<Option<String>>,
     /// Sessions unused for this long expire (`--session-idle-secs`).
     session_idle: Duration,
+    /// Cancelled when the replica stops: sockets closing then are not recorded as their users going away.
+    shutdown: CancellationToken,
 }
 
 /// A send in flight on this replica (see `Chat::sending`).
@@ -161,6 +163,7 @@ impl Chat {
             storage_problem: Mutex::default(),
             fatal: Mutex::default(),
             session_idle,
+            shutdown: shutdown.clone(),
         });
         tokio::spawn(std::sync::Arc::clone(&chat).apply_committed(applied_tx, compact_keep, shutdown));
         Ok(chat)
@@ -446,17 +449,48 @@ impl Chat {
 
     /// Tell `user_id`'s contacts that it came online (after its first socket attached).
     pub async fn announce_online(&self, authed: &Authed) -> Result<()> {
-        self.announce_presence(authed.user_id, &authed.username, true).await
+        let presence = ServerBody::Presence { username: authed.username.clone(), online: true, last_seen: None };
+        for contact in self.db.contacts(authed.user_id).await? {
+            self.hub.push(contact, Push::Frame(presence.clone()));
+        }
+        Ok(())
     }
 
-    /// Detach socket `conn` from `user_id`; if it was the last one, tell the contacts it went offline.
+    /// Detach socket `conn` from `user_id`; if it was the last one and the user has contacts (the only people
+    /// shown presence), record in the log when the user was last seen, and once that is applied tell the
+    /// contacts it went offline, and when. That is the one write presence costs: once per "went offline",
+    /// never per message. Not recorded while the replica stops (its sockets close because of it, not because
+    /// their users left) or once it is no longer primary; a later contact sees the last sign-in instead.
     pub async fn detach(&self, user_id: i64, conn: ConnId) {
-        if self.hub.detach(user_id, conn) {
-            if let Ok(Some(user)) = self.db.user_by_id(user_id).await {
-                if let Err(e) = self.announce_presence(user.id, &user.username, false).await {
-                    tracing::warn!(error = %e, "could not announce presence");
-                }
+        if !self.hub.detach(user_id, conn) {
+            return;
+        }
+        let at = now_ms();
+        let (user, contacts) = match self.db.user_by_id(user_id).await {
+            Ok(Some(user)) => match self.db.contacts(user_id).await {
+                Ok(contacts) if !contacts.is_empty() => (user, contacts),
+                Ok(_) => return,
+                Err(e) => return tracing::warn!(error = %e, "could not announce presence"),
+            },
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(error = %e, "could not announce presence"),
+        };
+        if !self.shutdown.is_cancelled() {
+            let recorded = match self.propose_quietly(Op::Seen { user_id, at }).await {
+                Ok(index) => self.wait_applied(index).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = recorded {
+                tracing::debug!(error = %e, user_id, "could not record when the user was last seen");
             }
+        }
+        // Back in the meantime (a reload): then they never looked offline.
+        if self.hub.online(user_id) {
+            return;
+        }
+        let presence = ServerBody::Presence { username: user.username, online: false, last_seen: Some(at) };
+        for contact in contacts {
+            self.hub.push(contact, Push::Frame(presence.clone()));
         }
     }
 
@@ -622,7 +656,8 @@ impl Chat {
         Ok(())
     }
 
-    /// `conversations`: most recent first, with unread counts and whether each peer is online.
+    /// `conversations`: most recent first, with unread counts, whether each peer is online and when they were
+    /// last seen.
     pub async fn conversations(&self, me: &Authed) -> Result<Vec<Conversation>> {
         let rows = self.db.conversations(me.user_id).await?;
         Ok(rows
@@ -683,13 +718,6 @@ impl Chat {
             return Err(Error::SelfSend);
         }
         Ok(peer)
-    }
-
-    async fn announce_presence(&self, user_id: i64, username: &str, online: bool) -> Result<()> {
-        for contact in self.db.contacts(user_id).await? {
-            self.hub.push(contact, Push::Frame(ServerBody::Presence { username: username.to_owned(), online }));
-        }
-        Ok(())
     }
 
     /// Check `password` for `user` (absent: no such live account; the check then takes as long and fails),

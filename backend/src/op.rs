@@ -33,6 +33,9 @@ pub enum Op {
     LoginFailed { user_id: i64, at: i64 },
     /// A session was used (resumed) at `at`: it renews the idle timeout. Recorded at most once a day.
     Touch { token_hash: String, at: i64 },
+    /// The account's last open socket closed at `at` (on the primary, which chose the time): it was last
+    /// seen then. Recorded once per "went offline", never per message.
+    Seen { user_id: i64, at: i64 },
     /// A message stored. Its id is the index of the entry (sends are proposed concurrently, so the node
     /// learns the index only when the entry is appended; the index is part of the entry, so applying stays
     /// deterministic).
@@ -77,6 +80,7 @@ impl Op {
             | Op::DeleteAccount { .. }
             | Op::LogoutAll { .. }
             | Op::LoginFailed { .. }
+            | Op::Seen { .. }
             | Op::Noop => &[],
         };
         if texts.iter().any(|t| t.contains('\0')) {

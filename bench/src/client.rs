@@ -374,7 +374,18 @@ impl User {
         loop {
             let now_phase = *phase.borrow_and_update();
             if now_phase == Phase::Finish {
-                let _ = ws.close(None).await;
+                // Wait for the server's close frame: by then it has recorded when this user was last seen (an
+                // entry of its own), so the replicas the run compares next are at rest.
+                if ws.close(None).await.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        while let Some(Ok(message)) = ws.next().await {
+                            if message.is_close() {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
                 return Ok(Ended::Finished);
             }
             if let (Pace::Window(w), Phase::Run) = (pace, now_phase) {

@@ -168,3 +168,51 @@ export async function screenshot(page: Page, name: string, size = { width: 1280,
   await page.screenshot({ path: file, fullPage: false, animations: 'disabled', caret: 'hide' });
   return file;
 }
+
+/**
+ * Register alice and bob and send `count` messages ("seed 00001", ...) from alice to bob over the protocol,
+ * from `page`'s context (500 requests in flight at a time). The replicas need a high `--send-rate`.
+ */
+export async function seedConversation(page: Page, count: number, password: string): Promise<void> {
+  await page.evaluate(
+    async ({ count, password }) => {
+      const url = `${location.origin.replace('http', 'ws')}/ws`;
+      const open = () =>
+        new Promise<WebSocket>((resolve, reject) => {
+          const ws = new WebSocket(url);
+          ws.onerror = () => reject(new Error('socket error'));
+          ws.onmessage = (e) => {
+            if (JSON.parse(e.data).type === 'welcome') resolve(ws);
+          };
+        });
+      const ask = (ws: WebSocket, frames: object[]) =>
+        new Promise<void>((resolve, reject) => {
+          let left = frames.length;
+          ws.onmessage = (e) => {
+            const frame = JSON.parse(e.data);
+            if (frame.type === 'error') reject(new Error(e.data));
+            if (frame.req !== undefined && (frame.type === 'session' || frame.type === 'sent')) {
+              left -= 1;
+              if (left === 0) resolve();
+            }
+          };
+          for (const f of frames) ws.send(JSON.stringify(f));
+        });
+      const bob = await open();
+      await ask(bob, [{ type: 'register', req: 'r', username: 'bob', password }]);
+      bob.close();
+      const alice = await open();
+      await ask(alice, [{ type: 'register', req: 'r', username: 'alice', password }]);
+      for (let from = 1; from <= count; from += 500) {
+        const frames = [];
+        for (let i = from; i < Math.min(from + 500, count + 1); i++) {
+          const n = String(i).padStart(5, '0');
+          frames.push({ type: 'send', req: `s${i}`, to: 'bob', text: `seed ${n}`, client_id: `seed-${n}` });
+        }
+        await ask(alice, frames);
+      }
+      alice.close();
+    },
+    { count, password },
+  );
+}

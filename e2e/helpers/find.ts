@@ -53,7 +53,10 @@ export const presence = (page: Page, withUser: string): Locator => conversation(
 // ----- Open conversation -----
 
 export const conversationTitle = (page: Page): Locator => page.getByTestId('conversation-title');
-/** The open conversation's presence line, in words: online, last seen at HH:MM, offline, or unknown. */
+/**
+ * The open conversation's presence line, in words: online, last seen (at HH:MM, yesterday at HH:MM, or a date),
+ * offline, or unknown.
+ */
 export const headerPresence = (page: Page): Locator => page.getByTestId('header-presence');
 export const history = (page: Page): Locator => page.getByTestId('history');
 export const loadOlder = (page: Page): Locator => page.getByTestId('load-older');

@@ -5,12 +5,11 @@
  */
 import type { Page } from '@playwright/test';
 
-import { expect, loggedIn, step, test } from '../fixtures/app';
+import { expect, loggedIn, PASSWORD, step, test } from '../fixtures/app';
 import { ELECTION_TIMEOUT_MS, HEARTBEAT_MS } from '../fixtures/cluster';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
-import { PASSWORD } from '../fixtures/app';
 
 /** Messages seeded (alice to bob); REPLICHAT_E2E_LONG_HISTORY=10000 for the issue's size (about 3 minutes). */
 const COUNT = Number(process.env.REPLICHAT_E2E_LONG_HISTORY || 3000);
@@ -25,51 +24,6 @@ test.use({
   },
 });
 
-/** Register alice and bob and send COUNT messages from alice to bob over the protocol (in the page's context). */
-async function seed(page: Page, count: number): Promise<void> {
-  await page.evaluate(
-    async ({ count, password }) => {
-      const url = `${location.origin.replace('http', 'ws')}/ws`;
-      const open = () =>
-        new Promise<WebSocket>((resolve, reject) => {
-          const ws = new WebSocket(url);
-          ws.onerror = () => reject(new Error('socket error'));
-          ws.onmessage = (e) => {
-            if (JSON.parse(e.data).type === 'welcome') resolve(ws);
-          };
-        });
-      const ask = (ws: WebSocket, frames: object[]) =>
-        new Promise<void>((resolve, reject) => {
-          let left = frames.length;
-          ws.onmessage = (e) => {
-            const frame = JSON.parse(e.data);
-            if (frame.type === 'error') reject(new Error(e.data));
-            if (frame.req !== undefined && (frame.type === 'session' || frame.type === 'sent')) {
-              left -= 1;
-              if (left === 0) resolve();
-            }
-          };
-          for (const f of frames) ws.send(JSON.stringify(f));
-        });
-      const bob = await open();
-      await ask(bob, [{ type: 'register', req: 'r', username: 'bob', password }]);
-      bob.close();
-      const alice = await open();
-      await ask(alice, [{ type: 'register', req: 'r', username: 'alice', password }]);
-      for (let from = 1; from <= count; from += 500) {
-        const frames = [];
-        for (let i = from; i < Math.min(from + 500, count + 1); i++) {
-          const n = String(i).padStart(5, '0');
-          frames.push({ type: 'send', req: `s${i}`, to: 'bob', text: `seed ${n}`, client_id: `seed-${n}` });
-        }
-        await ask(alice, frames);
-      }
-      alice.close();
-    },
-    { count, password: PASSWORD },
-  );
-}
-
 /** How many message elements the page holds now. */
 const inPage = (page: Page) => find.messages(page).count();
 
@@ -81,7 +35,7 @@ test('a conversation of thousands keeps a bounded window in the page and scrolls
   const primary = await cluster.primary();
   step(`seed ${COUNT} messages from alice to bob over the protocol`);
   const seeder = await openPage('seeder', { replica: primary });
-  await seed(seeder, COUNT);
+  await act.seedConversation(seeder, COUNT, PASSWORD);
 
   step('alice logs in and opens the conversation: the newest message, and a bounded window');
   const alice = await loggedIn(openPage, 'alice', { replica: primary });

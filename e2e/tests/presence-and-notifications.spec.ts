@@ -1,11 +1,12 @@
 /**
  * Presence said in words (the conversation header and the sidebar's accessible names), unknown while the app
- * has no connection; and a desktop notification for a message that arrives while the tab is hidden, asked
- * for with a button (never on page load).
+ * has no connection; "last seen" as the server recorded it, so a page opened later knows it too; and a desktop
+ * notification for a message that arrives while the tab is hidden, asked for with a button (never on page
+ * load).
  */
 import type { BrowserContext } from '@playwright/test';
 
-import { expect, signedUp, step, test } from '../fixtures/app';
+import { expect, loggedIn, signedUp, step, test } from '../fixtures/app';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
@@ -39,6 +40,50 @@ test('presence is in words in the header and the sidebar, and unknown while disc
   await expect(
     find.conversation(alice, 'bob').getByRole('img', { name: 'presence unknown while reconnecting' }),
   ).toBeAttached();
+});
+
+test('a page opened after a peer left says when they were last seen, from the server', async ({ cluster, openPage }) => {
+  const primary = await cluster.primary();
+  const alice = await signedUp(openPage, 'alice', { replica: primary });
+  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  await act.startChat(bob, 'al*', 'alice');
+  await act.send(bob, 'Bye for now');
+  await check.unreadBadge(alice, 'bob', 1);
+
+  step('alice closes her browser; then bob logs out');
+  await alice.context().close();
+  const before = Date.now();
+  await act.logOut(bob);
+  await check.authScreen(bob);
+  const after = Date.now();
+
+  step('alice opens a new browser and logs in: bob was last seen when he logged out, at once');
+  const fresh = await loggedIn(openPage, 'alice', { replica: primary });
+  const hhmm = (ms: number) => new Date(ms).toTimeString().slice(0, 5);
+  const words = new RegExp(`^last seen at (${hhmm(before)}|${hhmm(after)})$`);
+  await expect(find.conversation(fresh, 'bob').getByRole('img', { name: words })).toBeAttached();
+  await act.openConversation(fresh, 'bob');
+  await expect(find.headerPresence(fresh)).toHaveText(words);
+
+  step('bob comes back: online; he closes his tab: last seen again');
+  const bobAgain = await loggedIn(openPage, 'bob', { replica: primary });
+  await expect(find.headerPresence(fresh)).toHaveText('online');
+  await bobAgain.close();
+  await expect(find.headerPresence(fresh)).toHaveText(/^last seen at \d\d:\d\d$/);
+
+  step('seen from a day later, and from three days later: "yesterday at", then the date');
+  const DAY = 86_400_000;
+  for (const [days, words] of [
+    [1, /^last seen yesterday at \d\d:\d\d$/],
+    [3, /^last seen \d{1,2}[/.]\d{1,2}[/.]\d{4} at \d\d:\d\d$/],
+  ] as const) {
+    const later = await loggedIn(openPage, 'alice', {
+      replica: primary,
+      setup: (context) => context.clock.setFixedTime(new Date(Date.now() + days * DAY)),
+    });
+    await expect(find.conversation(later, 'bob').getByRole('img', { name: words })).toBeAttached();
+    await later.close();
+  }
 });
 
 /** Replace window.Notification with a recorder; `document.hidden` follows `window.__e2eHidden`. */

@@ -265,8 +265,9 @@ fn Sidebar() -> impl IntoView {
     }
 }
 
-/// A peer's presence in words, and whether it is known: online, last seen at HH:MM (when this app saw them
-/// go), offline, account deleted, or unknown while the app has no connection (it cannot know).
+/// A peer's presence in words, and whether it is known: online, last seen (at HH:MM today, yesterday at
+/// HH:MM, or on a date, as the server recorded it), offline (never recorded), account deleted, or unknown
+/// while the app has no connection (it cannot know).
 fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String, bool) {
     let peer = key(peer);
     if !matches!(link.get(), LinkState::Online { .. }) {
@@ -278,14 +279,29 @@ fn presence_words(chat: &Chat, link: RwSignal<LinkState>, peer: &str) -> (String
     let text = match chat.online.with(|o| o.get(&peer).copied()) {
         Some(true) => "online".to_owned(),
         _ => match chat.last_seen.with(|seen| seen.get(&peer).copied()) {
-            Some(at) => {
-                let time = String::from(js_sys::Date::new(&at.into()).to_locale_time_string("en-GB"));
-                format!("last seen at {}", &time[..time.len().min(5)])
-            }
+            Some(at) => last_seen_words(at),
             None => "offline".to_owned(),
         },
     };
     (text, true)
+}
+
+/// "last seen at 14:05" (today), "last seen yesterday at 14:05", or "last seen 28/11/2026 at 14:05" (the
+/// browser's date format and time zone).
+fn last_seen_words(at: f64) -> String {
+    let at = at as i64;
+    let time = clock(at);
+    match day_label(at).as_str() {
+        "Today" => format!("last seen at {time}"),
+        "Yesterday" => format!("last seen yesterday at {time}"),
+        date => format!("last seen {date} at {time}"),
+    }
+}
+
+/// "14:05": the hours and minutes of a time in ms since the epoch (the browser's time zone).
+fn clock(at: i64) -> String {
+    let time = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(at as f64));
+    format!("{:02}:{:02}", time.get_hours(), time.get_minutes())
 }
 
 #[component]
@@ -321,7 +337,7 @@ fn OpenConversation() -> impl IntoView {
         let peer = key(&peer());
         chat.conversations.with(|list| list.iter().any(|c| key(&c.with) == peer && c.deleted))
     };
-    // In words: online, offline, last seen (when this app saw it go), or unknown while disconnected.
+    // In words: online, offline, last seen (as the server recorded it), or unknown while disconnected.
     let link = connection::get().state;
     let presence = move || presence_words(&chat, link, &peer());
     let draft = RwSignal::new(String::new());
@@ -582,8 +598,7 @@ const MESSAGE: &str = "[data-testid=message]";
 fn MessageLine(line: Line, first: bool, day: Option<String>) -> impl IntoView {
     let chat = expect_context::<Chat>();
     let mine = chat.me.get_untracked().is_some_and(|me| me == line.from);
-    let time = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(line.sent_at as f64));
-    let clock = format!("{:02}:{:02}", time.get_hours(), time.get_minutes());
+    let clock = clock(line.sent_at);
     // A compact tick for my messages, said in words to assistive technology and in the tooltip.
     let (tick, status_text) = match &line.status {
         Status::Sending => ("🕓", "Sending…".to_owned()),

@@ -106,7 +106,8 @@ pub struct Chat {
     pub typing: RwSignal<HashMap<String, f64>>,
     /// Peers' presence.
     pub online: RwSignal<HashMap<String, bool>>,
-    /// When this app saw a peer go offline (ms since epoch); the server does not say when for others.
+    /// When each peer was last seen (ms since the epoch), as the server recorded it (`conversations`,
+    /// `presence`); for an older server, when this app saw them go offline.
     pub last_seen: RwSignal<HashMap<String, f64>>,
     /// Error under the composer.
     pub composer_error: RwSignal<Option<String>>,
@@ -304,14 +305,16 @@ impl Chat {
                     t.insert(key(&from), js_sys::Date::now() + 3000.0);
                 });
             }
-            ServerBody::Presence { username, online } => {
+            ServerBody::Presence { username, online, last_seen } => {
                 let was = self.online.get_untracked().get(&key(&username)).copied();
-                self.last_seen.update(|seen| {
-                    if online {
-                        seen.remove(&key(&username));
-                    } else if was == Some(true) {
+                self.last_seen.update(|seen| match last_seen {
+                    Some(at) => {
+                        seen.insert(key(&username), at as f64);
+                    }
+                    None if !online && was == Some(true) => {
                         seen.insert(key(&username), js_sys::Date::now());
                     }
+                    None => {}
                 });
                 self.online.update(|o| {
                     o.insert(key(&username), online);
@@ -332,6 +335,13 @@ impl Chat {
                 self.online.update(|o| {
                     for c in &conversations {
                         o.insert(key(&c.with), c.online);
+                    }
+                });
+                self.last_seen.update(|seen| {
+                    for c in &conversations {
+                        if let Some(at) = c.last_seen {
+                            seen.insert(key(&c.with), at as f64);
+                        }
                     }
                 });
                 self.conversations.set(conversations);
@@ -432,9 +442,14 @@ impl Chat {
             let position = list.iter().position(|c| key(&c.with) == key(&peer));
             let mut conversation = match position {
                 Some(i) => list.remove(i),
-                None => {
-                    Conversation { with: peer.clone(), deleted: false, online: true, unread: 0, last: message.clone() }
-                }
+                None => Conversation {
+                    with: peer.clone(),
+                    deleted: false,
+                    online: true,
+                    last_seen: None,
+                    unread: 0,
+                    last: message.clone(),
+                },
             };
             conversation.last = message.clone();
             if unread {

@@ -207,6 +207,10 @@ pub struct Conversation {
     pub deleted: bool,
     /// True when the other user has at least one open session on this server.
     pub online: bool,
+    /// When the other user was last seen (ms since the epoch): when their last open socket closed, or when
+    /// they last signed in, as the primary recorded it in the log. Absent if never recorded (or deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<i64>,
     /// Messages from them to me not yet marked read.
     pub unread: u64,
     /// The latest message either way.
@@ -371,6 +375,9 @@ pub enum ServerBody {
         username: String,
         /// Whether they now have an open session.
         online: bool,
+        /// With `online: false`: when their last socket closed (ms since the epoch), as recorded in the log.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seen: Option<i64>,
     },
     /// My account was deleted (by this or another of my sessions); the socket closes next.
     AccountDeleted,

@@ -189,7 +189,7 @@ impl Db {
             let unread: i64 = row.try_get("unread")?;
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
             let last = message_from_row(&sqlx::query(&sql).bind(last_id).fetch_one(&self.pool).await?)?;
-            let peer_row = sqlx::query("SELECT username, deleted_at FROM users WHERE id = $1")
+            let peer_row = sqlx::query("SELECT username, deleted_at, last_seen_at FROM users WHERE id = $1")
                 .bind(peer)
                 .fetch_one(&self.pool)
                 .await?;
@@ -199,6 +199,7 @@ impl Db {
                     with: peer_row.try_get("username")?,
                     deleted: peer_row.try_get::<Option<i64>, _>("deleted_at")?.is_some(),
                     online: false,
+                    last_seen: peer_row.try_get("last_seen_at")?,
                     unread: unread as u64,
                     last,
                 },
@@ -239,8 +240,8 @@ impl Db {
             ("log", "SELECT idx, term, op FROM log ORDER BY idx"),
             (
                 "users",
-                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at, skeleton \
-                 FROM users ORDER BY id",
+                "SELECT id, username, name_key, live_key, password_hash, created_at, deleted_at, skeleton, \
+                 last_seen_at FROM users ORDER BY id",
             ),
             ("sessions", "SELECT token_hash, user_id, created_at, last_used_at FROM sessions ORDER BY token_hash"),
             (

@@ -26,6 +26,7 @@ const STATE_TABLES: &[Table] = &[
             ("created_at", true),
             ("deleted_at", true),
             ("skeleton", false),
+            ("last_seen_at", true),
         ],
         "id",
     ),
@@ -135,10 +136,13 @@ impl Db {
                 let sql = format!("INSERT INTO {table} ({}) VALUES {}", names.join(", "), tuples.join(", "));
                 let mut query = sqlx::query(&sql);
                 for row in chunk {
-                    if row.len() != columns.len() {
+                    // A replica from before a column was added sends rows without it: those cells are NULL.
+                    if row.len() > columns.len() {
                         return Err(Error::Corrupt(format!("snapshot row of {table} has {} cells", row.len())));
                     }
-                    for (cell, (_, integer)) in row.iter().zip(columns.iter()) {
+                    let null = serde_json::Value::Null;
+                    let cells = row.iter().chain(std::iter::repeat(&null));
+                    for (cell, (_, integer)) in cells.zip(columns.iter()) {
                         query = if *integer {
                             query.bind(cell.as_i64())
                         } else {

@@ -260,10 +260,12 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             .execute(&mut *tx)
             .await?;
             insert_session(tx, token_hash, *user_id, *at).await?;
+            seen(tx, *user_id, *at).await?;
             Ok(Vec::new())
         }
         Op::Login { user_id, token_hash, at } => {
             insert_session(tx, token_hash, *user_id, *at).await?;
+            seen(tx, *user_id, *at).await?;
             sqlx::query("DELETE FROM login_failures WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
             Ok(Vec::new())
         }
@@ -312,6 +314,17 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             .bind(at)
             .execute(&mut *tx)
             .await?;
+            let row = sqlx::query("SELECT user_id FROM sessions WHERE token_hash = $1")
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                seen(tx, row.try_get("user_id")?, *at).await?;
+            }
+            Ok(Vec::new())
+        }
+        Op::Seen { user_id, at } => {
+            seen(tx, *user_id, *at).await?;
             Ok(Vec::new())
         }
         Op::Send { sender_id, recipient_id, client_id, text, at } => {
@@ -424,11 +437,14 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             ] {
                 sqlx::query(sql).bind(user_id).execute(&mut *tx).await?;
             }
-            sqlx::query("UPDATE users SET live_key = NULL, password_hash = NULL, deleted_at = $2 WHERE id = $1")
-                .bind(user_id)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE users SET live_key = NULL, password_hash = NULL, last_seen_at = NULL, deleted_at = $2 \
+                 WHERE id = $1",
+            )
+            .bind(user_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
             Ok(peers
                 .into_iter()
                 .map(|peer| Delivery {
@@ -448,6 +464,20 @@ async fn insert_session(tx: &mut AnyConnection, token_hash: &str, user_id: i64, 
         .bind(at)
         .execute(&mut *tx)
         .await?;
+    Ok(())
+}
+
+/// `user_id` was seen at `at`: keep the latest time (ops proposed concurrently may land in any order, and a
+/// new primary's clock may lag the old one's). A deleted account is never seen again.
+async fn seen(tx: &mut AnyConnection, user_id: i64, at: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE users SET last_seen_at = $2 \
+         WHERE id = $1 AND deleted_at IS NULL AND (last_seen_at IS NULL OR last_seen_at < $2)",
+    )
+    .bind(user_id)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

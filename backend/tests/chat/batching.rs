@@ -55,6 +55,7 @@ fn random_log(rng: &mut StdRng, len: usize) -> Vec<Op> {
             }
             90..=93 => ops.push(Op::Logout { token_hash: tokens[rng.gen_range(0..tokens.len())].clone() }),
             94..=97 => ops.push(Op::DeleteAccount { user_id: pick(rng), at }),
+            98 => ops.push(Op::Seen { user_id: pick(rng), at }),
             _ => ops.push(Op::Noop),
         }
     }

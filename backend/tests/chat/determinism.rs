@@ -29,6 +29,11 @@ both!(replaying_the_log_of_a_busy_run_rebuilds_identical_state, |engine| async m
     let mut extra = server.client().await;
     extra.login("dan", "password123").await;
     extra.request(Request::Logout).await;
+    // Eve, a contact of ann's, logs out her only socket: the server records when she was last seen (a `seen`
+    // entry, applied before the reply).
+    let mut eve = server.user("eve").await;
+    eve.send_message("ann", "bye").await;
+    eve.request(Request::Logout).await;
     assert_eq!(
         users[3].request(Request::DeleteAccount { password: "password123".into() }).await,
         ServerBody::AccountDeleted
@@ -39,8 +44,9 @@ both!(replaying_the_log_of_a_busy_run_rebuilds_identical_state, |engine| async m
     let entries = server.db().entries(0, u32::MAX).await.unwrap();
     // The primary's no-op, 4 registers, 16 sends, 1 send and its retry (an entry each: whether a client id is
     // stored already is decided when the entry is applied, and the retry's stores nothing), delivered, read,
-    // login, logout, delete, 1 send.
-    assert_eq!(entries.len(), 29, "one entry per accepted change");
+    // login, logout, eve's register, send, logout and seen, delete, 1 send.
+    assert_eq!(entries.len(), 33, "one entry per accepted change");
+    assert!(entries.iter().any(|e| e.op.contains("\"op\":\"seen\"")), "the run records a last-seen time");
     assert_eq!(entries.iter().map(|e| e.index).collect::<Vec<_>>(), (1..=entries.len() as u64).collect::<Vec<_>>());
     assert_eq!(server.db().applied_index().await.unwrap(), entries.len() as u64, "everything committed is applied");
 
@@ -52,6 +58,10 @@ both!(replaying_the_log_of_a_busy_run_rebuilds_identical_state, |engine| async m
     let replayed = replica.dump().await.unwrap();
     assert_eq!(replayed, original);
     assert!(original.contains("after the deletion") && original.contains("$argon2id$"));
+    let users = replichat::storage::dump_section(&original, "users");
+    // id, username, name_key, live_key, password_hash, created_at, deleted_at, skeleton, last_seen_at: every
+    // live account was seen (it registered), the deleted one is not any more.
+    assert!(users.iter().all(|row| (row[6] == "∅") == (row[8] != "∅")), "last seen of the live only: {users:?}");
 });
 
 both!(a_rejected_request_appends_nothing, |engine| async move {
@@ -111,6 +121,21 @@ both!(a_snapshot_installs_as_the_identical_state, |engine| async move {
     assert_eq!(replica.dump_state().await.unwrap(), server.db().dump_state().await.unwrap());
     assert_eq!(replica.applied_index().await.unwrap(), applied);
     assert!(replica.dump_state().await.unwrap().contains("message 399"));
+
+    // A snapshot from a replica that predates the last-seen column (users rows one cell shorter) installs,
+    // with last-seen unknown.
+    let mut old = snapshot.clone();
+    for row in old.tables.get_mut("users").unwrap() {
+        row.pop();
+    }
+    let replica = Db::open(&fresh_db(engine).await).await.unwrap();
+    replica.install_snapshot(&old).await.unwrap();
+    let users = replichat::storage::dump_section(&replica.dump_state().await.unwrap(), "users")
+        .into_iter()
+        .map(|row| row.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+        .collect::<Vec<_>>();
+    assert_eq!(users.len(), 2);
+    assert!(users.iter().all(|row| row[8] == "∅"), "{users:?}");
 });
 
 // A crash between appending an entry and committing its apply: the real binary aborts (as abruptly as kill -9)

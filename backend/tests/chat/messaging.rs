@@ -169,17 +169,26 @@ both!(typing_and_presence_are_live, |engine| async move {
 
     // Bob's only socket closes: alice (a contact) sees him go offline; he comes back: online.
     bob.close().await;
-    alice.expect_push("bob offline", |b| *b == ServerBody::Presence { username: "bob".into(), online: false }).await;
+    alice
+        .expect_push(
+            "bob offline",
+            |b| matches!(b, ServerBody::Presence { username, online: false, .. } if username == "bob"),
+        )
+        .await;
     let mut bob = server.client().await;
     bob.login("bob", "password123").await;
-    alice.expect_push("bob online", |b| *b == ServerBody::Presence { username: "bob".into(), online: true }).await;
+    alice
+        .expect_push("bob online", |b| {
+            *b == ServerBody::Presence { username: "bob".into(), online: true, last_seen: None }
+        })
+        .await;
     // A second socket of an already-online user is not a presence change; closing one of two is not either.
     let mut bob2 = server.client().await;
     bob2.login("bob", "password123").await;
     bob2.close().await;
     bob.close().await;
     let next = alice.expect_push("presence", |b| matches!(b, ServerBody::Presence { .. })).await;
-    assert_eq!(next, ServerBody::Presence { username: "bob".into(), online: false });
+    assert!(matches!(next, ServerBody::Presence { username, online: false, .. } if username == "bob"));
 });
 
 both!(a_retry_pushes_nothing_and_is_answered_with_the_original, |engine| async move {
@@ -218,4 +227,70 @@ both!(a_retry_pushes_nothing_and_is_answered_with_the_original, |engine| async m
     alice.expect_error(send(), replichat_shared::ErrorCode::UnknownUser).await;
     assert_eq!(alice.request(Request::Ping).await, ServerBody::Pong);
     assert!(alice.drain_inbox().iter().all(|f| !matches!(f.body, ServerBody::Message { .. })));
+});
+
+/// What `alice`'s conversation list says of `peer`: (online, last seen).
+async fn presence_in_list(alice: &mut Client, peer: &str) -> (bool, Option<i64>) {
+    let ServerBody::Conversations { conversations } = alice.request(Request::Conversations).await else { panic!() };
+    let c = conversations.iter().find(|c| c.with == peer).expect("a conversation with the peer");
+    (c.online, c.last_seen)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+both!(a_contact_who_signs_in_later_reads_when_a_peer_was_last_seen, |engine| async move {
+    let mut server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    let mut bob = server.user("bob").await;
+    alice.send_message("bob", "see you").await;
+    bob.expect_message("see you").await;
+    alice.close().await;
+
+    tracing::info!("bob logs out while alice is away: the server records when");
+    let before = now_ms();
+    assert_eq!(bob.request(Request::Logout).await, ServerBody::Ok);
+    let after = now_ms();
+
+    tracing::info!("alice signs in afterwards: her list says when bob was last seen");
+    let mut alice = server.client().await;
+    alice.login("alice", "password123").await;
+    let (online, seen) = presence_in_list(&mut alice, "bob").await;
+    assert!(!online);
+    let seen = seen.expect("bob's last-seen time");
+    assert!((before..=after).contains(&seen), "last seen {seen} within the logout ({before}..={after})");
+
+    tracing::info!("bob comes back and closes his socket: alice is told when, and a fresh list says the same");
+    let mut bob = server.client().await;
+    bob.login("bob", "password123").await;
+    alice.expect_push("bob online", |b| matches!(b, ServerBody::Presence { online: true, .. })).await;
+    assert!(presence_in_list(&mut alice, "bob").await.0, "online in the list");
+    bob.close().await;
+    let ServerBody::Presence { online: false, last_seen: Some(closed), .. } =
+        alice.expect_push("bob offline", |b| matches!(b, ServerBody::Presence { online: false, .. })).await
+    else {
+        panic!("going offline carries the last-seen time")
+    };
+    assert!(closed >= seen);
+    assert_eq!(presence_in_list(&mut alice, "bob").await, (false, Some(closed)));
+
+    tracing::info!("a stranger learns nothing of bob's presence");
+    let mut carol = server.user("carol").await;
+    let ServerBody::Conversations { conversations } = carol.request(Request::Conversations).await else { panic!() };
+    assert!(conversations.is_empty());
+
+    tracing::info!("someone without contacts leaving is told to nobody, and costs no write");
+    let before = server.db().last_entry().await.unwrap();
+    carol.close().await;
+    assert_eq!(server.db().last_entry().await.unwrap(), before);
+
+    tracing::info!("it is durable: a restart keeps it");
+    alice.close().await;
+    server.stop().await;
+    let running = replichat::start(replichat::Config::for_tests(server.url.clone())).await.unwrap();
+    let mut alice = Client::connect(&format!("ws://{}/ws", running.addr)).await;
+    alice.login("alice", "password123").await;
+    assert_eq!(presence_in_list(&mut alice, "bob").await, (false, Some(closed)));
+    running.shutdown().await.unwrap();
 });

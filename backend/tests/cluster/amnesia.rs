@@ -39,12 +39,8 @@ async fn wiped_backup_catches_up(options: Options, how: &str) {
         let status = cluster.status(id).await.unwrap();
         assert_eq!((status["leader"].as_u64(), status["term"].as_u64()), (Some(leader), Some(term)), "{status}");
     }
-    assert_same_dump(
-        &format!("node {leader}"),
-        &cluster.dump_state(leader).await,
-        &format!("node {backup}"),
-        &cluster.dump_state(backup).await,
-    );
+    let (_, states) = cluster.dumps_at_rest(&[leader, backup], true).await;
+    assert_same_dump(&format!("node {leader}"), &states[0], &format!("node {backup}"), &states[1]);
     alice.close().await;
     bob.close().await;
     cluster.finish().await;
@@ -120,9 +116,10 @@ async fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     alice.send_message("bob", "after the return").await;
     alice.close().await;
     assert!(cluster.wait_applied_equal(Duration::from_secs(20)).await > committed);
-    let reference = cluster.dump_state(leader).await;
-    for id in [acker, stale] {
-        assert_same_dump(&format!("node {leader}"), &reference, &format!("node {id}"), &cluster.dump_state(id).await);
+    let (_, states) = cluster.dumps_at_rest(&[leader, acker, stale], true).await;
+    let reference = &states[0];
+    for (id, state) in [(acker, &states[1]), (stale, &states[2])] {
+        assert_same_dump(&format!("node {leader}"), reference, &format!("node {id}"), state);
         assert_eq!(cluster.is_voter(id).await, Some(true), "node {id} caught up, so it votes again");
     }
     for i in 0..10 {

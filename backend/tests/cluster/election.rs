@@ -74,11 +74,10 @@ async fn three_replicas_elect_id_0_and_agree() {
     }
 
     step!("the registration made on the primary reaches both backups");
-    cluster.wait_applied_equal(Duration::from_secs(10)).await;
-    let dump0 = cluster.dump(0).await;
-    assert_eq!(dump_section(&dump0, "users").len(), 1, "{dump0}");
-    for backup in [1u64, 2] {
-        assert_same_dump("node 0", &dump0, &format!("node {backup}"), &cluster.dump(backup).await);
+    let (_, dumps) = cluster.dumps_at_rest(&[0, 1, 2], false).await;
+    assert_eq!(dump_section(&dumps[0], "users").len(), 1, "{}", dumps[0]);
+    for backup in [1, 2] {
+        assert_same_dump("node 0", &dumps[0], &format!("node {backup}"), &dumps[backup]);
     }
     alice.close().await;
     cluster.finish().await;

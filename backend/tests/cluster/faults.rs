@@ -126,8 +126,7 @@ async fn isolated_primary_steps_down_and_nothing_diverges() {
     partition.heal();
     let primary = cluster.wait_for_primary(Duration::from_secs(20)).await;
     assert_eq!(primary, 1, "no preemption: node 0 rejoins as a backup");
-    cluster.wait_applied_equal(Duration::from_secs(20)).await;
-    let dumps = [cluster.dump(0).await, cluster.dump(1).await, cluster.dump(2).await];
+    let (_, dumps) = cluster.dumps_at_rest(&[0, 1, 2], false).await;
     assert_same_dump("node 0", &dumps[0], "node 1", &dumps[1]);
     assert_same_dump("node 1", &dumps[1], "node 2", &dumps[2]);
     assert!(dumps[1].contains("before the partition") && dumps[1].contains("majority side"));
@@ -172,8 +171,7 @@ async fn all_live_survivor_of_two_crashes_keeps_writing() {
     cluster.restart(0).await;
     cluster.restart(1).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(20)).await, 2, "no preemption");
-    cluster.wait_applied_equal(Duration::from_secs(20)).await;
-    let dumps = [cluster.dump(0).await, cluster.dump(1).await, cluster.dump(2).await];
+    let (_, dumps) = cluster.dumps_at_rest(&[0, 1, 2], false).await;
     assert_same_dump("node 0", &dumps[0], "node 2", &dumps[2]);
     assert_same_dump("node 1", &dumps[1], "node 2", &dumps[2]);
     cluster.finish().await;
@@ -190,10 +188,9 @@ async fn backup_behind_compaction_catches_up_by_snapshot() {
         alice.send_message("bob", &format!("while node 2 is down #{i}")).await;
     }
     cluster.restart(2).await;
-    cluster.wait_applied_equal(Duration::from_secs(20)).await;
+    let (_, states) = cluster.dumps_at_rest(&[0, 1, 2], true).await;
     let log = std::fs::read_to_string(&cluster.node(2).log).unwrap_or_default();
     assert!(log.contains("installed a snapshot"), "node 2 caught up through a snapshot");
-    let states = [cluster.dump_state(0).await, cluster.dump_state(1).await, cluster.dump_state(2).await];
     assert_same_dump("node 0", &states[0], "node 2", &states[2]);
     assert_same_dump("node 1", &states[1], "node 2", &states[2]);
     assert!(states[2].contains("while node 2 is down #79"));

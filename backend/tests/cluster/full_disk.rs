@@ -120,8 +120,8 @@ async fn a_primary_with_a_full_disk_steps_down_and_rejoins_once_there_is_space()
     wait_healthy(&cluster, 0).await;
 
     step!("every acknowledged message ({}) is on every replica", acknowledged.len());
-    let state = cluster.dump_state(leader).await;
-    assert_same_dump(&format!("node {leader}"), &state, "node 0", &cluster.dump_state(0).await);
+    let (_, states) = cluster.dumps_at_rest(&[leader, 0], true).await;
+    assert_same_dump(&format!("node {leader}"), &states[0], "node 0", &states[1]);
     assert_all_in_history(&mut alice, "bob", &acknowledged).await;
     alice.close().await;
     bob.close().await;
@@ -173,8 +173,9 @@ async fn a_backup_with_a_full_disk_says_so_and_rejoins_once_there_is_space() {
         })
         .await;
     wait_healthy(&cluster, 2).await;
-    let state = cluster.dump_state(leader).await;
-    assert_same_dump(&format!("node {leader}"), &state, "node 2", &cluster.dump_state(2).await);
+    let (_, states) = cluster.dumps_at_rest(&[leader, 2], true).await;
+    assert_same_dump(&format!("node {leader}"), &states[0], "node 2", &states[1]);
+    let state = &states[0];
     for i in 0..50 {
         assert!(state.contains(&format!("while node 2 is full {i}")), "acknowledged message {i} is missing");
     }
@@ -322,8 +323,8 @@ async fn full_postgres_disk(full: u64) {
     cluster.wait_applied_equal(Duration::from_secs(30)).await;
     wait_healthy(&cluster, full).await;
     step!("every acknowledged message ({}) is on every replica", acknowledged.len());
-    let state = cluster.dump_state(leader_now).await;
-    assert_same_dump(&format!("node {leader_now}"), &state, &format!("node {full}"), &cluster.dump_state(full).await);
+    let (_, states) = cluster.dumps_at_rest(&[leader_now, full], true).await;
+    assert_same_dump(&format!("node {leader_now}"), &states[0], &format!("node {full}"), &states[1]);
     assert_all_in_history(&mut alice, "bob", &acknowledged).await;
     alice.close().await;
     bob.close().await;

@@ -52,8 +52,7 @@ async fn concurrent_sends_commit_in_groups_and_each_land_once() {
     assert!(entries >= total as u64);
     assert!(batches < entries, "concurrent sends were grouped: {entries} entries in {batches} transactions");
 
-    cluster.wait_applied_equal(Duration::from_secs(20)).await;
-    let dumps = [cluster.dump(0).await, cluster.dump(1).await, cluster.dump(2).await];
+    let (_, dumps) = cluster.dumps_at_rest(&[0, 1, 2], false).await;
     assert_same_dump("node 0", &dumps[0], "node 1", &dumps[1]);
     assert_same_dump("node 1", &dumps[1], "node 2", &dumps[2]);
     for s in 0..SENDERS {

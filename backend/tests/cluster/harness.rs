@@ -481,6 +481,26 @@ impl Cluster {
         index
     }
 
+    /// Dumps of the running nodes `ids` (the whole database, or the state without the log) taken while the
+    /// cluster is at rest: [`Cluster::wait_applied_equal`], the dumps, then the same check again; repeated
+    /// if an entry arrived meanwhile (a socket that closes makes the primary record when its user was last
+    /// seen, a write of its own the test does not wait for).
+    /// Returns the applied index they are dumps of, and the dumps in the order of `ids`.
+    pub async fn dumps_at_rest(&self, ids: &[u64], state_only: bool) -> (u64, Vec<String>) {
+        for _ in 0..10 {
+            let index = self.wait_applied_equal(Duration::from_secs(20)).await;
+            let mut dumps = Vec::new();
+            for &id in ids {
+                dumps.push(if state_only { self.dump_state(id).await } else { self.dump(id).await });
+            }
+            if self.wait_applied_equal(Duration::from_secs(20)).await == index {
+                return (index, dumps);
+            }
+            step!("an entry arrived while dumping index {index}; dumping again");
+        }
+        panic!("the cluster never stayed at rest long enough to dump nodes {ids:?}");
+    }
+
     /// A client connected to the current primary (after waiting for one).
     pub async fn client_to_primary(&self) -> Client {
         let leader = self.wait_for_primary(Duration::from_secs(15)).await;

@@ -242,8 +242,20 @@ impl Client {
         }
     }
 
+    /// Close the socket and wait (a bounded while) for the server's close frame: by then the server has
+    /// finished with the session, including recording when its user was last seen.
     pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+        if self.ws.close(None).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(message)) = self.ws.next().await {
+                if matches!(message, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
