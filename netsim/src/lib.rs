@@ -11,12 +11,20 @@
 //! `delay` after it arrived, in arrival order. Between two replicas a packet is delayed once each way, so the
 //! round trip gains 2 × `delay`; between the caller and a replica, only the replica's answers are delayed.
 //!
+//! The delayers also make partitions ([`Net::isolate`]): a packet from a replica to one it is cut off from is
+//! dropped instead of accepted (silently, as on a cut cable: the sender is told nothing), including packets
+//! already on their way. All links are cut at once (one shared set), so no replica goes on hearing another a
+//! little longer than the rest, as it would with firewall rules added one namespace after the other.
+//!
 //! [`Net`] makes the namespaces, links, rules and delayers and removes them on drop (also when a test
 //! panics); traffic stays on the bridge. Each user has its own [`Layout`] (name prefix and subnet), so the
 //! bench's runs and the cluster tests never touch each other's namespaces; within one layout, one [`Net`] at
-//! a time (the names are fixed, and leftovers of an interrupted run are removed by the next one).
+//! a time on the machine (the names are fixed: [`Net::create`] waits for a lock file, also held by another
+//! process, e.g. another checkout's test run; leftovers of an interrupted run are removed by the next one).
 //! Needs root, `ip` and `iptables-legacy`.
 
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,9 +85,14 @@ pub struct Net {
     /// Tells the delayer threads to stop.
     stop: Arc<AtomicBool>,
     delayers: Vec<JoinHandle<()>>,
-    /// The partition rules in place ([`Net::isolate`]): (namespace index, source address dropped there).
-    cuts: Mutex<Vec<(usize, String)>>,
+    /// The links cut ([`Net::isolate`]): (replica index, destination it cannot reach), read by the delayers.
+    cuts: Cuts,
+    /// The layout's lock file, locked while this network exists (released after `drop` removed it).
+    _lock: std::fs::File,
 }
+
+/// (replica index, destination address) pairs whose packets the delayers drop.
+type Cuts = Arc<Mutex<HashSet<(usize, Ipv4Addr)>>>;
 
 fn run(args: &[&str]) -> anyhow::Result<()> {
     let status = Command::new(args[0]).args(&args[1..]).status().with_context(|| format!("running {args:?}"))?;
@@ -92,11 +105,14 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
 impl Net {
     /// Make `n` namespaces with a link each to a bridge in the root namespace, and delay every packet a
     /// replica sends by `rtt / 2` (see the module comment). Removes what an interrupted earlier run with the
-    /// same layout left first.
+    /// same layout left first. Waits while another network with this layout exists (in any process).
     pub fn create(layout: Layout, n: usize, rtt: Duration) -> anyhow::Result<Net> {
+        let path = std::env::temp_dir().join(format!("replichat-netsim-{}.lock", layout.prefix));
+        let lock = std::fs::File::options().create(true).truncate(false).write(true).open(&path)?;
+        lock.lock().with_context(|| format!("locking {}", path.display()))?;
         remove_leftovers(layout);
         let stop = Arc::new(AtomicBool::new(false));
-        let mut net = Net { layout, n, rtt, stop, delayers: Vec::new(), cuts: Mutex::new(Vec::new()) };
+        let mut net = Net { layout, n, rtt, stop, delayers: Vec::new(), cuts: Cuts::default(), _lock: lock };
         let bridge = layout.bridge();
         run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
         run(&["ip", "addr", "add", &format!("{}/24", layout.host_addr()), "dev", &bridge])?;
@@ -110,14 +126,11 @@ impl Net {
             run(&["ip", "-n", &ns, "addr", "add", &format!("{}/24", layout.addr(i)), "dev", "eth0"])?;
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-            if !rtt.is_zero() {
-                net.delayers.push(spawn_delayer(&ns, rtt / 2, net.stop.clone())?);
-                // Packets leaving eth0 go to the delayer (listening already: they are all delayed).
-                net.iptables(
-                    i,
-                    &["-A", "OUTPUT", "-o", "eth0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"],
-                )?;
-            }
+            // With a zero round trip too: the delayer also makes partitions.
+            let (delay, stop, cuts) = (rtt / 2, net.stop.clone(), net.cuts.clone());
+            net.delayers.push(Delayer { ns: ns.clone(), index: i, delay, stop, cuts }.spawn()?);
+            // Packets leaving eth0 go to the delayer (listening already: they are all delayed).
+            net.iptables(i, &["-A", "OUTPUT", "-o", "eth0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"])?;
         }
         Ok(net)
     }
@@ -149,28 +162,21 @@ impl Net {
         Ok(())
     }
 
-    /// A partition: replica `i` and every other replica drop what the other sends (a rule in each one's
-    /// namespace, on its input, so packets vanish as on a cut cable; nothing is refused). The caller in the
-    /// root namespace still reaches all of them. Undone by [`Net::heal`] and by drop.
-    pub fn isolate(&self, i: usize) -> anyhow::Result<()> {
+    /// A partition: every packet between replica `i` and any other replica is lost from now on, in both
+    /// directions, all links at once (see the module comment). The caller in the root namespace still reaches
+    /// all of them. Undone by [`Net::heal`].
+    pub fn isolate(&self, i: usize) {
+        let addr = |j: usize| self.addr(j).parse::<Ipv4Addr>().expect("an IPv4 address");
         let mut cuts = self.cuts.lock().expect("cuts lock");
         for other in (0..self.n).filter(|&o| o != i) {
-            for (at, from) in [(i, other), (other, i)] {
-                let source = self.addr(from);
-                self.iptables(at, &["-I", "INPUT", "-s", &source, "-j", "DROP"])?;
-                cuts.push((at, source));
-            }
+            cuts.insert((i, addr(other)));
+            cuts.insert((other, addr(i)));
         }
-        Ok(())
     }
 
-    /// Remove every partition rule.
-    pub fn heal(&self) -> anyhow::Result<()> {
-        let cuts = std::mem::take(&mut *self.cuts.lock().expect("cuts lock"));
-        for (at, source) in cuts {
-            self.iptables(at, &["-D", "INPUT", "-s", &source, "-j", "DROP"])?;
-        }
-        Ok(())
+    /// Reconnect every replica.
+    pub fn heal(&self) {
+        self.cuts.lock().expect("cuts lock").clear();
     }
 }
 
@@ -199,67 +205,83 @@ fn remove_leftovers(layout: Layout) {
     let _ = Command::new("ip").args(["link", "del", &layout.bridge()]).stderr(quiet()).status();
 }
 
-/// A thread that enters namespace `ns` and runs [`delay_loop`] on queue 0 there until `stop`; returns once
-/// the queue is bound.
-fn spawn_delayer(ns: &str, delay: Duration, stop: Arc<AtomicBool>) -> anyhow::Result<JoinHandle<()>> {
-    let path = format!("/var/run/netns/{ns}");
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let thread = std::thread::Builder::new().name(format!("delay-{ns}")).spawn(move || {
-        let entered = std::fs::File::open(&path).with_context(|| format!("opening {path}")).and_then(|file| {
-            // Only this thread changes namespace; the queue opened next belongs to `ns`.
-            rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
-                .with_context(|| format!("setns into {path}"))
-        });
-        if let Err(e) = entered.and_then(|()| delay_loop(0, delay, &stop, &ready_tx)) {
-            // After a failed start the receiver has the error; a failure later is only reported here.
-            let message = format!("{e:#}");
-            if ready_tx.send(Err(e)).is_err() {
-                eprintln!("netsim: the delayer in {path} stopped: {message}");
-            }
-        }
-    })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(thread),
-        Ok(Err(e)) => Err(e.context("starting the delayer (root needed)")),
-        Err(_) => bail!("the delayer thread for {ns} ended before it started"),
-    }
+/// The delayer of replica `index`'s namespace `ns`.
+struct Delayer {
+    ns: String,
+    index: usize,
+    delay: Duration,
+    stop: Arc<AtomicBool>,
+    cuts: Cuts,
 }
 
-/// The delayer: take every packet NFQUEUE `queue_num` gives and accept it `delay` after it arrived, in
-/// arrival order, until `stop`. Says `Ok` on `ready` once the queue is bound.
-fn delay_loop(
-    queue_num: u16,
-    delay: Duration,
-    stop: &AtomicBool,
-    ready: &std::sync::mpsc::SyncSender<anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let mut queue = nfq::Queue::open().context("opening the netfilter queue (root needed)")?;
-    queue.bind(queue_num).context("binding the netfilter queue")?;
-    // Metadata only: the verdict does not need the payload back.
-    queue.set_copy_range(queue_num, 0)?;
-    queue.set_recv_gso(queue_num, true)?;
-    queue.set_queue_max_len(queue_num, 65_536)?;
-    queue.set_nonblocking(true);
-    let _ = ready.send(Ok(()));
-    let mut pending: std::collections::VecDeque<(Instant, nfq::Message)> = std::collections::VecDeque::new();
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        while pending.front().is_some_and(|(due, _)| *due <= now) {
-            let (_, mut msg) = pending.pop_front().expect("front");
-            msg.set_verdict(nfq::Verdict::Accept);
-            queue.verdict(msg)?;
-        }
-        match queue.recv() {
-            Ok(msg) => pending.push_back((Instant::now() + delay, msg)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Nothing arrived: sleep until the next packet is due, or briefly to look again.
-                let next = pending.front().map_or(Duration::from_micros(200), |(due, _)| {
-                    due.saturating_duration_since(Instant::now()).min(Duration::from_micros(200))
-                });
-                std::thread::sleep(next);
+impl Delayer {
+    /// A thread that enters the namespace and runs [`Delayer::run`] on queue 0 there until `stop`; returns
+    /// once the queue is bound.
+    fn spawn(self) -> anyhow::Result<JoinHandle<()>> {
+        let ns = self.ns.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new().name(format!("delay-{ns}")).spawn(move || {
+            let path = format!("/var/run/netns/{}", self.ns);
+            let entered = std::fs::File::open(&path).with_context(|| format!("opening {path}")).and_then(|file| {
+                // Only this thread changes namespace; the queue opened next belongs to `ns`.
+                let network = Some(rustix::thread::LinkNameSpaceType::Network);
+                rustix::thread::move_into_link_name_space(file.as_fd(), network)
+                    .with_context(|| format!("setns into {path}"))
+            });
+            if let Err(e) = entered.and_then(|()| self.run(0, &ready_tx)) {
+                // After a failed start the receiver has the error; a failure later is only reported here.
+                let message = format!("{e:#}");
+                if ready_tx.send(Err(e)).is_err() {
+                    eprintln!("netsim: the delayer in {path} stopped: {message}");
+                }
             }
-            Err(e) => return Err(e.into()),
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => Err(e.context("starting the delayer (root needed)")),
+            Err(_) => bail!("the delayer thread for {ns} ended before it started"),
         }
     }
-    Ok(())
+
+    /// Take every packet NFQUEUE `queue_num` gives and, `delay` after it arrived and in arrival order, accept
+    /// it, or drop it when its link is cut by then. Says `Ok` on `ready` once the queue is bound.
+    fn run(&self, queue_num: u16, ready: &std::sync::mpsc::SyncSender<anyhow::Result<()>>) -> anyhow::Result<()> {
+        let mut queue = nfq::Queue::open().context("opening the netfilter queue (root needed)")?;
+        queue.bind(queue_num).context("binding the netfilter queue")?;
+        // The IPv4 header only (its destination tells a cut link); the verdict does not need the packet back.
+        queue.set_copy_range(queue_num, 20)?;
+        queue.set_recv_gso(queue_num, true)?;
+        queue.set_queue_max_len(queue_num, 65_536)?;
+        queue.set_nonblocking(true);
+        let _ = ready.send(Ok(()));
+        let mut pending: std::collections::VecDeque<(Instant, nfq::Message)> = std::collections::VecDeque::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            while pending.front().is_some_and(|(due, _)| *due <= now) {
+                let (_, mut msg) = pending.pop_front().expect("front");
+                let cut = self.is_cut(msg.get_payload());
+                msg.set_verdict(if cut { nfq::Verdict::Drop } else { nfq::Verdict::Accept });
+                queue.verdict(msg)?;
+            }
+            match queue.recv() {
+                Ok(msg) => pending.push_back((Instant::now() + self.delay, msg)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Nothing arrived: sleep until the next packet is due, or briefly to look again.
+                    let next = pending.front().map_or(Duration::from_micros(200), |(due, _)| {
+                        due.saturating_duration_since(Instant::now()).min(Duration::from_micros(200))
+                    });
+                    std::thread::sleep(next);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the IPv4 packet starting with `header` goes to a replica this one is cut off from.
+    fn is_cut(&self, header: &[u8]) -> bool {
+        let Some(&[a, b, c, d]) = header.get(16..20) else { return false };
+        let cuts = self.cuts.lock().expect("cuts lock");
+        !cuts.is_empty() && cuts.contains(&(self.index, Ipv4Addr::new(a, b, c, d)))
+    }
 }

@@ -109,12 +109,7 @@ pub struct Cluster {
     /// With [`Options::netsim`]: the simulated network the nodes run in. Declared after `nodes`, so their
     /// processes are killed before it is removed.
     net: Option<replichat_netsim::Net>,
-    /// Held while `net` exists: its names and addresses are fixed, one simulated network at a time.
-    _net_lock: Option<std::sync::MutexGuard<'static, ()>>,
 }
-
-/// Serialises the tests that run in a simulated network (their namespaces have fixed names).
-static NETSIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The port every node listens on in a simulated network (each namespace has its own port space).
 const NETSIM_PORT: u16 = 9100;
@@ -198,17 +193,14 @@ impl Cluster {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let dir = std::env::temp_dir().join("replichat-cluster-tests").join(&unique);
         std::fs::create_dir_all(&dir).unwrap();
-        let (net, net_lock) = match options.netsim {
-            Some(rtt) => {
-                assert_eq!(engine, Engine::Sqlite, "a simulated network runs SQLite replicas only");
-                let lock = NETSIM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let net = replichat_netsim::Net::create(replichat_netsim::Layout::CLUSTER_TESTS, n, rtt)
-                    .expect("the simulated network (root, ip and iptables-legacy needed)");
-                step!("simulated network: {n} namespaces, {rtt:?} round trip between replicas");
-                (Some(net), Some(lock))
-            }
-            None => (None, None),
-        };
+        let net = options.netsim.map(|rtt| {
+            assert_eq!(engine, Engine::Sqlite, "a simulated network runs SQLite replicas only");
+            // Waits while another test (in any process) has the suite's network: its names are fixed.
+            let net = replichat_netsim::Net::create(replichat_netsim::Layout::CLUSTER_TESTS, n, rtt)
+                .expect("the simulated network (root, ip and iptables-legacy needed)");
+            step!("simulated network: {n} namespaces, {rtt:?} round trip between replicas");
+            net
+        });
         let hosts: Vec<String> = match (&net, &options.hosts) {
             (Some(net), _) => (0..n).map(|i| net.addr(i)).collect(),
             (None, Some(hosts)) => hosts.clone(),
@@ -244,7 +236,6 @@ impl Cluster {
             extra_args,
             tls,
             net,
-            _net_lock: net_lock,
         };
         for (i, port) in ports.iter().enumerate() {
             let own_url = options.db_urls.iter().find(|(id, _)| *id == i as u64).map(|(_, url)| url.clone());
