@@ -206,7 +206,12 @@ async fn kill_primary_under_load(engine: Engine, options: Options, before: usize
     wait_for_acks(&shared, &mut ticks, &format!("{before} acknowledged sends"), |acks| acks.len() >= before).await;
 
     let kill_at = Instant::now();
-    let before_kill = shared.acks.lock().unwrap().len();
+    let (before_kill, acked_by) = {
+        let acks = shared.acks.lock().unwrap();
+        (acks.len(), acks.iter().map(|a| a.node).collect::<HashSet<u64>>())
+    };
+    // Otherwise the kill below would not be the primary's: the load itself caused an election.
+    assert_eq!(acked_by, HashSet::from([0]), "node 0 acknowledged every send before the kill\n{}", shared.story());
     step!("{before_kill} sends acknowledged: SIGKILL the primary, node 0");
     cluster.kill(0).await;
     let new_primary = cluster.wait_for_primary(Duration::from_secs(10)).await;
