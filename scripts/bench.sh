@@ -40,7 +40,7 @@ if part abuse; then
   $bench abuse --runs 3 --out "$out/abuse.json"
 fi
 if part netsim; then
-  # Three SQLite replicas on simulated separate machines (bench/src/netsim.rs: a network namespace and
+  # Three SQLite replicas on simulated separate machines (netsim/src/lib.rs: a network namespace and
   # address each, TLS, a packet delay between replicas made with NFQUEUE since this kernel has no netem), at a
   # 1 ms and a 20 ms round trip: throughput, latency at a fixed rate, and failover under kill -9.
   command -v iptables-legacy >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null)

@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 export REPLICHAT_TEST_PG="${REPLICHAT_TEST_PG:-$(scripts/postgres.sh)}"
 
-# The partition test cuts replicas apart with iptables rules on loopback addresses (and removes them).
-if ! command -v iptables >/dev/null 2>&1; then
+# The partition test cuts replicas apart with iptables rules on loopback addresses (and removes them); the
+# simulated-network tests (cluster suite and bench) use iptables-legacy inside network namespaces.
+if ! command -v iptables >/dev/null 2>&1 || ! command -v iptables-legacy >/dev/null 2>&1; then
   echo "test.sh: installing iptables"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables) >/dev/null
 fi
@@ -20,7 +21,7 @@ psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE '
   while read -r db; do [ -n "$db" ] && psql "$base/postgres" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
 
 cargo fmt --all -- --check
-cargo clippy -p replichat -p replichat-shared -p replichat-bench --all-targets --locked -- -D warnings
+cargo clippy -p replichat -p replichat-shared -p replichat-bench -p replichat-netsim --all-targets --locked -- -D warnings
 # The browser app only builds for wasm32.
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 cargo clippy -p replichat-frontend --target wasm32-unknown-unknown --locked -- -D warnings
@@ -30,6 +31,8 @@ cargo test -p replichat -p replichat-shared --locked --lib --bins --test chat --
 cargo test -p replichat -p replichat-shared --locked --doc
 # Every input of the fuzz corpora (fuzz/corpus, fuzz/seeds) through the same checks as the cargo-fuzz targets.
 cargo test -p replichat --locked --test fuzz_corpus
+# Includes the failover, partition and full-disk tests on simulated separate machines (netsim.rs: network
+# namespaces made and removed by the tests; root needed), one at a time like every cluster test.
 cargo test -p replichat --locked --test cluster -- --test-threads 1
 # The bench's unit tests and the short chaos run (kill -9 under load, then the lost/duplicate checker), on
 # the replichat binary the cluster suite built.

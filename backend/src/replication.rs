@@ -781,7 +781,6 @@ impl Core {
                 )
             })
             .collect();
-        self.primary_since = Instant::now();
         let noop = WireEntry { index: next, term: self.term, op: self.noop.clone() };
         match self.db.append_entries(std::slice::from_ref(&noop)).await {
             Ok(last) => (self.last_index, self.last_term) = last,
@@ -789,6 +788,12 @@ impl Core {
                 self.storage_failed(&e);
                 return Err(e);
             }
+        }
+        // The backups get one election timeout to answer from now, once the `noop` is durable: a slow write
+        // must not use it up (the step-down check in `tick`).
+        self.primary_since = Instant::now();
+        for progress in self.progress.values_mut() {
+            progress.last_ack = Some(self.primary_since);
         }
         self.term_start = next;
         tracing::info!(term = self.term, last_index = self.last_index, "became primary");
@@ -1525,15 +1530,22 @@ mod tests {
     /// A replica 0 of three whose peers are unreachable (nothing listens on port 9 of loopback), over a fresh
     /// SQLite file whose stored term is `term`, with the given election timeout.
     async fn replica(term: u64, election: Duration) -> (Replication, CancellationToken) {
-        replica_with_log(term, election, 0).await
+        let (replica, shutdown, _) = replica_and_url(term, election, 0).await;
+        (replica, shutdown)
     }
 
     /// The same with `entries` log entries of `term` already stored.
     async fn replica_with_log(term: u64, election: Duration, entries: u64) -> (Replication, CancellationToken) {
+        let (replica, shutdown, _) = replica_and_url(term, election, entries).await;
+        (replica, shutdown)
+    }
+
+    /// [`replica_with_log`], and its database's URL.
+    async fn replica_and_url(term: u64, election: Duration, entries: u64) -> (Replication, CancellationToken, String) {
         let dir = std::env::temp_dir().join("replichat-replication-tests");
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.db", uuid::Uuid::new_v4().simple()));
-        let db = Db::open(&format!("sqlite://{}", path.display())).await.unwrap();
+        let url = format!("sqlite://{}", dir.join(format!("{}.db", uuid::Uuid::new_v4().simple())).display());
+        let db = Db::open(&url).await.unwrap();
         db.save_election_state(term, None).await.unwrap();
         let log: Vec<WireEntry> = (1..=entries).map(|index| WireEntry { index, term, op: "{}".into() }).collect();
         db.append_entries(&log).await.unwrap();
@@ -1543,7 +1555,7 @@ mod tests {
         let replication =
             Replication::start(0, peers, Some("s".into()), None, None, timing, db, true, "{}".into(), shutdown.clone())
                 .await;
-        (replication.unwrap(), shutdown)
+        (replication.unwrap(), shutdown, url)
     }
 
     fn heartbeat(term: u64) -> PeerFrame {
@@ -1618,6 +1630,41 @@ mod tests {
         let failure = replica.status().borrow().storage_failure.clone();
         assert!(failure.as_deref().is_some_and(|f| f.contains("full")), "{failure:?}");
         assert!(replica.propose(None, "{}".into()).await.is_err(), "a replica that stepped down takes no proposals");
+        shutdown.cancel();
+    }
+
+    /// A new primary whose `noop` took longer than the election timeout to be durable (a slow disk) still gives
+    /// its backups one election timeout to answer its first append. The grace used to start before that write,
+    /// so such a primary stepped down at its first heartbeat tick unless a backup had answered within one
+    /// heartbeat: primary for 77 ms, then another election (kill -9 across 20 ms on a busy machine,
+    /// backend/tests/cluster/netsim.rs).
+    #[tokio::test]
+    async fn a_new_primary_whose_first_write_was_slow_waits_for_its_backups() {
+        use sqlx::Connection;
+        let election = Duration::from_millis(1000);
+        let (replica, shutdown, url) = replica_and_url(1, election, 0).await;
+        let mut status = replica.status();
+        let granted = |term, pre| Input::Response(PeerFrame::Voted { term, from: 1, granted: true, pre });
+        status.wait_for(|s| s.role == Role::Candidate).await.unwrap();
+        replica.inbox.send(granted(1, true)).await.unwrap();
+        status.wait_for(|s| s.term == 2).await.unwrap();
+        // The slow disk: another connection holds SQLite's write lock while the vote that elects it arrives.
+        let mut blocker = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut blocker).await.unwrap();
+        replica.inbox.send(granted(2, false)).await.unwrap();
+        tokio::time::sleep(election * 3 / 2).await;
+        sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+        status.wait_for(|s| s.elections.iter().any(|e| e.term == 2 && e.leader == 0)).await.unwrap();
+        // Backup 1 answers the first append three heartbeats later: well within one election timeout.
+        tokio::time::sleep(election * 3 / 10).await;
+        let last_index = replica.status().borrow().last_index;
+        let appended =
+            PeerFrame::Appended { term: 2, from: 1, success: true, last_index, learner: false, storage_failed: false };
+        replica.inbox.send(Input::Response(appended)).await.unwrap();
+        // Answered once the acknowledgement before it was handled (one inbox, in order).
+        let vote = PeerFrame::Vote { term: 3, candidate: 2, last_index, last_term: 2, pre: true };
+        assert!(replica.request(vote).await.is_some());
+        assert_eq!(replica.status().borrow().role, Role::Primary, "the new primary stepped down");
         shutdown.cancel();
     }
 

@@ -29,11 +29,14 @@ pub mod client;
 pub mod http;
 pub mod idle;
 pub mod load;
-pub mod netsim;
 pub mod plot;
 pub mod procs;
 pub mod relay;
 pub mod tls;
+
+/// Replicas on simulated separate machines (network namespaces, a per-packet delay): the `replichat-netsim`
+/// crate, shared with the cluster test suite.
+pub use replichat_netsim as netsim;
 
 /// Median of a list of numbers (the mean of the two middle ones for an even count); `NaN` when empty.
 pub fn median(values: &[f64]) -> f64 {

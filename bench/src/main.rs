@@ -35,14 +35,6 @@ enum Command {
     /// Abusive clients against one replica (resumers that never read, a connection flood, slowloris) while
     /// a normal client and `/healthz` are probed: peak RSS, what was cut off, failed probes.
     Abuse(AbuseArgs),
-    /// The packet delayer of the simulated network (started by `--netsim-rtt-ms`, inside a replica's network
-    /// namespace): accepts every packet of NFQUEUE `queue` `delay-us` after it arrived.
-    Delay {
-        #[arg(long, default_value_t = 0)]
-        queue: u16,
-        #[arg(long)]
-        delay_us: u64,
-    },
     /// Render the plots from result files.
     Plot {
         /// A `load` result file (its median run per target is drawn).
@@ -77,7 +69,7 @@ struct System {
     node_log: String,
     /// Simulate replicas on separate machines (`sqlite3` only; root needed): each in its own network
     /// namespace and address, TLS between them and to the bench, and this many milliseconds added to the
-    /// round trip between two replicas (see bench/src/netsim.rs).
+    /// round trip between two replicas (see netsim/src/lib.rs).
     #[arg(long)]
     netsim_rtt_ms: Option<f64>,
 }
@@ -96,8 +88,8 @@ impl System {
         let netsim = match self.netsim_rtt_ms.filter(|_| target != Target::Relay) {
             Some(rtt_ms) => {
                 let rtt = std::time::Duration::from_secs_f64(rtt_ms / 1000.0);
-                let net = replichat_bench::netsim::Net::create(3, rtt, &std::env::current_exe()?)?;
-                let hosts: Vec<String> = (0..3).map(replichat_bench::netsim::Net::addr).collect();
+                let net = replichat_bench::netsim::Net::create(replichat_bench::netsim::Layout::BENCH, 3, rtt)?;
+                let hosts: Vec<String> = (0..3).map(|i| net.addr(i)).collect();
                 args.extend(replichat_bench::tls::make(&dir.join("tls"), &hosts)?);
                 Some(std::sync::Arc::new(net))
             }
@@ -224,12 +216,6 @@ struct AbuseArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Relay { listen } => relay::serve(listen).await,
-        Command::Delay { queue, delay_us } => {
-            tokio::task::spawn_blocking(move || {
-                replichat_bench::netsim::delay_loop(queue, std::time::Duration::from_micros(delay_us))
-            })
-            .await?
-        }
         Command::Load(args) => run_load(args).await,
         Command::Chaos(args) => run_chaos(args).await,
         Command::Catchup(args) => run_catchup(args).await,

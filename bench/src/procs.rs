@@ -105,9 +105,9 @@ impl Cluster {
                 listeners.push(listener);
             }
         }
-        let addrs: Vec<String> = if simulated {
+        let addrs: Vec<String> = if let Some(net) = &setup.netsim {
             // Each replica has its own address (and port space) in its own namespace.
-            (0..n).map(|i| format!("{}:9100", crate::netsim::Net::addr(i))).collect()
+            (0..n).map(|i| format!("{}:9100", net.addr(i))).collect()
         } else {
             listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?
         };
@@ -172,11 +172,7 @@ impl Cluster {
             _ => {
                 let mut c = match &setup.netsim {
                     // `ip netns exec` execs the replica: the child's pid is the replica's.
-                    Some(_) => {
-                        let mut c = tokio::process::Command::new("ip");
-                        c.args(["netns", "exec", &crate::netsim::Net::namespace(id as usize)]).arg(&setup.replichat);
-                        c
-                    }
+                    Some(net) => tokio::process::Command::from(net.command(id as usize, &setup.replichat)),
                     None => tokio::process::Command::new(&setup.replichat),
                 };
                 c.args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--db", &node.db]);

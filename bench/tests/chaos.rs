@@ -74,16 +74,17 @@ async fn short_chaos_on_postgres_loses_and_duplicates_nothing() {
 /// links and rules are removed when the setup is dropped), over TLS, 20 ms apart. The namespaces have fixed
 /// names: one such test at a time (scripts/test.sh runs this suite with `--test-threads 1`).
 fn across_20_ms() -> Setup {
-    let net = replichat_bench::netsim::Net::create(3, Duration::from_millis(20), env!("CARGO_BIN_EXE_bench").as_ref())
+    use replichat_bench::netsim::{Layout, Net};
+    let net = Net::create(Layout::BENCH, 3, Duration::from_millis(20))
         .expect("the simulated network (root, ip and iptables-legacy needed)");
     let mut setup = setup(Target::Sqlite3, String::new());
-    let hosts: Vec<String> = (0..3).map(replichat_bench::netsim::Net::addr).collect();
+    let hosts: Vec<String> = (0..3).map(|i| net.addr(i)).collect();
     setup.args.extend(replichat_bench::tls::make(&setup.dir.join("tls"), &hosts).expect("certificates"));
     setup.netsim = Some(std::sync::Arc::new(net));
     setup
 }
 
-/// The same over the simulated multi-machine network of `bench --netsim-rtt-ms` (bench/src/netsim.rs): each
+/// The same over the simulated multi-machine network of `bench --netsim-rtt-ms` (netsim/src/lib.rs): each
 /// replica in its own network namespace and address, TLS between replicas and to the bench, and 20 ms added
 /// to every round trip between replicas. The namespaces, links and rules are made here and removed on drop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

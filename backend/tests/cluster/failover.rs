@@ -36,23 +36,23 @@ async fn kill_primary_under_load_loses_nothing_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_rejoins_as_backup_and_catches_up() {
-    rejoins_and_catches_up(Engine::Sqlite).await;
+    rejoins_and_catches_up(Engine::Sqlite, Options::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_primary_rejoins_as_backup_and_catches_up_postgres() {
-    rejoins_and_catches_up(Engine::Postgres).await;
+    rejoins_and_catches_up(Engine::Postgres, Options::default()).await;
 }
 
 async fn loses_nothing(engine: Engine) {
-    let scenario = kill_primary_under_load(engine, 40, 40).await;
+    let scenario = kill_primary_under_load(engine, Options::default(), 40, 40).await;
     step!("the survivors converge; every acknowledged message is on both, once, in the same order");
     let dumps = converged_dumps(&scenario.cluster, &[1, 2]).await;
     check_acks(&dumps[0].1, &scenario.acks, &scenario.users);
 
     let (from, to) = (&scenario.users[0].name, &scenario.users[1].name);
     step!("through the protocol: the new primary's history of {to} with {from} has each acknowledged send once");
-    let mut reader = Client::connect(&scenario.cluster.node(scenario.successor).ws_url()).await;
+    let mut reader = scenario.cluster.client(scenario.successor).await;
     reader.login(to, PASSWORD).await;
     let ServerBody::History { messages, more, .. } =
         reader.request(Request::History { with: from.clone(), before: None, limit: Some(200) }).await
@@ -75,8 +75,12 @@ async fn loses_nothing(engine: Engine) {
     scenario.cluster.finish().await;
 }
 
-async fn rejoins_and_catches_up(engine: Engine) {
-    let Scenario { mut cluster, mut acks, users, successor: next } = kill_primary_under_load(engine, 20, 20).await;
+/// The failover scenario, then node 0 restarts: it follows the new primary (no takeover), catches up, and all
+/// three replicas end with the same databases holding every acknowledged send. Also run on simulated separate
+/// machines (netsim.rs).
+pub async fn rejoins_and_catches_up(engine: Engine, options: Options) {
+    let Scenario { mut cluster, mut acks, users, successor: next } =
+        kill_primary_under_load(engine, options, 20, 20).await;
     let dumps = converged_dumps(&cluster, &[1, 2]).await;
     check_acks(&dumps[0].1, &acks, &users);
 
@@ -98,7 +102,7 @@ async fn rejoins_and_catches_up(engine: Engine) {
         .await;
     assert_eq!(zero_led, None, "node 0 never claims to be primary after its restart");
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(10)).await, next, "no preemption by node 0");
-    let (mut client, first) = Client::connect_any(&cluster.node(0).ws_url()).await.expect("node 0 accepts sockets");
+    let (mut client, first) = cluster.connect_any(&cluster.node(0).ws_url()).await.expect("node 0 accepts sockets");
     match first {
         ServerBody::NotLeader { leader: Some(leader), leader_url: Some(url), term: hint_term, .. }
             if leader == next =>
@@ -112,7 +116,7 @@ async fn rejoins_and_catches_up(engine: Engine) {
     client.close().await;
 
     step!("more writes through node {next} (term {term}), node 0 following");
-    let mut writer = Client::connect(&cluster.node(next).ws_url()).await;
+    let mut writer = cluster.client(next).await;
     let ServerBody::Welcome { node, .. } = writer.welcome else { panic!("node {next} welcomes: {:?}", writer.welcome) };
     assert_eq!(node, next);
     writer.login(&users[0].name, PASSWORD).await;
@@ -127,7 +131,7 @@ async fn rejoins_and_catches_up(engine: Engine) {
             other => panic!("send through node {next} after the rejoin: {other:?}"),
         }
     }
-    let mut late = Client::connect(&cluster.node(next).ws_url()).await;
+    let mut late = cluster.client(next).await;
     late.register("late-comer", PASSWORD).await;
 
     step!("all three replicas converge");
@@ -184,15 +188,15 @@ struct Ack {
 
 /// Start 3 replicas, register users, run `SENDERS` senders; once `before` sends are acknowledged, SIGKILL
 /// the primary (node 0); once `after` more are acknowledged by its successor, stop the senders.
-async fn kill_primary_under_load(engine: Engine, before: usize, after: usize) -> Scenario {
-    let mut cluster = Cluster::start(3, engine).await;
+async fn kill_primary_under_load(engine: Engine, options: Options, before: usize, after: usize) -> Scenario {
+    let mut cluster = Cluster::start_with(3, engine, options).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(10)).await, 0, "node 0 leads a fresh cluster");
 
     step!("register {USERS} users on the primary");
     let mut users = Vec::new();
     for k in 0..USERS {
         let name = format!("user{k}");
-        let mut client = Client::connect(&cluster.node(0).ws_url()).await;
+        let mut client = cluster.client(0).await;
         client.register(&name, PASSWORD).await;
         users.push(User { name, token: client.token.clone().unwrap(), cursor: client.cursor });
         client.close().await;
@@ -209,7 +213,12 @@ async fn kill_primary_under_load(engine: Engine, before: usize, after: usize) ->
     wait_for_acks(&shared, &mut ticks, &format!("{before} acknowledged sends"), |acks| acks.len() >= before).await;
 
     let kill_at = Instant::now();
-    let before_kill = shared.acks.lock().unwrap().len();
+    let (before_kill, acked_by) = {
+        let acks = shared.acks.lock().unwrap();
+        (acks.len(), acks.iter().map(|a| a.node).collect::<HashSet<u64>>())
+    };
+    // Otherwise the kill below would not be the primary's: the load itself caused an election.
+    assert_eq!(acked_by, HashSet::from([0]), "node 0 acknowledged every send before the kill\n{}", shared.story());
     step!("{before_kill} sends acknowledged: SIGKILL the primary, node 0");
     cluster.kill(0).await;
     let new_primary = cluster.wait_for_primary(Duration::from_secs(10)).await;
@@ -361,12 +370,24 @@ struct Sender {
     next_endpoint: usize,
     /// Highest term seen: older hints are ignored.
     max_term: u64,
+    /// What `wss://` connections trust, in a TLS cluster.
+    tls: Option<Arc<rustls::ClientConfig>>,
     shared: Arc<Shared>,
+}
+
+/// The WebSocket URL of a replica whose base URL (`http://...` or `https://...`, as `not_leader` names it) is
+/// `base`.
+fn ws_url_of(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let ws = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+    format!("{ws}/ws")
 }
 
 impl Sender {
     fn new(user: User, to: String, cluster: &Cluster, shared: Arc<Shared>) -> Sender {
-        Sender { user, to, endpoints: cluster.ws_urls(), conn: None, hint: None, next_endpoint: 1, max_term: 0, shared }
+        let tls = cluster.tls.as_ref().map(|tls| tls.client.clone());
+        let endpoints = cluster.ws_urls();
+        Sender { user, to, endpoints, conn: None, hint: None, next_endpoint: 1, max_term: 0, tls, shared }
     }
 
     async fn run(mut self) -> Result<(), String> {
@@ -462,7 +483,7 @@ impl Sender {
         }
         self.max_term = term;
         if let Some(url) = leader_url {
-            self.hint = Some(format!("{}/ws", url.trim_end_matches('/').replacen("http://", "ws://", 1)));
+            self.hint = Some(ws_url_of(&url));
         }
     }
 
@@ -480,7 +501,11 @@ impl Sender {
                 self.next_endpoint += 1;
                 self.endpoints[(self.next_endpoint - 1) % self.endpoints.len()].clone()
             });
-            match Client::connect_any(&url).await {
+            let connected = match &self.tls {
+                None => Client::connect_any(&url).await,
+                Some(tls) => Client::connect_any_tls(&url, tls.clone()).await,
+            };
+            match connected {
                 Ok((mut client, ServerBody::Welcome { node, term, .. })) => {
                     self.max_term = self.max_term.max(term);
                     let resume = Request::Resume { token: self.user.token.clone(), cursor: self.user.cursor };
@@ -502,9 +527,7 @@ impl Sender {
                 }
                 Ok((_, ServerBody::NotLeader { leader, leader_url, term, .. })) => {
                     last_error = format!("{url}: not_leader (leader {leader:?}, term {term})");
-                    if leader_url.as_deref().map(|u| u.trim_end_matches('/').replacen("http://", "ws://", 1) + "/ws")
-                        != Some(url)
-                    {
+                    if leader_url.as_deref().map(ws_url_of) != Some(url) {
                         self.follow(leader_url, term);
                     }
                 }

@@ -9,17 +9,28 @@ use tokio::time::Instant;
 use crate::harness::*;
 use crate::step;
 
-/// iptables rules that cut `isolated` off from `others` in both directions; removed on drop (also when the
-/// test panics), so a failing test never leaves the machine partitioned.
+/// iptables rules that cut a node off from the others in both directions; removed on drop (also when the
+/// test panics), so a failing test never leaves the machine partitioned. In a simulated network the delayers
+/// drop the packets instead (`Net::isolate`), and the partition goes with the network.
 struct Partition {
+    /// Rules on loopback addresses in the root namespace.
     rules: Vec<Vec<String>>,
 }
 
 impl Partition {
-    fn new(isolated: &str, others: &[&str]) -> Partition {
+    /// Cut node `isolated` off from every other node of `cluster`; the test still reaches all of them.
+    fn cut_off(cluster: &Cluster, isolated: u64) -> Partition {
+        if let Some(net) = cluster.net() {
+            net.isolate(isolated as usize);
+            step!("partition: node {isolated} cut off from the others (every link at once, by the delayers)");
+            return Partition { rules: Vec::new() };
+        }
+        let host = |id: u64| cluster.node(id).addr.rsplit_once(':').unwrap().0.to_owned();
+        let others: Vec<String> = cluster.nodes.iter().map(|n| n.id).filter(|&id| id != isolated).map(host).collect();
+        let isolated = host(isolated);
         let mut partition = Partition { rules: Vec::new() };
-        for other in others {
-            for (src, dst) in [(isolated, *other), (*other, isolated)] {
+        for other in &others {
+            for (src, dst) in [(isolated.as_str(), other.as_str()), (other.as_str(), isolated.as_str())] {
                 let rule: Vec<String> =
                     ["INPUT", "-s", src, "-d", dst, "-j", "DROP", "-m", "comment", "--comment", "replichat-test"]
                         .iter()
@@ -37,7 +48,10 @@ impl Partition {
         partition
     }
 
-    fn heal(mut self) {
+    fn heal(mut self, cluster: &Cluster) {
+        if let Some(net) = cluster.net() {
+            net.heal();
+        }
         self.remove();
         step!("partition healed");
     }
@@ -79,12 +93,16 @@ async fn role(cluster: &Cluster, id: u64) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_primary_steps_down_and_nothing_diverges() {
     let hosts: Vec<String> = ["127.0.0.10", "127.0.0.11", "127.0.0.12"].iter().map(|h| h.to_string()).collect();
-    let (cluster, mut alice) =
-        start_with_alice_and_bob(Options { hosts: Some(hosts.clone()), ..Options::default() }).await;
+    isolated_primary_steps_down(Options { hosts: Some(hosts), ..Options::default() }).await;
+}
+
+/// The partition test on a cluster started with `options` (distinct addresses, loopback or simulated).
+pub async fn isolated_primary_steps_down(options: Options) {
+    let (cluster, mut alice) = start_with_alice_and_bob(options).await;
     let before = alice.send_message("bob", "before the partition").await;
     step!("acknowledged message {before} before the partition");
 
-    let partition = Partition::new(&hosts[0], &[&hosts[1], &hosts[2]]);
+    let partition = Partition::cut_off(&cluster, 0);
     let cut = Instant::now();
     // The isolated primary must not acknowledge this: it cannot reach a majority.
     let reply = alice
@@ -118,12 +136,12 @@ async fn isolated_primary_steps_down_and_nothing_diverges() {
         assert!(Instant::now() < deadline, "no new primary on the majority side: {s1:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut carol = Client::connect(&cluster.node(1).ws_url()).await;
+    let mut carol = cluster.client(1).await;
     carol.register("carol", "password123").await;
     let during = carol.send_message("bob", "majority side").await;
     step!("majority side acknowledged {during}");
 
-    partition.heal();
+    partition.heal(&cluster);
     let primary = cluster.wait_for_primary(Duration::from_secs(20)).await;
     assert_eq!(primary, 1, "no preemption: node 0 rejoins as a backup");
     let (_, dumps) = cluster.dumps_at_rest(&[0, 1, 2], false).await;

@@ -74,14 +74,21 @@ async fn assert_all_in_history(client: &mut Client, with: &str, acknowledged: &[
 }
 
 async fn healthz(cluster: &Cluster, id: u64) -> (u16, Value) {
-    let (code, body) = http_get(&cluster.node(id).addr, "/healthz").await.expect("/healthz answers");
+    let (code, body) = cluster.get(id, "/healthz").await.expect("/healthz answers");
     (code, serde_json::from_str(&body).expect("/healthz is JSON"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_with_a_full_disk_steps_down_and_rejoins_once_there_is_space() {
+    full_primary_disk(Options::default()).await;
+}
+
+/// Node 0 leads with its SQLite file on a small tmpfs, which fills up: it steps down, another replica takes
+/// over, `/healthz` says why node 0 is unhealthy, and once space is freed it catches up and is healthy again,
+/// with every acknowledged message. On a cluster started with `options` (loopback or simulated).
+pub async fn full_primary_disk(options: Options) {
     let tmpfs = Tmpfs::mount("8m");
-    let options = Options { sqlite_dirs: vec![(0, tmpfs.0.clone())], ..Options::default() };
+    let options = Options { sqlite_dirs: vec![(0, tmpfs.0.clone())], ..options };
     let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(10)).await, 0, "node 0, on the tmpfs, leads");
     let mut alice = cluster.client_to_primary().await;
@@ -134,8 +141,15 @@ async fn a_primary_with_a_full_disk_steps_down_and_rejoins_once_there_is_space()
 /// once space is freed, with every acknowledged message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_with_a_full_disk_says_so_and_rejoins_once_there_is_space() {
+    full_backup_disk(Options::default()).await;
+}
+
+/// Node 2, a backup, has its SQLite file on a small tmpfs, which fills up: the primary shows it as failing
+/// and keeps committing with node 1; once space is freed node 2 rejoins with every acknowledged message. On a
+/// cluster started with `options` (loopback or simulated).
+pub async fn full_backup_disk(options: Options) {
     let tmpfs = Tmpfs::mount("8m");
-    let options = Options { sqlite_dirs: vec![(2, tmpfs.0.clone())], ..Options::default() };
+    let options = Options { sqlite_dirs: vec![(2, tmpfs.0.clone())], ..options };
     let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
     assert_ne!(leader, 2, "node 2 goes last in elections");

@@ -5,6 +5,11 @@
 //! Every node's stderr (its log) and stdout go to `<test dir>/nodeN.log`; when a test fails the tail of each
 //! log is printed (in `Drop`, while panicking), and the directory is kept.
 //!
+//! With [`Options::netsim`] the replicas run on simulated separate machines (the `replichat-netsim` crate):
+//! each in its own network namespace with its own address on a bridge, TLS on, a delay on every packet a
+//! replica sends; the test reaches them from the root namespace over the bridge. The network is made by
+//! [`Cluster::start_with`] and removed when the cluster is dropped (also when the test panics).
+//!
 //! Environment: `REPLICHAT_CLUSTER_TEST_LOG` is the nodes' `--log` filter (default `info`);
 //! `REPLICHAT_CLUSTER_TEST_KEEP=1` keeps the directory (logs, SQLite files) of passing tests too.
 
@@ -101,10 +106,16 @@ pub struct Cluster {
     extra_args: Vec<String>,
     /// With [`Options::tls`]: the certificates every node uses, and what clients trust.
     pub tls: Option<Tls>,
+    /// With [`Options::netsim`]: the simulated network the nodes run in. Declared after `nodes`, so their
+    /// processes are killed before it is removed.
+    net: Option<replichat_netsim::Net>,
 }
 
-/// Certificates made for one TLS cluster: a test CA, and one certificate it signed for 127.0.0.1 and
-/// localhost that every node presents.
+/// The port every node listens on in a simulated network (each namespace has its own port space).
+const NETSIM_PORT: u16 = 9100;
+
+/// Certificates made for one TLS cluster: a test CA, and one certificate it signed for the nodes' addresses
+/// (127.0.0.1 and localhost on loopback) that every node presents.
 pub struct Tls {
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -114,9 +125,14 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// A new CA in `dir` (`<name>-ca.pem`), and a certificate and key it signed (`<name>-cert.pem`,
-    /// `<name>-key.pem`).
+    /// A new CA in `dir` (`<name>-ca.pem`), and a certificate and key it signed for 127.0.0.1 and localhost
+    /// (`<name>-cert.pem`, `<name>-key.pem`).
     pub fn make(dir: &std::path::Path, name: &str) -> Tls {
+        Tls::make_for(dir, name, &["127.0.0.1".to_owned(), "localhost".to_owned()])
+    }
+
+    /// [`Tls::make`] with a certificate for `hosts`.
+    pub fn make_for(dir: &std::path::Path, name: &str, hosts: &[String]) -> Tls {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -124,10 +140,7 @@ impl Tls {
         ca_params.distinguished_name.push(DnType::CommonName, format!("replichat test CA {name}"));
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
+        let cert = CertificateParams::new(hosts.to_vec()).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
         let path = |what: &str| dir.join(format!("{name}-{what}.pem"));
         std::fs::write(path("ca"), ca.pem()).unwrap();
         std::fs::write(path("cert"), cert.pem()).unwrap();
@@ -161,6 +174,11 @@ pub struct Options {
     /// `https://` peer URLs: every node serves TLS with a certificate from a CA made for this cluster, and
     /// trusts only that CA (see [`Tls`]).
     pub tls: bool,
+    /// Run the nodes on simulated separate machines with this round-trip time between two of them (see the
+    /// module comment): each in its own network namespace and address, with TLS (as if `tls` were set).
+    /// SQLite only: PostgreSQL listens on the root namespace's loopback, which the namespaces cannot reach.
+    /// Needs root, `ip` and `iptables-legacy`.
+    pub netsim: Option<Duration>,
 }
 
 impl Cluster {
@@ -172,19 +190,38 @@ impl Cluster {
 
     /// [`Cluster::start`] with non-default [`Options`].
     pub async fn start_with(n: usize, engine: Engine, options: Options) -> Cluster {
-        let host = |i: usize| options.hosts.as_ref().map_or("127.0.0.1".to_owned(), |h| h[i].clone());
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let dir = std::env::temp_dir().join("replichat-cluster-tests").join(&unique);
         std::fs::create_dir_all(&dir).unwrap();
-        // Hold every listener until all ports are chosen, so no two nodes get the same one.
-        let listeners: Vec<_> =
-            (0..n).map(|i| std::net::TcpListener::bind(format!("{}:0", host(i))).unwrap()).collect();
-        let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
-        drop(listeners);
-        let scheme = if options.tls { "https" } else { "http" };
+        let net = options.netsim.map(|rtt| {
+            assert_eq!(engine, Engine::Sqlite, "a simulated network runs SQLite replicas only");
+            // Waits while another test (in any process) has the suite's network: its names are fixed.
+            let net = replichat_netsim::Net::create(replichat_netsim::Layout::CLUSTER_TESTS, n, rtt)
+                .expect("the simulated network (root, ip and iptables-legacy needed)");
+            step!("simulated network: {n} namespaces, {rtt:?} round trip between replicas");
+            net
+        });
+        let hosts: Vec<String> = match (&net, &options.hosts) {
+            (Some(net), _) => (0..n).map(|i| net.addr(i)).collect(),
+            (None, Some(hosts)) => hosts.clone(),
+            (None, None) => vec!["127.0.0.1".to_owned(); n],
+        };
+        let ports: Vec<u16> = if net.is_some() {
+            vec![NETSIM_PORT; n]
+        } else {
+            // Hold every listener until all ports are chosen, so no two nodes get the same one.
+            let listeners: Vec<_> =
+                hosts.iter().map(|host| std::net::TcpListener::bind(format!("{host}:0")).unwrap()).collect();
+            listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+        };
+        let tls_on = options.tls || net.is_some();
+        let scheme = if tls_on { "https" } else { "http" };
         let peers =
-            ports.iter().enumerate().map(|(i, p)| format!("{i}={scheme}://{}:{p}", host(i))).collect::<Vec<_>>();
-        let tls = options.tls.then(|| Tls::make(&dir, "cluster"));
+            ports.iter().enumerate().map(|(i, p)| format!("{i}={scheme}://{}:{p}", hosts[i])).collect::<Vec<_>>();
+        let tls = match &net {
+            Some(_) => Some(Tls::make_for(&dir, "cluster", &hosts)),
+            None => options.tls.then(|| Tls::make(&dir, "cluster")),
+        };
         let mut extra_args = options.args.clone();
         if let Some(tls) = &tls {
             extra_args.extend(tls.args());
@@ -198,6 +235,7 @@ impl Cluster {
             pg_databases: Vec::new(),
             extra_args,
             tls,
+            net,
         };
         for (i, port) in ports.iter().enumerate() {
             let own_url = options.db_urls.iter().find(|(id, _)| *id == i as u64).map(|(_, url)| url.clone());
@@ -215,12 +253,12 @@ impl Cluster {
             };
             cluster.nodes.push(Node {
                 id: i as u64,
-                addr: format!("{}:{port}", host(i)),
+                addr: format!("{}:{port}", hosts[i]),
                 db,
                 log: dir.join(format!("node{i}.log")),
                 child: None,
                 starts: 0,
-                tls: options.tls,
+                tls: tls_on,
             });
         }
         step!("starting {n} replicas ({engine:?}) in {}: {}", dir.display(), cluster.peers);
@@ -269,7 +307,13 @@ impl Cluster {
         } else {
             vec!["--election-timeout-ms".to_owned(), ELECTION_TIMEOUT_MS.to_string()]
         };
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replichat"))
+        let exe = env!("CARGO_BIN_EXE_replichat");
+        let mut command = match &self.net {
+            Some(net) => tokio::process::Command::from(net.command(id as usize, exe)),
+            None => tokio::process::Command::new(exe),
+        };
+        let node = &mut self.nodes[id as usize];
+        let mut child = command
             .args(["serve", "--id", &id.to_string(), "--listen", &node.addr, "--peers", &peers, "--db", &node.db])
             .args(["--cluster-secret", &secret, "--heartbeat-ms", &HEARTBEAT_MS.to_string()])
             .args(&election)
@@ -374,6 +418,19 @@ impl Cluster {
         match &self.tls {
             None => http_get(&self.node(id).addr, path).await,
             Some(tls) => https_get(&self.node(id).addr, path, tls.client.clone()).await,
+        }
+    }
+
+    /// The simulated network the nodes run in ([`Options::netsim`]).
+    pub fn net(&self) -> Option<&replichat_netsim::Net> {
+        self.net.as_ref()
+    }
+
+    /// [`Client::connect_any`] to `url`, over TLS in a TLS cluster.
+    pub async fn connect_any(&self, url: &str) -> Result<(Client, ServerBody), String> {
+        match &self.tls {
+            None => Client::connect_any(url).await,
+            Some(tls) => Client::connect_any_tls(url, tls.client.clone()).await,
         }
     }
 

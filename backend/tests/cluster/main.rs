@@ -13,6 +13,7 @@ mod full_disk;
 mod group_commit;
 mod impostor;
 mod metrics;
+mod netsim;
 mod poison;
 mod security;
 mod tls;

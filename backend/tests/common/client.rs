@@ -266,7 +266,24 @@ impl Client {
     /// Never panics: a refused connection, a failed handshake, a timeout or a socket closed before any frame
     /// is an `Err`. The first frame is also kept in `welcome`.
     pub async fn connect_any(url: &str) -> Result<(Client, ServerBody), String> {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        Client::connect_any_over(url, None, false).await
+    }
+
+    /// [`Client::connect_any`] to a `wss://` URL, trusting what `config` trusts.
+    pub async fn connect_any_tls(
+        url: &str,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<(Client, ServerBody), String> {
+        Client::connect_any_over(url, Some(tokio_tungstenite::Connector::Rustls(config)), true).await
+    }
+
+    async fn connect_any_over(
+        url: &str,
+        connector: Option<tokio_tungstenite::Connector>,
+        disable_nagle: bool,
+    ) -> Result<(Client, ServerBody), String> {
+        let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, disable_nagle, connector);
+        let (ws, _) = tokio::time::timeout(WAIT, connect)
             .await
             .map_err(|_| format!("{url}: timed out connecting"))?
             .map_err(|e| format!("{url}: {e}"))?;
