@@ -202,11 +202,11 @@ impl Chat {
         compact_keep: u64,
         shutdown: CancellationToken,
     ) {
-        let mut status = self.replication.status();
+        let mut commits = self.replication.commit_index();
         let mut compacted_at = 0;
         let mut failures = 0u32;
         loop {
-            let commit = status.borrow_and_update().commit_index;
+            let commit = *commits.borrow_and_update();
             if commit > *applied.borrow() {
                 match self.db.apply_committed(commit).await {
                     Ok((index, deliveries)) => {
@@ -261,7 +261,7 @@ impl Chat {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                changed = status.changed() => if changed.is_err() { return },
+                changed = commits.changed() => if changed.is_err() { return },
             }
         }
     }
@@ -310,22 +310,22 @@ impl Chat {
     /// Wait until `index` is applied; `unavailable` if this replica stops being primary or it takes too long.
     async fn wait_applied(&self, index: u64) -> Result<()> {
         let mut applied = self.applied.clone();
-        let mut status = self.replication.status();
-        let term = status.borrow().term;
+        let mut leadership = self.replication.leadership();
+        let term = leadership.borrow().term;
         let wait = async {
             loop {
                 if *applied.borrow_and_update() >= index {
                     return Ok(());
                 }
                 {
-                    let now = status.borrow_and_update();
+                    let now = leadership.borrow_and_update();
                     if now.role != Role::Primary || now.term != term {
                         return Err(Error::Unavailable);
                     }
                 }
                 tokio::select! {
                     changed = applied.changed() => changed.map_err(|_| Error::Unavailable)?,
-                    changed = status.changed() => changed.map_err(|_| Error::Unavailable)?,
+                    changed = leadership.changed() => changed.map_err(|_| Error::Unavailable)?,
                 }
             }
         };

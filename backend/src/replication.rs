@@ -116,6 +116,14 @@ pub struct Status {
     pub voter: bool,
 }
 
+/// The part of the status that client sockets and waiters need: whether this replica is primary, and in
+/// which term. Published only when it changes (the whole [`Status`] changes with every acknowledgement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub role: Role,
+    pub term: u64,
+}
+
 /// Timings from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -157,6 +165,8 @@ pub struct Replication {
     inbox: mpsc::Sender<Input>,
     proposals: mpsc::Sender<Proposal>,
     status: watch::Receiver<Status>,
+    leadership: watch::Receiver<Leadership>,
+    commit: watch::Receiver<u64>,
     /// This replica's id.
     pub id: u64,
     /// Every replica, this one included, by id.
@@ -245,9 +255,12 @@ impl Replication {
                 voter,
             })
             .0,
+            leadership: watch::channel(Leadership { role: Role::Backup, term }).0,
+            commit: watch::channel(commit_index).0,
         };
         core.reset_election_deadline();
         let status = core.status.subscribe();
+        let (leadership, commit) = (core.leadership.subscribe(), core.commit.subscribe());
         crate::metrics::peer_connections(0);
         tracing::info!(id, term, last_index, commit_index, replicas = all.len(), "replication starting");
         if core.cluster_size() == 1 {
@@ -256,12 +269,24 @@ impl Replication {
         }
         core.publish();
         tokio::spawn(core.run(inbox_rx, proposals_rx, shutdown));
-        Ok(Replication { inbox: inbox_tx, proposals: proposals_tx, status, id, peers: all })
+        Ok(Replication { inbox: inbox_tx, proposals: proposals_tx, status, leadership, commit, id, peers: all })
     }
 
-    /// The latest status; `changed()` on the receiver wakes on every change.
+    /// The latest status; `changed()` on the receiver wakes on every change (every acknowledgement moves a
+    /// replica's view): for pages and health checks. Code that waits should watch [`Replication::leadership`]
+    /// or [`Replication::commit_index`] instead.
     pub fn status(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// Role and term; `changed()` wakes only when either changes.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    /// The commit index as this replica knows it; `changed()` wakes only when it moves.
+    pub fn commit_index(&self) -> watch::Receiver<u64> {
+        self.commit.clone()
     }
 
     /// Append `op` to the log, as entry `expected` if given (refused if that is not the next index). Returns
@@ -392,6 +417,8 @@ struct Core {
     storage_failed_at: Option<(Instant, String)>,
     noop: String,
     status: watch::Sender<Status>,
+    leadership: watch::Sender<Leadership>,
+    commit: watch::Sender<u64>,
     /// What `/metrics` shows of the status.
     gauges: crate::metrics::ReplicaGauges,
 }
@@ -1341,6 +1368,9 @@ impl Core {
         self.gauges.record(status.term, status.role == Role::Primary, status.last_index, status.commit_index, |peer| {
             status.replicas.iter().find(|r| r.id == peer).map_or(0, |r| r.lag)
         });
+        let leadership = Leadership { role: status.role, term: status.term };
+        self.leadership.send_if_modified(|current| std::mem::replace(current, leadership) != leadership);
+        self.commit.send_if_modified(|current| std::mem::replace(current, status.commit_index) != status.commit_index);
         self.status.send_if_modified(|current| {
             if *current != status {
                 *current = status;

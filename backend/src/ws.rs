@@ -18,7 +18,7 @@ use replichat_shared::{
 };
 use std::net::SocketAddr;
 
-use crate::replication::{Role, Status};
+use crate::replication::{Leadership, Role, Status};
 use crate::session::{Pushed, Session};
 use crate::{AppState, Error};
 
@@ -181,6 +181,14 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     if out.write(None, welcome).await.is_err() {
         return;
     }
+    // From here on only a change of role or term matters, not every acknowledgement the status reports.
+    let mut leadership = state.chat.replication().leadership();
+    if *leadership.borrow_and_update() != (Leadership { role: Role::Primary, term: first.term }) {
+        let status = state.chat.replication().status().borrow().clone();
+        let _ = out.write(None, not_leader(&state, &status)).await;
+        out.close(&mut stream, CLOSE_NORMAL, "not the primary any more").await;
+        return;
+    }
     let mut session = Session::new(state.chat.clone(), client.ip());
     // Until it authenticates, a socket has until `auth_by`; after, it must not fall silent for `idle`.
     let mut auth_by = Instant::now() + timeouts.auth;
@@ -202,14 +210,15 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                     break None;
                 }
             }
-            changed = status.changed() => {
+            changed = leadership.changed() => {
                 if changed.is_err() {
                     // The replication core stopped: the server is shutting down.
                     break Some((CLOSE_GOING_AWAY, "server shutting down"));
                 }
-                let now = status.borrow_and_update().clone();
+                let now = *leadership.borrow_and_update();
                 if now.role != Role::Primary || now.term != first.term {
-                    let _ = out.write(None, not_leader(&state, &now)).await;
+                    let status = state.chat.replication().status().borrow().clone();
+                    let _ = out.write(None, not_leader(&state, &status)).await;
                     break Some((CLOSE_NORMAL, "not the primary any more"));
                 }
             }
