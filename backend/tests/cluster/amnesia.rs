@@ -12,10 +12,7 @@ async fn wiped_backup_catches_up(options: Options, how: &str) {
     let mut cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
     let backup = (leader + 1) % 3;
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
     for i in 0..30 {
         alice.send_message("bob", &format!("before the wipe {i}")).await;
     }
@@ -67,10 +64,7 @@ async fn a_wiped_replica_does_not_vote_until_it_has_caught_up() {
     let mut cluster = Cluster::start(3, Engine::Sqlite).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
     let (acker, stale) = ((leader + 1) % 3, (leader + 2) % 3);
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
     bob.close().await;
 
     step!("node {stale} stops; ten messages are committed by node {leader} and node {acker} alone");

@@ -548,10 +548,7 @@ impl Sender {
 async fn a_new_primary_over_a_long_compacted_log_commits_at_once() {
     let options = Options { args: vec!["--compact-keep".into(), "200".into()], ..Options::default() };
     let mut cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
     bob.close().await;
     step!("1,500 messages: the log passes 1,024 entries and is compacted");
     for i in 0..1500 {

@@ -76,10 +76,7 @@ impl Drop for Partition {
 async fn start_with_alice_and_bob(options: Options) -> (Cluster, Client) {
     let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (alice, _bob) = cluster.register_alice_and_bob().await;
     (cluster, alice)
 }
 

@@ -73,9 +73,22 @@ async fn assert_all_in_history(client: &mut Client, with: &str, acknowledged: &[
     }
 }
 
+/// Once at rest, `nodes` hold identical states, and `client` (alice) finds every acknowledged message in her
+/// history with bob.
+async fn assert_all_acknowledged_on_both(
+    cluster: &Cluster,
+    nodes: [u64; 2],
+    client: &mut Client,
+    acknowledged: &[u64],
+) {
+    step!("every acknowledged message ({}) is on every replica", acknowledged.len());
+    let (_, states) = cluster.dumps_at_rest(&nodes, true).await;
+    assert_same_dump(&format!("node {}", nodes[0]), &states[0], &format!("node {}", nodes[1]), &states[1]);
+    assert_all_in_history(client, "bob", acknowledged).await;
+}
+
 async fn healthz(cluster: &Cluster, id: u64) -> (u16, Value) {
-    let (code, body) = cluster.get(id, "/healthz").await.expect("/healthz answers");
-    (code, serde_json::from_str(&body).expect("/healthz is JSON"))
+    cluster.healthz(id).await.expect("/healthz answers with JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,10 +104,7 @@ pub async fn full_primary_disk(options: Options) {
     let options = Options { sqlite_dirs: vec![(0, tmpfs.0.clone())], ..options };
     let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(10)).await, 0, "node 0, on the tmpfs, leads");
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
     let mut acknowledged = vec![alice.send_message("bob", "before the disk filled").await];
 
     step!("node 0's disk fills up; writes to it fail until it steps down");
@@ -126,10 +136,7 @@ pub async fn full_primary_disk(options: Options) {
     // Healthy again two election timeouts after its last storage failure (polling, as the harness does).
     wait_healthy(&cluster, 0).await;
 
-    step!("every acknowledged message ({}) is on every replica", acknowledged.len());
-    let (_, states) = cluster.dumps_at_rest(&[leader, 0], true).await;
-    assert_same_dump(&format!("node {leader}"), &states[0], "node 0", &states[1]);
-    assert_all_in_history(&mut alice, "bob", &acknowledged).await;
+    assert_all_acknowledged_on_both(&cluster, [leader, 0], &mut alice, &acknowledged).await;
     alice.close().await;
     bob.close().await;
     cluster.finish().await;
@@ -153,10 +160,7 @@ pub async fn full_backup_disk(options: Options) {
     let cluster = Cluster::start_with(3, Engine::Sqlite, options).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
     assert_ne!(leader, 2, "node 2 goes last in elections");
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
 
     step!("node 2's disk fills up; the two others keep acknowledging every message");
     fill(&tmpfs.0.join("filler"));
@@ -289,10 +293,7 @@ async fn full_postgres_disk(full: u64) {
     let options = Options { db_urls: vec![(full, url)], ..Options::default() };
     let cluster = Cluster::start_with(3, Engine::Postgres, options).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
     let mut acknowledged = vec![alice.send_message("bob", "before the disk filled").await];
 
     step!("node {full}'s PostgreSQL data disk fills up; messages keep being sent");
@@ -336,10 +337,7 @@ async fn full_postgres_disk(full: u64) {
     std::fs::remove_file(small.data.0.join("filler")).unwrap();
     cluster.wait_applied_equal(Duration::from_secs(30)).await;
     wait_healthy(&cluster, full).await;
-    step!("every acknowledged message ({}) is on every replica", acknowledged.len());
-    let (_, states) = cluster.dumps_at_rest(&[leader_now, full], true).await;
-    assert_same_dump(&format!("node {leader_now}"), &states[0], &format!("node {full}"), &states[1]);
-    assert_all_in_history(&mut alice, "bob", &acknowledged).await;
+    assert_all_acknowledged_on_both(&cluster, [leader_now, full], &mut alice, &acknowledged).await;
     alice.close().await;
     bob.close().await;
     cluster.finish().await;

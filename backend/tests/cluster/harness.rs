@@ -442,10 +442,24 @@ impl Cluster {
         }
     }
 
+    /// `GET /healthz` on node `id`: its status code and JSON body (`Err` when it does not answer with JSON).
+    pub async fn healthz(&self, id: u64) -> Result<(u16, Value), String> {
+        let (code, body) = self.get(id, "/healthz").await?;
+        Ok((code, serde_json::from_str(&body).map_err(|e| format!("/healthz is not JSON: {e}: {body}"))?))
+    }
+
     /// `/healthz`'s `voter` on node `id` (false while it is a learner; `None` when it does not answer).
     pub async fn is_voter(&self, id: u64) -> Option<bool> {
-        let (_, body) = self.get(id, "/healthz").await.ok()?;
-        serde_json::from_str::<Value>(&body).ok()?["voter"].as_bool()
+        self.healthz(id).await.ok()?.1["voter"].as_bool()
+    }
+
+    /// Register accounts alice and bob (password `password123`) on the primary; their sockets, in that order.
+    pub async fn register_alice_and_bob(&self) -> (Client, Client) {
+        let mut alice = self.client_to_primary().await;
+        alice.register("alice", "password123").await;
+        let mut bob = self.client_to_primary().await;
+        bob.register("bob", "password123").await;
+        (alice, bob)
     }
 
     /// Wait until every running node is a voter (a new cluster's replicas are learners until they have an entry

@@ -94,10 +94,7 @@ async fn an_impostor_on_a_stopped_peers_address_learns_nothing_and_changes_nothi
     let mut cluster = Cluster::start(3, Engine::Sqlite).await;
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
     let (victim, other) = ((leader + 1) % 3, (leader + 2) % 3);
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, _bob) = cluster.register_alice_and_bob().await;
     cluster.wait_applied_equal(Duration::from_secs(10)).await;
 
     step!("node {victim} stops; an impostor listens on its address");

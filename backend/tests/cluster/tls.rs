@@ -13,10 +13,7 @@ async fn a_cluster_over_tls_replicates_and_fails_over() {
     let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
 
     step!("clients speak wss:// to the primary; plain http:// to the same port gets no answer");
-    let mut alice = cluster.client_to_primary().await;
-    alice.register("alice", "password123").await;
-    let mut bob = cluster.client_to_primary().await;
-    bob.register("bob", "password123").await;
+    let (mut alice, bob) = cluster.register_alice_and_bob().await;
     bob.close().await;
     for i in 0..5 {
         alice.send_message("bob", &format!("over TLS {i}")).await;
