@@ -6,7 +6,7 @@ import type { Page } from '@playwright/test';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { REPO_ROOT } from '../fixtures/cluster';
+import { type ClusterTiming, ELECTION_TIMEOUT_MS, HEARTBEAT_MS, REPO_ROOT } from '../fixtures/cluster';
 import * as find from './find';
 
 /** Fill the auth form and click "Sign up". */
@@ -169,9 +169,17 @@ export async function screenshot(page: Page, name: string, size = { width: 1280,
   return file;
 }
 
+/** The cluster timing of a spec that seeds a long conversation: the usual timing, and a send rate high enough. */
+export const SEEDING_TIMING: ClusterTiming = {
+  heartbeatMs: HEARTBEAT_MS,
+  electionTimeoutMs: ELECTION_TIMEOUT_MS,
+  args: ['--send-rate', '100000', '--send-burst', '100000'],
+};
+
 /**
  * Register alice and bob and send `count` messages ("seed 00001", ...) from alice to bob over the protocol,
- * from `page`'s context (500 requests in flight at a time). The replicas need a high `--send-rate`.
+ * from `page`'s context (500 requests in flight at a time). The replicas need a high `--send-rate`
+ * ([`SEEDING_TIMING`]).
  */
 export async function seedConversation(page: Page, count: number, password: string): Promise<void> {
   await page.evaluate(

@@ -62,6 +62,8 @@ export const history = (page: Page): Locator => page.getByTestId('history');
 export const loadOlder = (page: Page): Locator => page.getByTestId('load-older');
 /** Every message of the open conversation, in display order. */
 export const messages = (page: Page): Locator => history(page).getByTestId('message');
+/** The app keeps at most this many message elements in the page (WINDOW in chat_view.rs). */
+export const MAX_MESSAGES_IN_PAGE = 150;
 /** The texts of the open conversation's messages, in display order. */
 export const messageTexts = (page: Page): Locator => history(page).getByTestId('message-text');
 /** The message(s) of the open conversation whose text is exactly `text`. */

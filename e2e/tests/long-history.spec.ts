@@ -6,23 +6,14 @@
 import type { Page } from '@playwright/test';
 
 import { expect, loggedIn, PASSWORD, step, test } from '../fixtures/app';
-import { ELECTION_TIMEOUT_MS, HEARTBEAT_MS } from '../fixtures/cluster';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
 
 /** Messages seeded (alice to bob); REPLICHAT_E2E_LONG_HISTORY=10000 for the issue's size (about 3 minutes). */
 const COUNT = Number(process.env.REPLICHAT_E2E_LONG_HISTORY || 3000);
-/** The app keeps at most this many message elements in the page (WINDOW in chat_view.rs). */
-const MAX_IN_PAGE = 150;
 
-test.use({
-  clusterTiming: {
-    heartbeatMs: HEARTBEAT_MS,
-    electionTimeoutMs: ELECTION_TIMEOUT_MS,
-    args: ['--send-rate', '100000', '--send-burst', '100000'],
-  },
-});
+test.use({ clusterTiming: act.SEEDING_TIMING });
 
 /** How many message elements the page holds now. */
 const inPage = (page: Page) => find.messages(page).count();
@@ -60,7 +51,7 @@ test('a conversation of thousands keeps a bounded window in the page and scrolls
   await expect(first).toBeVisible();
   most = Math.max(most, await inPage(alice));
   console.log(`at most ${most} message elements in the page for a conversation of ${COUNT}`);
-  expect(most).toBeLessThanOrEqual(MAX_IN_PAGE);
+  expect(most).toBeLessThanOrEqual(find.MAX_MESSAGES_IN_PAGE);
 
   step('scroll back down to the newest: the window follows, still bounded');
   for (let round = 0; (await find.message(alice, last).count()) === 0; round++) {
@@ -70,7 +61,7 @@ test('a conversation of thousands keeps a bounded window in the page and scrolls
       el.scrollTop = el.scrollHeight;
     });
     await expect.poll(() => find.messages(alice).last().getAttribute('data-id')).not.toBe(bottom);
-    expect(await inPage(alice)).toBeLessThanOrEqual(MAX_IN_PAGE);
+    expect(await inPage(alice)).toBeLessThanOrEqual(find.MAX_MESSAGES_IN_PAGE);
   }
   await expect(find.message(alice, last)).toBeVisible();
 });

@@ -16,24 +16,15 @@ import * as fs from 'node:fs';
 import type { Page } from '@playwright/test';
 
 import { expect, loggedIn, PASSWORD, step, test } from '../fixtures/app';
-import { ELECTION_TIMEOUT_MS, HEARTBEAT_MS } from '../fixtures/cluster';
 import * as act from '../helpers/act';
 import * as check from '../helpers/check';
 import * as find from '../helpers/find';
 
 const COUNT = Number(process.env.REPLICHAT_E2E_SCROLL_BENCH || 0);
-/** The app keeps at most this many message elements in the page (WINDOW in chat_view.rs). */
-const MAX_IN_PAGE = 150;
 /** Pixels per wheel notch (a mouse's usual step). */
 const NOTCH = 120;
 
-test.use({
-  clusterTiming: {
-    heartbeatMs: HEARTBEAT_MS,
-    electionTimeoutMs: ELECTION_TIMEOUT_MS,
-    args: ['--send-rate', '100000', '--send-burst', '100000'],
-  },
-});
+test.use({ clusterTiming: act.SEEDING_TIMING });
 
 interface Sample {
   /** requestAnimationFrame timestamps (ms). */
@@ -133,6 +124,6 @@ test('scrolling a conversation of 10,000 messages from the newest to the first: 
   await testInfo.attach(`scroll-bench-${COUNT}.json`, { path: out, contentType: 'application/json' });
 
   expect(figures.frames, 'frames were recorded while scrolling').toBeGreaterThan(0);
-  expect(figures.max_message_elements).toBeLessThanOrEqual(MAX_IN_PAGE);
+  expect(figures.max_message_elements).toBeLessThanOrEqual(find.MAX_MESSAGES_IN_PAGE);
   await expect(first).toBeVisible();
 });
