@@ -93,7 +93,7 @@ impl Db {
                 sqlx::query("DELETE FROM log WHERE idx >= $1").bind(from.index as i64).execute(&mut *tx).await?;
             }
             for chunk in new.chunks(ROWS_PER_INSERT) {
-                let sql = format!("INSERT INTO log (idx, term, op) VALUES {}", super::placeholders(chunk.len(), 3));
+                let sql = format!("INSERT INTO log (idx, term, op) VALUES {}", self.backend.values(chunk.len(), 3));
                 let mut query = sqlx::query(&sql);
                 for entry in chunk {
                     query = query.bind(entry.index as i64).bind(entry.term as i64).bind(&entry.op);

@@ -89,7 +89,7 @@ impl Db {
         while let Some((index, op)) = rest.first() {
             let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
             if run > 0 {
-                let (stored, caused) = apply_sends(&mut tx, &rest[..run]).await?;
+                let (stored, caused) = apply_sends(&mut tx, self.backend, &rest[..run]).await?;
                 messages += stored;
                 deliveries.extend(caused);
                 rest = &rest[run..];
@@ -161,7 +161,7 @@ fn crash_test_abort_now() -> bool {
 /// read back. Returns how many messages were stored and the events, in index order: exactly what applying
 /// the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the users is
 /// what each send would have seen; a repeated client id, also within the run, stores and causes nothing).
-async fn apply_sends(tx: &mut AnyConnection, run: &[(i64, Op)]) -> Result<(u64, Vec<Delivery>)> {
+async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]) -> Result<(u64, Vec<Delivery>)> {
     let sends: Vec<(i64, i64, i64, &str, &str, i64)> = run
         .iter()
         .filter_map(|(index, op)| match op {
@@ -177,8 +177,8 @@ async fn apply_sends(tx: &mut AnyConnection, run: &[(i64, Op)]) -> Result<(u64, 
     ids.dedup();
     let mut users = std::collections::HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(super::MAX_BINDS) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!("SELECT id, username, deleted_at FROM users WHERE id IN ({})", params.join(", "));
+        let sql =
+            format!("SELECT id, username, deleted_at FROM users WHERE id IN ({})", backend.params(0, chunk.len()));
         let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(*id);
@@ -197,7 +197,7 @@ async fn apply_sends(tx: &mut AnyConnection, run: &[(i64, Op)]) -> Result<(u64, 
         let sql = format!(
             "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
              ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
-            super::placeholders(chunk.len(), 6)
+            backend.values(chunk.len(), 6)
         );
         let mut query = sqlx::query(&sql);
         for (index, sender, recipient, client_id, text, at) in chunk {
@@ -230,7 +230,7 @@ async fn apply_sends(tx: &mut AnyConnection, run: &[(i64, Op)]) -> Result<(u64, 
         deliveries.push(Delivery { user_id: sender, body, session: None });
     }
     for chunk in events.chunks(super::MAX_BINDS / 3) {
-        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", super::placeholders(chunk.len(), 3));
+        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
         let mut query = sqlx::query(&sql);
         for (user, index, body) in chunk {
             query = query.bind(*user).bind(*index).bind(body.as_str());
