@@ -190,6 +190,7 @@ pub async fn start(config: Config) -> Result<Running> {
         db.clone(),
         membership.voter,
         Op::Noop.to_json(),
+        config.compact_keep,
         shutdown.clone(),
     )
     .await?;

@@ -146,6 +146,10 @@ struct Proposal {
 /// Most proposals appended in one transaction (one fsync) and shipped in one frame.
 const MAX_GROUP: usize = 512;
 
+/// Most entries a primary keeps in memory at the end of its log ([`Core::tail`]): what is in flight to every
+/// backup, with room to spare; a backup further behind is sent entries read from the database.
+const TAIL: usize = 2 * MAX_IN_FLIGHT as usize;
+
 enum Input {
     /// A request from a peer (`append`, `vote`), to be answered on `reply`.
     Request { frame: PeerFrame, reply: oneshot::Sender<PeerFrame> },
@@ -176,7 +180,8 @@ pub struct Replication {
 impl Replication {
     /// Start the core and one dialer per other replica. `noop` is the op a new primary appends. Connections
     /// to peers leave from `bind_ip` when given (the replica's own address, so that a firewall rule on
-    /// addresses can cut a replica off, as the partition tests do).
+    /// addresses can cut a replica off, as the partition tests do). `compact_keep` is how many applied entries
+    /// compaction keeps: the primary's in-memory tail of the log holds no more (see [`Core::tail`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         id: u64,
@@ -188,6 +193,7 @@ impl Replication {
         db: Db,
         voter: bool,
         noop: String,
+        compact_keep: u64,
         shutdown: CancellationToken,
     ) -> Result<Replication> {
         let all: BTreeMap<u64, String> = peers.iter().map(|p| (p.id, p.url.clone())).collect();
@@ -232,6 +238,8 @@ impl Replication {
             remote_view: Vec::new(),
             outbound,
             inbox: inbox_tx.downgrade(),
+            tail: VecDeque::new(),
+            tail_capacity: (compact_keep as usize).clamp(1, TAIL),
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
@@ -384,6 +392,13 @@ struct Core {
     commit_index: u64,
     /// Index of this term's no-op while primary: entries before it commit only together with it.
     term_start: u64,
+    /// While primary: the last entries of its log, from this term's no-op on, consecutive and ending at
+    /// `last_index` (or past it while they are being appended). Entries are shipped and probed from here, so
+    /// the database is read only for a backup that is far behind. Emptied whenever the role changes.
+    tail: VecDeque<WireEntry>,
+    /// Entries the tail holds at most: [`TAIL`], or fewer when compaction keeps fewer, so that the tail holds
+    /// nothing the database no longer has (a backup further behind gets a snapshot, with or without a tail).
+    tail_capacity: usize,
     progress: BTreeMap<u64, Progress>,
     pre_votes: BTreeSet<u64>,
     votes: BTreeSet<u64>,
@@ -673,6 +688,7 @@ impl Core {
     /// Stop being primary (or candidate) without a new term: a backup waiting for its election timer.
     fn step_down(&mut self) {
         self.role = Role::Backup;
+        self.tail.clear();
         self.leader = None;
         self.heard_leader = None;
         self.term_start = u64::MAX;
@@ -816,6 +832,8 @@ impl Core {
                 return Err(e);
             }
         }
+        self.tail.clear();
+        self.tail.push_back(noop);
         // The backups get one election timeout to answer from now, once the `noop` is durable: a slow write
         // must not use it up (the step-down check in `tick`).
         self.primary_since = Instant::now();
@@ -842,6 +860,7 @@ impl Core {
             tracing::info!(term, ?leader, "following");
         }
         self.role = Role::Backup;
+        self.tail.clear();
         if let Some(leader) = leader {
             self.note_election(self.term, leader);
             self.leader = Some(leader);
@@ -866,16 +885,29 @@ impl Core {
         if entries.is_empty() {
             return Ok(());
         }
+        // Shipped first, appended here after: the backups write while this replica does. This replica counts
+        // itself (`last_index`, which `advance_commit` reads) only once its own append returned. Once shipped,
+        // an (index, term) names this op for good: should the local append fail, this replica steps down, and
+        // it can only propose again in a later term.
+        self.tail.extend(entries.iter().cloned());
+        while self.tail.len() > self.tail_capacity {
+            self.tail.pop_front();
+        }
+        let shipped = self.broadcast_append().await;
         match self.db.append_entries(&entries).await {
             Ok(last) => (self.last_index, self.last_term) = last,
             Err(e) => {
+                // Stepped down, and seen so, before anyone hears "unavailable": a client told so must not find
+                // this replica still calling itself primary (the full-disk test raced that, now and then).
+                self.storage_failed(&e);
+                self.publish();
                 for (_, reply) in replies {
                     let _ = reply.send(Err(Error::Unavailable));
                 }
-                self.storage_failed(&e);
                 return Err(e);
             }
         }
+        shipped?;
         self.proposal_batches += 1;
         self.proposed_entries += entries.len() as u64;
         // Publish before answering: a proposer that got its index must find it in the status (the exclusive
@@ -885,7 +917,39 @@ impl Core {
             let _ = reply.send(Ok(index));
         }
         self.advance_commit();
-        self.broadcast_append().await
+        Ok(())
+    }
+
+    /// The end of the log as shipped: while primary, the tail's last entry, whose local append may still be
+    /// under way (see [`Core::on_propose`]); otherwise `last_index`.
+    fn log_end(&self) -> u64 {
+        self.tail.back().map_or(self.last_index, |e| e.index.max(self.last_index))
+    }
+
+    /// The term of the entry at `index`: from memory for the tail and the last entry, else as the database
+    /// says (`None` past the end of the log or before the compaction point).
+    async fn term_at(&self, index: u64) -> Result<Option<u64>> {
+        if let Some(first) = self.tail.front() {
+            if (first.index..=self.log_end()).contains(&index) {
+                return Ok(Some(self.tail[(index - first.index) as usize].term));
+            }
+        }
+        if index == self.last_index {
+            return Ok(Some(self.last_term));
+        }
+        self.db.term_at(index).await
+    }
+
+    /// Entries after `after`, in order, at most `limit`: from the tail when it holds the first of them, else
+    /// read from the database.
+    async fn entries_after(&self, after: u64, limit: u32) -> Result<Vec<WireEntry>> {
+        if let Some(first) = self.tail.front() {
+            if after + 1 >= first.index {
+                let skip = (after + 1 - first.index) as usize;
+                return Ok(self.tail.iter().skip(skip).take(limit as usize).cloned().collect());
+            }
+        }
+        self.db.entries(after, limit).await
     }
 
     /// This replica's answer to `append` or `snapshot`.
@@ -965,7 +1029,7 @@ impl Core {
                 if !cluster.is_empty() {
                     self.remote_view = cluster;
                 }
-                if prev_index > self.last_index || self.db.term_at(prev_index).await? != Some(prev_term) {
+                if prev_index > self.last_index || self.term_at(prev_index).await? != Some(prev_term) {
                     let hint = self.last_index.min(prev_index.saturating_sub(1));
                     return Ok(self.appended(false, hint));
                 }
@@ -1197,13 +1261,13 @@ impl Core {
         let in_flight = progress.next - 1 - progress.matched;
         let full = in_flight >= MAX_IN_FLIGHT;
         let prev_index = progress.next - 1;
-        let Some(prev_term) = self.db.term_at(prev_index).await? else {
+        let Some(prev_term) = self.term_at(prev_index).await? else {
             // The entries this backup needs were compacted away: send the whole state instead.
             return self.send_snapshot(peer).await;
         };
-        let entries = if !full && progress.next <= self.last_index {
+        let entries = if !full && progress.next <= self.log_end() {
             let room = (MAX_IN_FLIGHT - in_flight).min(BATCH as u64) as u32;
-            self.db.entries(prev_index, room).await?
+            self.entries_after(prev_index, room).await?
         } else {
             Vec::new()
         };
@@ -1582,9 +1646,20 @@ mod tests {
         let peers = (0..3).map(|id| Peer { id, url: "http://127.0.0.1:9".to_owned() }).collect();
         let timing = Timing { heartbeat: election / 10, election, ack: Ack::Majority };
         let shutdown = CancellationToken::new();
-        let replication =
-            Replication::start(0, peers, Some("s".into()), None, None, timing, db, true, "{}".into(), shutdown.clone())
-                .await;
+        let replication = Replication::start(
+            0,
+            peers,
+            Some("s".into()),
+            None,
+            None,
+            timing,
+            db,
+            true,
+            "{}".into(),
+            10_000,
+            shutdown.clone(),
+        )
+        .await;
         (replication.unwrap(), shutdown, url)
     }
 
@@ -1646,7 +1721,9 @@ mod tests {
         let shutdown = CancellationToken::new();
         let me = vec![Peer { id: 0, url: "http://127.0.0.1:9".to_owned() }];
         let replica =
-            Replication::start(0, me, None, None, None, timing, db, true, "{}".into(), shutdown.clone()).await.unwrap();
+            Replication::start(0, me, None, None, None, timing, db, true, "{}".into(), 10_000, shutdown.clone())
+                .await
+                .unwrap();
         assert_eq!(replica.status().borrow().role, Role::Primary, "a cluster of one elects itself");
         fill(&tmpfs.0.join("filler"));
         let mut proposed = 0;

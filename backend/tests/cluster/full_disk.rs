@@ -137,6 +137,9 @@ pub async fn full_primary_disk(options: Options) {
     wait_healthy(&cluster, 0).await;
 
     assert_all_acknowledged_on_both(&cluster, [leader, 0], &mut alice, &acknowledged).await;
+    // Node 0 shipped its last entries before its own append failed: the replicas that stored them and node 0,
+    // which took them from the new primary, hold the same op under each (index, term).
+    cluster.assert_logs_agree(&[0, 1, 2]).await;
     alice.close().await;
     bob.close().await;
     cluster.finish().await;

@@ -572,6 +572,30 @@ impl Cluster {
         panic!("the cluster never stayed at rest long enough to dump nodes {ids:?}");
     }
 
+    /// Every entry that two of the running nodes `ids` both hold, at rest, is the same on both: same term, same
+    /// op (logs may start at different points, as each compacts on its own).
+    pub async fn assert_logs_agree(&self, ids: &[u64]) {
+        let (_, dumps) = self.dumps_at_rest(ids, false).await;
+        let logs: Vec<std::collections::BTreeMap<&str, (&str, &str)>> = dumps
+            .iter()
+            .map(|dump| {
+                replichat::storage::dump_section(dump, "log")
+                    .into_iter()
+                    .map(|row| (row[0], (row[1], row[2])))
+                    .collect()
+            })
+            .collect();
+        for (a, log_a) in ids.iter().zip(&logs) {
+            for (b, log_b) in ids.iter().zip(&logs) {
+                for (index, entry) in log_a {
+                    if let Some(other) = log_b.get(index) {
+                        assert_eq!(entry, other, "entry {index} differs between node {a} and node {b}");
+                    }
+                }
+            }
+        }
+    }
+
     /// A client connected to the current primary (after waiting for one).
     pub async fn client_to_primary(&self) -> Client {
         let leader = self.wait_for_primary(Duration::from_secs(15)).await;
