@@ -4,7 +4,7 @@
 # 2 cores. Run it on an otherwise idle machine; each figure is the median of several runs.
 #
 #   scripts/bench.sh            everything
-#   scripts/bench.sh load       one part: load | idle | catchup | chaos | abuse | netsim | plot
+#   scripts/bench.sh load       one part: load | curve | idle | catchup | chaos | abuse | netsim | plot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,13 @@ if part load; then
   $bench load --runs 3 --users 200 --out "$out/load-max.json"
   # The same users at a fixed 1,000 msg/s in all: latency.
   $bench load --runs 3 --users 200 --rate 1000 --out "$out/load-1000.json"
+fi
+if part curve; then
+  # p99 send -> delivered against offered load (the same 200 users at fixed rates, up to past every target's
+  # saturation): where each target's knee is. Plotted as docs/bench/latency-curve.svg.
+  for rate in 500 1000 2000 4000 8000 16000; do
+    $bench load --runs "${CURVE_RUNS:-3}" --users 200 --rate "$rate" --out "$out/curve-$rate.json"
+  done
 fi
 if part idle; then
   $bench idle --runs 3 --connections 10000 --accounts 100 --out "$out/idle.json"
@@ -53,5 +60,8 @@ if part netsim; then
   done
 fi
 if part plot || [ "$what" = all ]; then
-  $bench plot --latency "$out/load-1000.json" --chaos "$out/chaos.json" --out docs/bench
+  curve=()
+  for f in "$out"/curve-{500,1000,2000,4000,8000,16000}.json; do [ -f "$f" ] && curve+=("$f"); done
+  $bench plot --latency "$out/load-1000.json" --chaos "$out/chaos.json" --out docs/bench \
+    ${curve[@]+--curve "${curve[@]}"}
 fi

@@ -43,6 +43,10 @@ enum Command {
         /// A `chaos` result file.
         #[arg(long)]
         chaos: Option<PathBuf>,
+        /// `load` result files, each at one fixed rate (`--rate`): p99 send -> delivered against the offered
+        /// load, per target (`latency-curve.svg`).
+        #[arg(long, num_args = 1..)]
+        curve: Vec<PathBuf>,
         /// Output directory.
         #[arg(long, default_value = "docs/bench")]
         out: PathBuf,
@@ -221,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Catchup(args) => run_catchup(args).await,
         Command::Idle(args) => run_idle(args).await,
         Command::Abuse(args) => run_abuse(args).await,
-        Command::Plot { latency, chaos, out } => {
+        Command::Plot { latency, chaos, curve, out } => {
             std::fs::create_dir_all(&out)?;
             if let Some(path) = latency {
                 let result: LoadResult = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
@@ -234,6 +238,28 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = chaos {
                 let report: chaos::Report = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
                 plot::failover(&report, 20.0, &out.join("failover.svg"))?;
+            }
+            if !curve.is_empty() {
+                let mut points = Vec::new();
+                let mut users = 0;
+                for path in &curve {
+                    let result: LoadResult = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                    let offered: f64 = result
+                        .pace
+                        .strip_prefix("rate ")
+                        .and_then(|r| r.strip_suffix("/s"))
+                        .and_then(|r| r.parse().ok())
+                        .with_context(|| format!("{}: not a fixed-rate run ({})", path.display(), result.pace))?;
+                    users = result.users;
+                    points.extend(result.medians.iter().map(|m| plot::CurvePoint {
+                        target: m.target.clone(),
+                        offered,
+                        achieved: m.msgs_per_s,
+                        p99_ms: m.deliver_p99_ms,
+                    }));
+                }
+                let title = format!("p99 send -> delivered against offered load, {users} users (x: could not keep up)");
+                plot::curve(&points, &title, &out.join("latency-curve.svg"))?;
             }
             Ok(())
         }

@@ -117,6 +117,75 @@ pub fn failover(report: &chaos::Report, seconds: f64, out: &Path) -> anyhow::Res
     finish(&root, out)
 }
 
+/// One point of a latency curve: a target at an offered rate.
+pub struct CurvePoint {
+    pub target: String,
+    /// Offered msg/s (the fixed rate the users sent at).
+    pub offered: f64,
+    /// Acknowledged msg/s (median run).
+    pub achieved: f64,
+    /// p99 send -> delivered, ms (median of the runs).
+    pub p99_ms: f64,
+}
+
+/// p99 send -> delivered against offered load, one line per target: where each target's knee is. A point
+/// where the target acknowledged less than 95 % of what was offered (it could not keep up) is drawn as a cross.
+pub fn curve(points: &[CurvePoint], title: &str, out: &Path) -> anyhow::Result<()> {
+    let e = |e: DrawingAreaErrorKind<_>| anyhow!("plot: {e:?}");
+    let root = SVGBackend::new(out, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let max_x = points.iter().map(|p| p.offered).fold(1.0, f64::max);
+    let max_y = points.iter().map(|p| p.p99_ms).fold(1.0, f64::max);
+    let min_x = points.iter().map(|p| p.offered).fold(max_x, f64::min);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d((min_x * 0.8..max_x * 1.25).log_scale(), (0.05f64..max_y * 3.0).log_scale())
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered msg/s (log scale)")
+        .y_desc("p99 send -> delivered (ms, log scale)")
+        .draw()
+        .map_err(e)?;
+    let mut targets: Vec<&str> = Vec::new();
+    for p in points {
+        if !targets.contains(&p.target.as_str()) {
+            targets.push(&p.target);
+        }
+    }
+    for (i, target) in targets.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let mut line: Vec<&CurvePoint> = points.iter().filter(|p| p.target == *target).collect();
+        line.sort_by(|a, b| a.offered.total_cmp(&b.offered));
+        chart
+            .draw_series(LineSeries::new(line.iter().map(|p| (p.offered, p.p99_ms.max(0.05))), color.stroke_width(2)))
+            .map_err(e)?
+            .label(*target)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(line.iter().map(|p| {
+                let at = (p.offered, p.p99_ms.max(0.05));
+                if p.achieved >= 0.95 * p.offered {
+                    Circle::new(at, 4, color.filled()).into_dyn()
+                } else {
+                    Cross::new(at, 6, color.stroke_width(2)).into_dyn()
+                }
+            }))
+            .map_err(e)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    finish(&root, out)
+}
+
 /// Write the file and say so.
 fn finish(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, out: &Path) -> anyhow::Result<()> {
     root.present().map_err(|e| anyhow!("plot: {e:?}"))?;
