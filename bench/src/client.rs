@@ -24,6 +24,10 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a user keeps trying to reach a primary before it gives up (and the run fails).
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// Messages a user keeps unacknowledged at most when sending at a fixed rate: past a target's capacity the
+/// ticks that find the backlog full send nothing (counted as skipped), so the run still drains within its
+/// deadline and reports what the target acknowledged, instead of queueing without bound.
+pub const MAX_BACKLOG: usize = 50;
 /// Padding so a message is about as long as a short chat line (~80 bytes of text).
 const PADDING: &str = "the quick brown fox jumps over the lazy dog and keeps running";
 
@@ -65,6 +69,8 @@ pub struct Shared {
     pub phase: watch::Sender<Phase>,
     /// Messages created (first send) and acknowledged, and unique deliveries, over all users.
     pub created: AtomicU64,
+    /// Fixed-rate ticks at which a user sent nothing, its backlog being full ([`MAX_BACKLOG`]).
+    pub skipped: AtomicU64,
     pub acked: AtomicU64,
     pub delivered: AtomicU64,
     /// Latencies are recorded only between these two instants (ns since `base`): the measurement window.
@@ -81,6 +87,7 @@ impl Shared {
             base: Instant::now(),
             phase: watch::Sender::new(Phase::Run),
             created: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             window_from: AtomicU64::new(0),
@@ -405,7 +412,11 @@ impl User {
                 },
                 _ = async { ticker.as_mut().expect("ticker").tick().await }, if ticker.is_some() => {
                     if now_phase == Phase::Run {
-                        self.send_new(&mut ws).await?;
+                        if self.pending.len() < MAX_BACKLOG {
+                            self.send_new(&mut ws).await?;
+                        } else {
+                            self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 _ = phase.changed() => {}

@@ -332,10 +332,10 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
             cluster.finish(args.system.keep || result.is_err()).await;
             let (summary, _) = result?;
             eprintln!(
-                "load: {label} run {run}/{}: {:.0} msg/s acknowledged; server CPU {:.0} µs/msg (replicas {:.0}); ack p50 {:.2} p99 {:.2} ms; delivered p50 {:.2} p99 {:.2} ms; lost {} duplicated {}{}",
+                "load: {label} run {run}/{}: {:.0} msg/s acknowledged; server CPU {:.0} µs/msg (replicas {:.0}); ack p50 {:.2} p99 {:.2} ms; delivered p50 {:.2} p99 {:.2} ms; lost {} duplicated {}; sends skipped (backlog full) {}{}",
                 args.runs, summary.msgs_per_s, summary.server_cpu_us_per_msg, summary.replica_cpu_us_per_msg,
                 summary.ack_ms.p50, summary.ack_ms.p99, summary.deliver_ms.p50, summary.deliver_ms.p99, summary.lost,
-                summary.duplicated,
+                summary.duplicated, summary.skipped,
                 summary.elections.map(|n| format!("; elections during the run {n}")).unwrap_or_default()
             );
             by_target[t].push(summary);
