@@ -95,6 +95,15 @@ async fn cycles(cluster: &mut Cluster, options: &Options, replica_args: Vec<Stri
     let ms = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1000.0;
     let mut report_cycles = Vec::new();
     for cycle in 1..=options.cycles {
+        // Steady load first (at least one write per user), so every cycle kills a replica that is busy.
+        let acked = shared.acked.load(Ordering::SeqCst);
+        let steady = ((options.rate * options.steady.as_secs_f64()) as u64).max(options.users as u64);
+        if !wait_for(Duration::from_secs(30), || shared.acked.load(Ordering::SeqCst) >= acked + steady).await {
+            bail!("cycle {cycle}: no writes acknowledged before the kill");
+        }
+        // Which replica leads is asked just before the kill, not before the steady load: a primary that stepped
+        // down meanwhile (PostgreSQL once stalled 1.4 s on all three databases during it) had its users move to
+        // the new one before the probe was armed, and the cycle then waited in vain for them to resume.
         let primary = cluster.wait_for_primary(Duration::from_secs(30)).await?;
         let kill_backup = options.backup_every > 0 && cycle % options.backup_every == 0;
         let victim = if kill_backup {
@@ -103,12 +112,6 @@ async fn cycles(cluster: &mut Cluster, options: &Options, replica_args: Vec<Stri
         } else {
             primary
         };
-        // Steady load first (at least one write per user), so every cycle kills a replica that is busy.
-        let acked = shared.acked.load(Ordering::SeqCst);
-        let steady = ((options.rate * options.steady.as_secs_f64()) as u64).max(options.users as u64);
-        if !wait_for(Duration::from_secs(30), || shared.acked.load(Ordering::SeqCst) >= acked + steady).await {
-            bail!("cycle {cycle}: no writes acknowledged before the kill");
-        }
         shared.arm_probe(Instant::now(), victim);
         let killed_at = cluster.kill(victim).await?;
         // Failover: a write acknowledged by another replica, and every user back (when the primary died,
