@@ -161,9 +161,11 @@ async fn serve(socket: &mut PeerSocket, peer: u64, replication: &Replication) ->
             }
         };
         let sender = match &frame {
-            PeerFrame::Append { leader, .. } | PeerFrame::Snapshot { leader, .. } => *leader,
+            PeerFrame::Append { leader, .. } | PeerFrame::SnapshotChunk { leader, .. } => *leader,
             PeerFrame::Vote { candidate, .. } => *candidate,
-            PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. } => *from,
+            PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. } | PeerFrame::SnapshotAck { from, .. } => {
+                *from
+            }
         };
         if sender != peer {
             return Err((CloseCode::Policy, "a frame in another replica's name"));
