@@ -551,7 +551,15 @@ impl Core {
     async fn handle(&mut self, input: Input) -> Result<()> {
         if self.installing.is_some() && !self.continues_install(&input) {
             // The install holds the database's write transaction: drop it before anything else may write.
-            self.abandon_install("another frame came between two chunks");
+            let what = match &input {
+                Input::Request { frame: PeerFrame::SnapshotChunk { .. }, .. } => "a chunk of another stream",
+                Input::Request { frame: PeerFrame::Append { .. }, .. } => "an append",
+                Input::Request { .. } => "a vote request",
+                Input::Response(_) => "an answer from a peer",
+                Input::Reachable(..) => "the primary's connection opened or closed",
+                _ => "a failed apply",
+            };
+            self.abandon_install(what).await;
         }
         match input {
             Input::Request { frame, reply } => {
@@ -667,7 +675,7 @@ impl Core {
 
     async fn tick(&mut self) -> Result<()> {
         // A backup's timer ran out: no chunk for an election timeout (and an election may write).
-        self.abandon_install("no chunk from the primary for an election timeout");
+        self.abandon_install("no chunk from the primary for an election timeout").await;
         let now = Instant::now();
         match self.role {
             Role::Primary => {
@@ -1301,7 +1309,10 @@ impl Core {
             SnapshotState::Failed(at) if at.elapsed() < retry_after => return Ok(()),
             _ => {}
         }
-        let Some(tx) = self.outbound.get(&peer).cloned() else { return Ok(()) };
+        // Not while its connection is down: the chunks would wait in the queue, and go stale.
+        let Some(tx) = self.outbound.get(&peer).filter(|_| self.reachable.contains(&peer)).cloned() else {
+            return Ok(());
+        };
         self.last_stream = self.last_stream.wrapping_add(1);
         let stream = self.last_stream;
         progress.snapshot = SnapshotState::InFlight(stream);
@@ -1365,8 +1376,11 @@ impl Core {
             return Ok(());
         }
         if let Some(progress) = self.progress.get_mut(&from) {
-            // It is alive and installing: that counts as an answer (a long install must not look like silence).
+            // It is alive and installing: that counts as an answer (a long install must not look like silence),
+            // and as progress: `send_append` must not take the stream for lost and send a heartbeat that would
+            // come between two chunks (the backup abandons the install on anything else).
             progress.last_ack = Some(Instant::now());
+            progress.advanced_at = Instant::now();
         }
         let Some(sending) = self.snapshots.get(&from).filter(|s| s.stream == stream) else { return Ok(()) };
         if success {
@@ -1406,8 +1420,9 @@ impl Core {
     }
 
     /// Roll back the snapshot install under way, if any: the old state and log stay.
-    fn abandon_install(&mut self, why: &str) {
+    async fn abandon_install(&mut self, why: &str) {
         if let Some(installing) = self.installing.take() {
+            installing.install.abandon().await;
             tracing::warn!(
                 leader = installing.leader,
                 last_index = installing.last_index,
@@ -1424,7 +1439,7 @@ impl Core {
         let answer =
             |core: &Core, success| PeerFrame::SnapshotAck { term: core.term, from: core.id, stream, seq, success };
         if seq == 0 {
-            self.abandon_install("a new stream began");
+            self.abandon_install("a new stream began").await;
             if last_index <= self.commit_index {
                 // Nothing to install: it already holds (and may have applied) everything the snapshot has.
                 return Ok(self.appended(true, last_index));
@@ -1450,25 +1465,19 @@ impl Core {
         });
         if !expected {
             // A gap (a chunk lost with a connection), or the tail of a stream already given up.
-            self.abandon_install("a snapshot chunk out of order");
+            self.abandon_install("a snapshot chunk out of order").await;
             return Ok(answer(self, false));
         }
         let installing = self.installing.as_mut().expect("checked above");
         let started = Instant::now();
         if let Err(e) = installing.install.insert(&table, &rows).await {
-            self.abandon_install("storing a chunk failed");
+            // Dropped, not rolled back: after a failed statement the connection's state is not trusted.
+            self.installing = None;
             return Err(e);
         }
         installing.storing += started.elapsed();
         installing.next_seq += 1;
-        installing.bytes += rows
-            .iter()
-            .flatten()
-            .map(|cell| match cell {
-                serde_json::Value::String(s) => s.len(),
-                _ => 8,
-            })
-            .sum::<usize>();
+        installing.bytes += rows.len();
         if !done {
             return Ok(answer(self, true));
         }
@@ -1608,7 +1617,7 @@ struct Chunk {
     seq: u64,
     done: bool,
     table: String,
-    rows: Vec<Vec<serde_json::Value>>,
+    rows: String,
 }
 
 /// What the task streaming a snapshot to one backup needs.
@@ -1637,7 +1646,7 @@ async fn stream_snapshot(mut s: StreamSender, mut state: crate::storage::Snapsho
     let mut next = state.next().await.transpose()?;
     if next.is_none() {
         // An empty state still needs its one (last) chunk, which commits the install.
-        next = Some(crate::storage::SnapshotChunk { table: String::new(), rows: Vec::new() });
+        next = Some(crate::storage::SnapshotChunk { table: String::new(), rows: "[]".into(), count: 0 });
     }
     let mut seq = 0;
     while let Some(chunk) = next {
@@ -1666,16 +1675,8 @@ async fn stream_snapshot(mut s: StreamSender, mut state: crate::storage::Snapsho
         if s.acks.has_changed().is_err() {
             return Ok(false);
         }
-        rows += chunk.rows.len();
-        bytes += chunk
-            .rows
-            .iter()
-            .flatten()
-            .map(|cell| match cell {
-                serde_json::Value::String(s) => s.len(),
-                _ => 8,
-            })
-            .sum::<usize>();
+        rows += chunk.count;
+        bytes += chunk.rows.len();
         let frame = PeerFrame::SnapshotChunk {
             term: s.term,
             leader: s.leader,

@@ -522,8 +522,9 @@ pub enum PeerFrame {
         done: bool,
         /// The state table these rows belong to.
         table: String,
-        /// Rows, each its columns in the order the storage layer defines for `table` (opaque to replication).
-        rows: Vec<Vec<serde_json::Value>>,
+        /// The rows, as JSON text: an array of arrays, each row its columns in the order the storage layer
+        /// defines for `table` (opaque to replication; the databases build and read it, see PROTOCOL.md §10.6).
+        rows: String,
     },
     /// Backup -> primary: the answer to a `snapshot_chunk` that is not the last. With `success`, every chunk of
     /// `stream` up to `seq` is stored (in the install's open transaction); without, the backup abandoned the
