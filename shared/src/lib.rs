@@ -503,7 +503,7 @@ pub enum PeerFrame {
     /// read. The backup installs them as they arrive, in one transaction that commits with the chunk marked
     /// `done`; a chunk out of order (or anything else in between) abandons the install, and the old state stays.
     /// Chunks before the last are answered with `snapshot_ack`, the last with `appended` (`last_index` = the
-    /// snapshot's). docs/PROTOCOL.md §10.6.
+    /// snapshot's). docs/PROTOCOL.md §10.3, `snapshot_chunk`.
     SnapshotChunk {
         /// The primary's term.
         term: u64,
@@ -523,7 +523,7 @@ pub enum PeerFrame {
         /// The state table these rows belong to.
         table: String,
         /// The rows, as JSON text: an array of arrays, each row its columns in the order the storage layer
-        /// defines for `table` (opaque to replication; the databases build and read it, see PROTOCOL.md §10.6).
+        /// defines for `table` (opaque to replication; the databases build and read it).
         rows: String,
     },
     /// Backup -> primary: the answer to a `snapshot_chunk` that is not the last. With `success`, every chunk of
