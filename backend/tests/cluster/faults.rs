@@ -231,8 +231,7 @@ async fn a_snapshot_streams_in_many_chunks_and_survives_a_kill_mid_install_postg
 /// and ends with the same state as the others; a later write reaches it.
 async fn snapshot_streams_in_many_chunks(engine: Engine) {
     let options = Options { args: vec!["--compact-keep".into(), "20".into()], ..Options::default() };
-    let cluster = Cluster::start_with(3, engine, options).await;
-    let mut cluster = cluster;
+    let mut cluster = Cluster::start_with(3, engine, options).await;
     assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
     let (mut alice, _bob) = cluster.register_alice_and_bob().await;
     cluster.kill(2).await;
@@ -262,7 +261,7 @@ async fn snapshot_streams_in_many_chunks(engine: Engine) {
     assert_same_dump("node 0", &states[0], "node 2", &states[2]);
     assert_same_dump("node 1", &states[1], "node 2", &states[2]);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let installed = text.lines().filter(|l| l.contains("installed a snapshot")).last().expect("an install");
+    let installed = text.lines().rfind(|l| l.contains("installed a snapshot")).expect("an install");
     let chunks: u64 = installed
         .split_whitespace()
         .find_map(|field| strip_ansi(field).strip_prefix("chunks=").and_then(|n| n.parse().ok()))
