@@ -22,6 +22,8 @@ use crate::{Error, Result};
 
 /// Chunks read ahead of the consumer of a [`SnapshotStream`].
 const READ_AHEAD: usize = 2;
+/// Most rows in one chunk, whatever their size.
+const MAX_PAGE_ROWS: usize = 2048;
 
 /// A table's name, its columns (name, is-integer), and its key order.
 type Table = (&'static str, &'static [(&'static str, bool)], &'static str);
@@ -285,7 +287,10 @@ async fn scan_state(
             let last: Vec<serde_json::Value> = serde_json::from_str(parsed.last().expect("count > 0").get())
                 .map_err(|e| Error::Corrupt(format!("snapshot page of {table}: {e}")))?;
             last_key = Some(last.into_iter().take(keys.len()).collect());
-            limit = (limit as usize * chunk_bytes / rows.len().max(1)).clamp(16, 100_000) as i64;
+            // At most doubling, and at most MAX_PAGE_ROWS: a page sized on small rows must not become a huge frame
+            // when large ones follow (the largest row is a few tens of KiB).
+            let fitting = limit as usize * chunk_bytes / rows.len().max(1);
+            limit = fitting.clamp(16, (2 * limit as usize).min(MAX_PAGE_ROWS)) as i64;
             if tx.send(Ok(SnapshotChunk { table: (*table).to_owned(), rows, count })).await.is_err() {
                 // The consumer is gone.
                 return end_read(conn).await;
