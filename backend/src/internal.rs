@@ -1,10 +1,10 @@
 //! The accepting side of `/internal/replicate`: the listener's half of the peer handshake ([`peer_auth`]),
-//! then each request frame from the authenticated peer (`append`, `snapshot`, `vote`) through the
+//! then each request frame from the authenticated peer (`append`, `snapshot_chunk`, `vote`) through the
 //! replication core, in order, on the same socket.
 //!
 //! The upgrade is done by hand (hyper's upgrade, then tokio-tungstenite) rather than with axum's
 //! `WebSocketUpgrade`, because the frame limit must change half-way: 1 KiB while the dialler is unproven, the
-//! 512 MiB a snapshot needs only after it proved the cluster secret.
+//! peers' 512 MiB only after it proved the cluster secret.
 
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ use crate::peer_auth::{self, PeerKey, Side, Transcript};
 use crate::replication::Replication;
 use crate::AppState;
 
-/// Largest replication frame accepted from an authenticated peer: a batch of entries, or a whole snapshot,
-/// which travels as one frame (see BENCHMARKS.md, catch-up, for the size of a 100,000-message snapshot).
+/// Largest replication frame accepted from an authenticated peer: a batch of entries, or a snapshot chunk
+/// (about 256 KiB of rows). Far above both; it was sized when a snapshot travelled as one frame.
 const MAX_PEER_FRAME: usize = 512 << 20;
 /// Largest frame accepted before the dialler proved itself (a handshake frame is ~200 bytes).
 const MAX_HANDSHAKE_FRAME: usize = 1024;
@@ -161,9 +161,11 @@ async fn serve(socket: &mut PeerSocket, peer: u64, replication: &Replication) ->
             }
         };
         let sender = match &frame {
-            PeerFrame::Append { leader, .. } | PeerFrame::Snapshot { leader, .. } => *leader,
+            PeerFrame::Append { leader, .. } | PeerFrame::SnapshotChunk { leader, .. } => *leader,
             PeerFrame::Vote { candidate, .. } => *candidate,
-            PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. } => *from,
+            PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. } | PeerFrame::SnapshotAck { from, .. } => {
+                *from
+            }
         };
         if sender != peer {
             return Err((CloseCode::Policy, "a frame in another replica's name"));

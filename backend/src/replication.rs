@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Ack, Peer};
 use crate::peer_auth::{self, PeerKey, Side, Transcript};
-use crate::storage::{Db, Snapshot};
+use crate::storage::{Db, SnapshotInstall};
 use crate::{Error, Result};
 
 /// Most entries one `append` frame carries (catch-up goes in batches of this many).
@@ -52,6 +52,13 @@ const OUTBOUND_DEPTH: usize = 64;
 /// refused, and the rewinds resent what was still on its way (measured across a 20 ms round trip under 200
 /// msg/s: a restarted backup caught up at 130 entries/s, slower than the log grew, and never caught up).
 const MAX_IN_FLIGHT: u64 = 4 * BATCH as u64;
+/// Target size of one `snapshot_chunk` frame's rows, as JSON. Small enough that the chunks in flight (see
+/// [`SNAPSHOT_WINDOW`]) are a few MiB whatever the state's size, large enough that the per-frame costs vanish.
+const SNAPSHOT_CHUNK_BYTES: usize = 256 << 10;
+/// Snapshot chunks sent to a backup and not yet acknowledged, at most: the stream's own flow control, so a
+/// slow backup slows the primary's read instead of making it buffer the state (and leaves the outbound queue
+/// room for other frames).
+const SNAPSHOT_WINDOW: u64 = 8;
 /// Furthest a frame's term may be ahead of the receiver's. Terms grow by one per election, and pre-votes keep
 /// a cut-off replica from raising its own, so no real cluster gets near this; a frame beyond it is a bug or
 /// an attack, and adopting it could exhaust the term space (a replica at 2^64-1 can never start an election).
@@ -157,8 +164,8 @@ enum Input {
     Response(PeerFrame),
     /// The connection to a peer opened (true) or closed (false).
     Reachable(u64, bool),
-    /// The background task building and sending a snapshot to this peer finished (sent or not).
-    SnapshotDone(u64),
+    /// The background task streaming snapshot `stream` to `peer` finished: every chunk sent, or given up.
+    SnapshotDone { peer: u64, stream: u64, sent: bool },
     /// Applying committed entries failed for a machine reason (the state tables' disk is full, ...).
     ApplyFailed(String),
 }
@@ -265,6 +272,10 @@ impl Replication {
             .0,
             leadership: watch::channel(Leadership { role: Role::Backup, term }).0,
             commit: watch::channel(commit_index).0,
+            snapshots: BTreeMap::new(),
+            // Random: a backup tells streams apart by it (with the term and the primary).
+            last_stream: rand::random::<u64>() >> 1,
+            installing: None,
         };
         core.reset_election_deadline();
         let status = core.status.subscribe();
@@ -368,10 +379,37 @@ struct Progress {
 enum SnapshotState {
     /// None under way.
     Idle,
-    /// A background task is reading the state and sending it.
-    InFlight,
-    /// Sent at this instant; not sent again for a while, so the backup can install it and answer.
+    /// A background task is reading the state and streaming it (this stream id).
+    InFlight(u64),
+    /// Sent at this instant; not sent again for a while, so the backup can commit it and answer.
     Sent(Instant),
+    /// Given up at this instant (the backup refused a chunk, went silent, or the connection changed); started
+    /// over after a heartbeat.
+    Failed(Instant),
+}
+
+/// The primary's end of a snapshot stream to one backup: how far the backup acknowledged it (chunks stored).
+/// Dropping it tells the streaming task to stop.
+struct SnapshotSending {
+    stream: u64,
+    last_index: u64,
+    acked: watch::Sender<u64>,
+}
+
+/// A backup's snapshot install under way: the chunks of one stream go into one open transaction.
+struct Installing {
+    term: u64,
+    leader: u64,
+    stream: u64,
+    last_index: u64,
+    last_term: u64,
+    /// The chunk expected next.
+    next_seq: u64,
+    install: SnapshotInstall,
+    started: Instant,
+    /// Time spent storing chunks (the rest is waiting for them, and the commit).
+    storing: Duration,
+    bytes: usize,
 }
 
 struct Core {
@@ -436,6 +474,12 @@ struct Core {
     commit: watch::Sender<u64>,
     /// What `/metrics` shows of the status.
     gauges: crate::metrics::ReplicaGauges,
+    /// While primary: the snapshot streams under way, by backup.
+    snapshots: BTreeMap<u64, SnapshotSending>,
+    /// The id of the last snapshot stream started.
+    last_stream: u64,
+    /// While a backup: the snapshot being installed, if any.
+    installing: Option<Installing>,
 }
 
 impl Core {
@@ -476,7 +520,7 @@ impl Core {
             if let Err(e) = result {
                 tracing::error!(error = %e, "replication step failed");
             }
-            if !self.voter {
+            if !self.voter && self.installing.is_none() {
                 if let Err(e) = self.check_caught_up().await {
                     self.storage_failed(&e);
                 }
@@ -520,9 +564,21 @@ impl Core {
     }
 
     async fn handle(&mut self, input: Input) -> Result<()> {
+        if self.installing.is_some() && !self.continues_install(&input) {
+            // The install holds the database's write transaction: drop it before anything else may write.
+            let what = match &input {
+                Input::Request { frame: PeerFrame::SnapshotChunk { .. }, .. } => "a chunk of another stream",
+                Input::Request { frame: PeerFrame::Append { .. }, .. } => "an append",
+                Input::Request { .. } => "a vote request",
+                Input::Response(_) => "an answer from a peer",
+                Input::Reachable(..) => "the primary's connection opened or closed",
+                _ => "a failed apply",
+            };
+            self.abandon_install(what).await;
+        }
         match input {
             Input::Request { frame, reply } => {
-                let stores = matches!(frame, PeerFrame::Append { .. } | PeerFrame::Snapshot { .. });
+                let stores = matches!(frame, PeerFrame::Append { .. } | PeerFrame::SnapshotChunk { .. });
                 self.note_heard(&frame);
                 let answer = match self.on_request(frame).await {
                     Ok(answer) => answer,
@@ -549,7 +605,17 @@ impl Core {
             }
             Input::Response(frame) => {
                 self.note_heard(&frame);
-                self.on_response(frame).await?
+                match frame {
+                    PeerFrame::SnapshotAck { term, from, stream, seq, success } => {
+                        self.on_snapshot_ack(term, from, stream, seq, success).await?
+                    }
+                    frame => {
+                        if let PeerFrame::Appended { from, success: true, last_index, .. } = frame {
+                            self.snapshot_answered(from, last_index);
+                        }
+                        self.on_response(frame).await?
+                    }
+                }
             }
             Input::Reachable(peer, up) => {
                 // Frames queued towards it before are gone (dropped with the old connection): resend from what
@@ -559,6 +625,8 @@ impl Core {
                     progress.next = next;
                     progress.advanced_at = Instant::now();
                 }
+                // A snapshot stream's queued chunks went with the old connection: start it over.
+                self.cancel_snapshot(peer);
                 if up {
                     self.reachable.insert(peer);
                 } else {
@@ -568,9 +636,15 @@ impl Core {
                 crate::metrics::peer_connections(self.reachable.len());
             }
             Input::ApplyFailed(why) => self.storage_failed_because(format!("applying committed entries: {why}")),
-            Input::SnapshotDone(peer) => {
+            Input::SnapshotDone { peer, stream, sent } => {
+                if self.snapshots.get(&peer).is_some_and(|s| s.stream == stream) {
+                    self.snapshots.remove(&peer);
+                }
                 if let Some(progress) = self.progress.get_mut(&peer) {
-                    progress.snapshot = SnapshotState::Sent(Instant::now());
+                    if progress.snapshot == SnapshotState::InFlight(stream) {
+                        let now = Instant::now();
+                        progress.snapshot = if sent { SnapshotState::Sent(now) } else { SnapshotState::Failed(now) };
+                    }
                 }
             }
         }
@@ -584,7 +658,8 @@ impl Core {
                 let own = cluster.iter().find(|r| r.id == *leader).map(|r| r.last_index);
                 (*leader, *term, Some(own.unwrap_or(prev_index + entries.len() as u64)))
             }
-            PeerFrame::Snapshot { term, leader, last_index, .. } => (*leader, *term, Some(*last_index)),
+            PeerFrame::SnapshotChunk { term, leader, .. } => (*leader, *term, None),
+            PeerFrame::SnapshotAck { term, from, .. } => (*from, *term, None),
             // A pre-vote names the term the candidate would start; it is still in the one before.
             PeerFrame::Vote { term, candidate, last_index, pre, .. } => {
                 (*candidate, if *pre { term.saturating_sub(1) } else { *term }, Some(*last_index))
@@ -614,6 +689,8 @@ impl Core {
     }
 
     async fn tick(&mut self) -> Result<()> {
+        // A backup's timer ran out: no chunk for an election timeout (and an election may write).
+        self.abandon_install("no chunk from the primary for an election timeout").await;
         let now = Instant::now();
         match self.role {
             Role::Primary => {
@@ -988,7 +1065,7 @@ impl Core {
                 }
                 (*term, *prev_term)
             }
-            PeerFrame::Snapshot { term, last_term, .. } | PeerFrame::Vote { term, last_term, .. } => {
+            PeerFrame::SnapshotChunk { term, last_term, .. } | PeerFrame::Vote { term, last_term, .. } => {
                 (*term, *last_term)
             }
             other => return absurd(format!("not a request: {other:?}")),
@@ -1040,29 +1117,15 @@ impl Core {
                 self.commit_index = self.commit_index.max(commit.min(matched));
                 Ok(self.appended(true, matched))
             }
-            PeerFrame::Snapshot { term, leader, last_index, last_term, state } => {
+            PeerFrame::SnapshotChunk { term, leader, last_index, last_term, stream, seq, done, table, rows } => {
                 if term < self.term {
                     return Ok(self.appended(false, self.last_index));
                 }
                 self.follow(term, Some(leader)).await?;
                 self.heard_leader = Some(Instant::now());
                 self.reset_election_deadline();
-                if last_index > self.commit_index {
-                    let started = Instant::now();
-                    let tables = serde_json::from_str(&state).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
-                    let parsed = started.elapsed();
-                    self.db.install_snapshot(&Snapshot { last_index, last_term, tables }).await?;
-                    (self.last_index, self.last_term) = (last_index, last_term);
-                    self.commit_index = last_index;
-                    tracing::info!(
-                        last_index,
-                        bytes = state.len(),
-                        parse_ms = parsed.as_millis() as u64,
-                        install_ms = (started.elapsed() - parsed).as_millis() as u64,
-                        "installed a snapshot from the primary"
-                    );
-                }
-                Ok(self.appended(true, last_index))
+                let chunk = Chunk { term, leader, last_index, last_term, stream, seq, done, table, rows };
+                self.on_snapshot_chunk(chunk).await
             }
             PeerFrame::Vote { term, candidate, last_index, last_term, pre } => {
                 // A learner (a new, wiped or restored database) may hold less than it acknowledged before, so it
@@ -1296,50 +1359,209 @@ impl Core {
         Ok(())
     }
 
-    /// Send the whole state to a backup that needs entries compacted away. Reading and serialising a large
-    /// state takes seconds, so a background task does it: the core keeps heartbeating and committing
-    /// meanwhile (done inline, a 100,000-message state stalled the core past the election timeout, and the
-    /// cluster lost its primary over and over while the backup never caught up). The backup's answer moves
-    /// `next` past the snapshot through the usual path.
+    /// Send the whole state to a backup that needs entries compacted away, as a stream of chunks. Reading and
+    /// sending a large state takes seconds, so a background task does it ([`stream_snapshot`]): the core keeps
+    /// heartbeating and committing meanwhile (done inline, a 100,000-message state stalled the core past the
+    /// election timeout, and the cluster lost its primary over and over while the backup never caught up). The
+    /// backup's answer to the last chunk moves `next` past the snapshot through the usual path.
     async fn send_snapshot(&mut self, peer: u64) -> Result<()> {
         let progress = self.progress.get_mut(&peer).expect("peer");
-        let resend_after = self.timing.election * 10;
+        let (resend_after, retry_after) = (self.timing.election * 10, self.timing.heartbeat);
         match progress.snapshot {
-            SnapshotState::InFlight => return Ok(()),
+            SnapshotState::InFlight(_) => return Ok(()),
             SnapshotState::Sent(at) if at.elapsed() < resend_after => return Ok(()),
+            SnapshotState::Failed(at) if at.elapsed() < retry_after => return Ok(()),
             _ => {}
         }
-        let Some(tx) = self.outbound.get(&peer).cloned() else { return Ok(()) };
-        progress.snapshot = SnapshotState::InFlight;
-        let (db, inbox, term, leader) = (self.db.clone(), self.inbox.clone(), self.term, self.id);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            match db.snapshot().await {
-                Ok(snapshot) => match serde_json::to_string(&snapshot.tables) {
-                    Ok(state) => {
-                        let (last_index, last_term) = (snapshot.last_index, snapshot.last_term);
-                        let bytes = state.len();
-                        let build_ms = started.elapsed().as_millis() as u64;
-                        tracing::info!(
-                            peer,
-                            last_index,
-                            bytes,
-                            build_ms,
-                            "sending a snapshot to a backup that is far behind"
-                        );
-                        drop(snapshot);
-                        let frame = PeerFrame::Snapshot { term, leader, last_index, last_term, state };
-                        let _ = tx.send(frame).await;
-                    }
-                    Err(e) => tracing::error!(peer, error = %e, "serialising a snapshot failed"),
-                },
-                Err(e) => tracing::error!(peer, error = %e, "reading a snapshot failed"),
+        // Not while its connection is down: the chunks would wait in the queue, and go stale.
+        let Some(tx) = self.outbound.get(&peer).filter(|_| self.reachable.contains(&peer)).cloned() else {
+            return Ok(());
+        };
+        self.last_stream = self.last_stream.wrapping_add(1);
+        let stream = self.last_stream;
+        progress.snapshot = SnapshotState::InFlight(stream);
+        let (acked, acks) = watch::channel(0);
+        let state = match self.db.snapshot_stream(SNAPSHOT_CHUNK_BYTES).await {
+            Ok(state) => state,
+            Err(e) => {
+                progress.snapshot = SnapshotState::Failed(Instant::now());
+                tracing::error!(peer, error = %e, "reading a snapshot failed");
+                return Ok(());
             }
+        };
+        self.snapshots.insert(peer, SnapshotSending { stream, last_index: state.last_index, acked });
+        let sender = StreamSender {
+            peer,
+            term: self.term,
+            leader: self.id,
+            stream,
+            tx,
+            acks,
+            leadership: self.leadership.subscribe(),
+            // A backup stores a chunk in milliseconds; one silent for this long is gone.
+            stall: self.timing.election * 5,
+        };
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let sent = match stream_snapshot(sender, state).await {
+                Ok(sent) => sent,
+                Err(e) => {
+                    tracing::error!(peer, error = %e, "reading a snapshot failed");
+                    false
+                }
+            };
             if let Some(inbox) = inbox.upgrade() {
-                let _ = inbox.send(Input::SnapshotDone(peer)).await;
+                let _ = inbox.send(Input::SnapshotDone { peer, stream, sent }).await;
             }
         });
         Ok(())
+    }
+
+    /// Stop streaming a snapshot to `peer` (its task sees the channel close); the next heartbeat starts over.
+    fn cancel_snapshot(&mut self, peer: u64) {
+        if self.snapshots.remove(&peer).is_some() {
+            if let Some(progress) = self.progress.get_mut(&peer) {
+                progress.snapshot = SnapshotState::Idle;
+            }
+        }
+    }
+
+    /// `peer` answered a snapshot chunk that was not the last.
+    async fn on_snapshot_ack(&mut self, term: u64, from: u64, stream: u64, seq: u64, success: bool) -> Result<()> {
+        if !self.plausible(term) {
+            tracing::warn!(term, from, "ignored an absurd answer from a peer");
+            return Ok(());
+        }
+        if term > self.term {
+            tracing::warn!(term, from, "a backup has a higher term; stepping down");
+            return self.follow(term, None).await;
+        }
+        if self.role != Role::Primary || term != self.term {
+            return Ok(());
+        }
+        if let Some(progress) = self.progress.get_mut(&from) {
+            // It is alive and installing: that counts as an answer (a long install must not look like silence),
+            // and as progress: `send_append` must not take the stream for lost and send a heartbeat that would
+            // come between two chunks (the backup abandons the install on anything else).
+            progress.last_ack = Some(Instant::now());
+            progress.advanced_at = Instant::now();
+        }
+        let Some(sending) = self.snapshots.get(&from).filter(|s| s.stream == stream) else { return Ok(()) };
+        if success {
+            sending.acked.send_if_modified(|acked| {
+                let moved = seq + 1 > *acked;
+                *acked = (*acked).max(seq + 1);
+                moved
+            });
+        } else {
+            tracing::warn!(peer = from, stream, seq, "a backup abandoned a snapshot install; starting over");
+            self.snapshots.remove(&from);
+        }
+        Ok(())
+    }
+
+    /// `peer` said it holds everything up to `last_index`: a snapshot stream that ends there is no longer needed
+    /// (its last chunk was answered, or the backup already had it all).
+    fn snapshot_answered(&mut self, peer: u64, last_index: u64) {
+        if self.snapshots.get(&peer).is_some_and(|s| last_index >= s.last_index) {
+            self.snapshots.remove(&peer);
+        }
+    }
+
+    /// Whether `input` may be handled while a snapshot install holds the write transaction: the stream's next
+    /// chunks, and what writes nothing (pre-votes, another peer's connection coming or going).
+    fn continues_install(&self, input: &Input) -> bool {
+        let Some(installing) = &self.installing else { return true };
+        match input {
+            Input::Request { frame: PeerFrame::SnapshotChunk { term, leader, stream, .. }, .. } => {
+                (*term, *leader, *stream) == (installing.term, installing.leader, installing.stream)
+            }
+            Input::Request { frame: PeerFrame::Vote { pre: true, .. }, .. } => true,
+            Input::Reachable(peer, _) => *peer != installing.leader,
+            Input::SnapshotDone { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Roll back the snapshot install under way, if any: the old state and log stay.
+    async fn abandon_install(&mut self, why: &str) {
+        if let Some(installing) = self.installing.take() {
+            installing.install.abandon().await;
+            tracing::warn!(
+                leader = installing.leader,
+                last_index = installing.last_index,
+                chunks = installing.next_seq,
+                why,
+                "abandoned a snapshot install; the old state stays"
+            );
+        }
+    }
+
+    /// A chunk of a snapshot stream (its term is current and its primary followed).
+    async fn on_snapshot_chunk(&mut self, chunk: Chunk) -> Result<PeerFrame> {
+        let Chunk { term, leader, last_index, last_term, stream, seq, done, table, rows } = chunk;
+        let answer =
+            |core: &Core, success| PeerFrame::SnapshotAck { term: core.term, from: core.id, stream, seq, success };
+        if seq == 0 {
+            self.abandon_install("a new stream began").await;
+            if last_index <= self.commit_index {
+                // Nothing to install: it already holds (and may have applied) everything the snapshot has.
+                return Ok(self.appended(true, last_index));
+            }
+            let install = self.db.begin_snapshot_install().await?;
+            tracing::info!(leader, last_index, stream, "receiving a snapshot from the primary");
+            self.installing = Some(Installing {
+                term,
+                leader,
+                stream,
+                last_index,
+                last_term,
+                next_seq: 0,
+                install,
+                started: Instant::now(),
+                storing: Duration::ZERO,
+                bytes: 0,
+            });
+        }
+        let expected = self.installing.as_ref().is_some_and(|i| {
+            (i.term, i.leader, i.stream, i.last_index, i.last_term, i.next_seq)
+                == (term, leader, stream, last_index, last_term, seq)
+        });
+        if !expected {
+            // A gap (a chunk lost with a connection), or the tail of a stream already given up.
+            self.abandon_install("a snapshot chunk out of order").await;
+            return Ok(answer(self, false));
+        }
+        let installing = self.installing.as_mut().expect("checked above");
+        let started = Instant::now();
+        if let Err(e) = installing.install.insert(&table, &rows).await {
+            // Dropped, not rolled back: after a failed statement the connection's state is not trusted.
+            self.installing = None;
+            return Err(e);
+        }
+        installing.storing += started.elapsed();
+        installing.next_seq += 1;
+        installing.bytes += rows.len();
+        if !done {
+            return Ok(answer(self, true));
+        }
+        let installing = self.installing.take().expect("checked above");
+        let (rows, chunks, bytes) = (installing.install.rows, installing.next_seq, installing.bytes);
+        let committing = Instant::now();
+        installing.install.finish(last_index, last_term).await?;
+        (self.last_index, self.last_term) = (last_index, last_term);
+        self.commit_index = last_index;
+        tracing::info!(
+            last_index,
+            chunks,
+            rows,
+            bytes,
+            total_ms = installing.started.elapsed().as_millis() as u64,
+            store_ms = installing.storing.as_millis() as u64,
+            commit_ms = committing.elapsed().as_millis() as u64,
+            "installed a snapshot from the primary"
+        );
+        Ok(self.appended(true, last_index))
     }
 
     fn send_all(&self, frame: PeerFrame) {
@@ -1449,6 +1671,108 @@ impl Core {
 /// Keep a connection to `peer` open, sending what the core queues and handing back its answers. Each
 /// connection starts with the dialler's half of the handshake ([`peer_auth`]); a peer that does not prove
 /// itself, or later answers in another replica's name, is dropped and dialled again.
+/// One `snapshot_chunk` frame's fields, as the backup handles it.
+struct Chunk {
+    term: u64,
+    leader: u64,
+    last_index: u64,
+    last_term: u64,
+    stream: u64,
+    seq: u64,
+    done: bool,
+    table: String,
+    rows: String,
+}
+
+/// What the task streaming a snapshot to one backup needs.
+struct StreamSender {
+    peer: u64,
+    term: u64,
+    leader: u64,
+    stream: u64,
+    /// The outbound queue to the backup.
+    tx: mpsc::Sender<PeerFrame>,
+    /// Chunks the backup acknowledged; closed when the core gives the stream up.
+    acks: watch::Receiver<u64>,
+    /// Stop once this replica is no longer primary of `term`.
+    leadership: watch::Receiver<Leadership>,
+    /// Give up when the backup acknowledges nothing for this long.
+    stall: Duration,
+}
+
+/// Send `state` to the backup chunk by chunk, at most [`SNAPSHOT_WINDOW`] chunks ahead of its
+/// acknowledgements. True once the last chunk is queued; false if given up (the core dropped the stream, this
+/// replica stopped leading, or the backup went silent).
+async fn stream_snapshot(mut s: StreamSender, mut state: crate::storage::SnapshotStream) -> Result<bool> {
+    let (started, peer, last_index, last_term) = (Instant::now(), s.peer, state.last_index, state.last_term);
+    tracing::info!(peer, last_index, stream = s.stream, "sending a snapshot to a backup that is far behind");
+    let (mut reading, mut waiting, mut rows, mut bytes) = (Duration::ZERO, Duration::ZERO, 0, 0);
+    let mut next = state.next().await.transpose()?;
+    if next.is_none() {
+        // An empty state still needs its one (last) chunk, which commits the install.
+        next = Some(crate::storage::SnapshotChunk { table: String::new(), rows: "[]".into(), count: 0 });
+    }
+    let mut seq = 0;
+    while let Some(chunk) = next {
+        let read = Instant::now();
+        next = state.next().await.transpose()?;
+        reading += read.elapsed();
+        let waited = Instant::now();
+        let deadline = waited + s.stall;
+        loop {
+            let leading = *s.leadership.borrow_and_update();
+            if leading.role != Role::Primary || leading.term != s.term {
+                return Ok(false);
+            }
+            if *s.acks.borrow_and_update() + SNAPSHOT_WINDOW > seq {
+                break;
+            }
+            tokio::select! {
+                changed = s.acks.changed() => if changed.is_err() { return Ok(false) },
+                changed = s.leadership.changed() => if changed.is_err() { return Ok(false) },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(peer, seq, "a backup acknowledged no snapshot chunk for a while; giving up");
+                    return Ok(false);
+                }
+            }
+        }
+        if s.acks.has_changed().is_err() {
+            return Ok(false);
+        }
+        rows += chunk.count;
+        bytes += chunk.rows.len();
+        let frame = PeerFrame::SnapshotChunk {
+            term: s.term,
+            leader: s.leader,
+            last_index,
+            last_term,
+            stream: s.stream,
+            seq,
+            done: next.is_none(),
+            table: chunk.table,
+            rows: chunk.rows,
+        };
+        match tokio::time::timeout_at(deadline, s.tx.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Ok(false),
+        }
+        waiting += waited.elapsed();
+        seq += 1;
+    }
+    tracing::info!(
+        peer,
+        last_index,
+        chunks = seq,
+        rows,
+        bytes,
+        total_ms = started.elapsed().as_millis() as u64,
+        read_ms = reading.as_millis() as u64,
+        wait_ms = waiting.as_millis() as u64,
+        "sent a snapshot to a backup"
+    );
+    Ok(true)
+}
+
 async fn dial(
     id: u64,
     peer: Peer,
@@ -1507,7 +1831,7 @@ async fn dial(
                 }
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<PeerFrame>(text.as_str()) {
-                        Ok(frame @ (PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. })) if from == peer.id => {
+                        Ok(frame @ (PeerFrame::Appended { from, .. } | PeerFrame::Voted { from, .. } | PeerFrame::SnapshotAck { from, .. })) if from == peer.id => {
                             if inbox.send(Input::Response(frame)).await.is_err() { return; }
                         }
                         Ok(_) => {

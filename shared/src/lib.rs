@@ -498,9 +498,13 @@ pub enum PeerFrame {
         storage_failed: bool,
     },
     /// Primary -> backup: the backup is so far behind that the entries it needs were compacted away; replace
-    /// its whole state with this snapshot of the state as of entry `last_index`, then continue with entries.
-    /// Answered with `appended` (`last_index` = the snapshot's).
-    Snapshot {
+    /// its whole state with the state as of entry `last_index`, which arrives as a stream of chunks `seq` = 0,
+    /// 1, 2, … (each the rows of one slice of one table, in key order), read by the primary in one consistent
+    /// read. The backup installs them as they arrive, in one transaction that commits with the chunk marked
+    /// `done`; a chunk out of order (or anything else in between) abandons the install, and the old state stays.
+    /// Chunks before the last are answered with `snapshot_ack`, the last with `appended` (`last_index` = the
+    /// snapshot's). docs/PROTOCOL.md §10.3, `snapshot_chunk`.
+    SnapshotChunk {
         /// The primary's term.
         term: u64,
         /// The primary's replica id.
@@ -509,8 +513,33 @@ pub enum PeerFrame {
         last_index: u64,
         /// Its term.
         last_term: u64,
-        /// The state tables as JSON (opaque to replication).
-        state: String,
+        /// Which stream this chunk belongs to (chosen by the primary, new for every attempt).
+        stream: u64,
+        /// Position of this chunk in its stream, from 0.
+        seq: u64,
+        /// The last chunk: the backup commits the install once it has stored it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        done: bool,
+        /// The state table these rows belong to.
+        table: String,
+        /// The rows, as JSON text: an array of arrays, each row its columns in the order the storage layer
+        /// defines for `table` (opaque to replication; the databases build and read it).
+        rows: String,
+    },
+    /// Backup -> primary: the answer to a `snapshot_chunk` that is not the last. With `success`, every chunk of
+    /// `stream` up to `seq` is stored (in the install's open transaction); without, the backup abandoned the
+    /// install (a gap, another stream), and the primary starts over.
+    SnapshotAck {
+        /// The backup's term.
+        term: u64,
+        /// The backup's replica id.
+        from: u64,
+        /// The stream answered.
+        stream: u64,
+        /// The chunk answered.
+        seq: u64,
+        /// Whether the chunk was stored.
+        success: bool,
     },
     /// Candidate -> everyone: vote for me in `term`.
     Vote {

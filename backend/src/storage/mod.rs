@@ -28,7 +28,7 @@ use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use crate::wildcard::name_key;
 use crate::{Error, Result};
 
-pub use snapshot::Snapshot;
+pub use snapshot::{Snapshot, SnapshotChunk, SnapshotInstall, SnapshotStream};
 
 /// Bound parameters per multi-row statement: far below SQLite's limit (32,766) and PostgreSQL's (65,535), and
 /// a statement of this size is already past the point where a bigger one saves anything.

@@ -14,5 +14,6 @@ mod name_index;
 mod names;
 mod revocation;
 mod sessions;
+mod snapshot;
 mod startup;
 mod throttling;

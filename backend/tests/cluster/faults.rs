@@ -215,3 +215,78 @@ async fn backup_behind_compaction_catches_up_by_snapshot() {
     assert!(cluster.dump_state(2).await.contains("after the snapshot"));
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_streams_in_many_chunks_and_survives_a_kill_mid_install_sqlite() {
+    snapshot_streams_in_many_chunks(Engine::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_streams_in_many_chunks_and_survives_a_kill_mid_install_postgres() {
+    snapshot_streams_in_many_chunks(Engine::Postgres).await;
+}
+
+/// A state of several MiB reaches a backup as many `snapshot_chunk`s. The backup is killed (SIGKILL) once its
+/// install began; restarted, it starts (its start-up checks pass on what the kill left), gets a new stream,
+/// and ends with the same state as the others; a later write reaches it.
+async fn snapshot_streams_in_many_chunks(engine: Engine) {
+    let options = Options { args: vec!["--compact-keep".into(), "20".into()], ..Options::default() };
+    let mut cluster = Cluster::start_with(3, engine, options).await;
+    assert_eq!(cluster.wait_for_primary(Duration::from_secs(15)).await, 0);
+    let (mut alice, _bob) = cluster.register_alice_and_bob().await;
+    cluster.kill(2).await;
+    step!("300 messages of 4,000 characters while node 2 is down: a state of about 3.6 MB");
+    for i in 0..300 {
+        alice.send_message("bob", &format!("#{i} {}", "y".repeat(3990))).await;
+    }
+    let log = cluster.node(2).log.clone();
+    let installs_before = std::fs::read_to_string(&log).unwrap_or_default().matches("installed a snapshot").count();
+    cluster.restart(2).await;
+    // Polls the log for the first chunk (the install is under way), then kills node 2 at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.matches("receiving a snapshot").count() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 never began an install");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cluster.kill(2).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let finished_before_the_kill = text.matches("installed a snapshot").count() > installs_before;
+    step!("killed mid-install: {}", !finished_before_the_kill);
+    cluster.restart(2).await;
+    let (_, states) = cluster.dumps_at_rest(&[0, 1, 2], true).await;
+    assert_same_dump("node 0", &states[0], "node 2", &states[2]);
+    assert_same_dump("node 1", &states[1], "node 2", &states[2]);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let installed = text.lines().rfind(|l| l.contains("installed a snapshot")).expect("an install");
+    let chunks: u64 = installed
+        .split_whitespace()
+        .find_map(|field| strip_ansi(field).strip_prefix("chunks=").and_then(|n| n.parse().ok()))
+        .expect("the install's chunk count");
+    assert!(chunks > 5, "the state came in many chunks, not {chunks}: {installed}");
+    alice.send_message("bob", "after the snapshot").await;
+    cluster.wait_applied_equal(Duration::from_secs(20)).await;
+    assert!(cluster.dump_state(2).await.contains("after the snapshot"));
+    cluster.finish().await;
+}
+
+/// `field` without the terminal colour codes the replicas' log lines carry.
+fn strip_ansi(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
