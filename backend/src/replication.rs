@@ -1004,8 +1004,9 @@ impl Core {
     }
 
     /// The term of the entry at `index`: from memory for the tail and the last entry, else as the database
-    /// says (`None` past the end of the log or before the compaction point).
-    async fn term_at(&self, index: u64) -> Result<Option<u64>> {
+    /// says (`None` past the end of the log or before the compaction point). (`&mut self`: the core's future
+    /// must stay `Send`, and the core is not `Sync`.)
+    async fn term_at(&mut self, index: u64) -> Result<Option<u64>> {
         if let Some(first) = self.tail.front() {
             if (first.index..=self.log_end()).contains(&index) {
                 return Ok(Some(self.tail[(index - first.index) as usize].term));
@@ -1019,7 +1020,7 @@ impl Core {
 
     /// Entries after `after`, in order, at most `limit`: from the tail when it holds the first of them, else
     /// read from the database.
-    async fn entries_after(&self, after: u64, limit: u32) -> Result<Vec<WireEntry>> {
+    async fn entries_after(&mut self, after: u64, limit: u32) -> Result<Vec<WireEntry>> {
         if let Some(first) = self.tail.front() {
             if after + 1 >= first.index {
                 let skip = (after + 1 - first.index) as usize;
