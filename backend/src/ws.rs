@@ -248,7 +248,9 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                         break Some((CLOSE_TOO_BIG, "frame over 64 KiB"));
                     }
                     Some(Ok(Message::Text(text))) => {
-                        match answer(&mut session, &mut out, &state.backlog_reads, text.as_str()).await {
+                        // Boxed: answering holds the futures of every request (storage, password hashing), a
+                        // few KB, which would otherwise be part of every socket's task while it is idle.
+                        match Box::pin(answer(&mut session, &mut out, &state.backlog_reads, text.as_str())).await {
                             Ok(false) => {}
                             Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
                             Err(()) => break None,
@@ -269,7 +271,8 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
             }
         }
     };
-    session.close().await;
+    // Boxed for the same reason as `answer`: leaving the hub may touch storage (last seen).
+    Box::pin(session.close()).await;
     if let Some((code, reason)) = close_with {
         out.close(&mut stream, code, reason).await;
     }
