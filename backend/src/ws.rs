@@ -172,13 +172,15 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let close_with = loop {
         let authenticated = session.authenticated();
+        // One timer for both deadlines (each timer is part of every idle socket's task).
+        let deadline = if authenticated { heard + timeouts.idle } else { auth_by };
         tokio::select! {
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-            _ = tokio::time::sleep_until(auth_by), if !authenticated => {
+            _ = tokio::time::sleep_until(deadline) => {
+                if authenticated {
+                    break Some((CLOSE_POLICY, "idle: no answer to pings"));
+                }
                 break Some((CLOSE_POLICY, "not authenticated in time"));
-            }
-            _ = tokio::time::sleep_until(heard + timeouts.idle), if authenticated => {
-                break Some((CLOSE_POLICY, "idle: no answer to pings"));
             }
             _ = pings.tick(), if authenticated => {
                 if heard.elapsed() >= timeouts.ping && out.send(Message::Ping(Default::default())).await.is_err() {
