@@ -227,10 +227,15 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                     Some(Ok(Message::Text(text))) => {
                         // Boxed: answering holds the futures of every request (storage, password hashing), a
                         // few KB, which would otherwise be part of every socket's task while it is idle.
-                        match Box::pin(answer(&mut session, &mut out, &state.backlog_reads, text.as_str())).await {
+                        match Box::pin(answer(&mut session, &mut out, text.as_str())).await {
                             Ok(false) => {}
                             Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
                             Err(()) => break None,
+                        }
+                        if session.backlog_pending()
+                            && Box::pin(write_backlog(&mut session, &mut out, &state.backlog_reads)).await.is_err()
+                        {
+                            break None;
                         }
                         // Answering may have taken a while (a long backlog): the silence starts now.
                         heard = Instant::now();
@@ -312,13 +317,9 @@ fn not_leader(state: &AppState, status: &Status) -> ServerBody {
     }
 }
 
-/// Decode one text frame, answer it, write the reply and any backlog. `Ok(true)` means close the socket.
-async fn answer(
-    session: &mut Session,
-    out: &mut Out,
-    backlog_reads: &tokio::sync::Semaphore,
-    text: &str,
-) -> Result<bool, ()> {
+/// Decode one text frame, answer it and write the reply (a backlog it opened is [`write_backlog`]'s).
+/// `Ok(true)` means close the socket.
+async fn answer(session: &mut Session, out: &mut Out, text: &str) -> Result<bool, ()> {
     let (req, decoded) = decode(text);
     let request = match decoded {
         Ok(request) => request,
@@ -327,28 +328,35 @@ async fn answer(
     match session.handle(request).await {
         Ok(response) => {
             out.write(req, response.reply).await?;
-            // The backlog, a page at a time: the next page is read only once this one is written.
-            loop {
-                let permit = backlog_reads.acquire().await.map_err(|_| ())?;
-                let page = session.backlog_page().await;
-                drop(permit);
-                let page = match page {
-                    Ok(page) if page.is_empty() => break,
-                    Ok(page) => page,
-                    Err(error) => {
-                        // The reply is out already: drop the socket, the client resumes from its cursor.
-                        tracing::error!(%error, "could not read a backlog page; dropping the socket");
-                        return Err(());
-                    }
-                };
-                for body in page {
-                    out.write(None, body).await?;
-                }
-            }
             Ok(response.close)
         }
         Err(error) => out.write_error(req, &error).await.map(|_| false),
     }
+}
+
+/// The backlog of a `login` or `resume`, a page at a time: the next page is read only once this one is
+/// written. A future of its own, apart from [`answer`], and each read boxed again: when thousands of sockets
+/// resume at once they queue here for a permit, and each waits holding only this small future (with the backlog
+/// inside `answer`, the whole request's state, 1.4 KB, waited in that queue for every socket: heaptrack, `bench
+/// idle`; the allocator kept that memory after).
+async fn write_backlog(session: &mut Session, out: &mut Out, backlog_reads: &tokio::sync::Semaphore) -> Result<(), ()> {
+    while session.backlog_pending() {
+        let permit = backlog_reads.acquire().await.map_err(|_| ())?;
+        let page = Box::pin(session.backlog_page()).await;
+        drop(permit);
+        let page = match page {
+            Ok(page) => page,
+            Err(error) => {
+                // The reply is out already: drop the socket, the client resumes from its cursor.
+                tracing::error!(%error, "could not read a backlog page; dropping the socket");
+                return Err(());
+            }
+        };
+        for body in page {
+            out.write(None, body).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Parse a client frame; the `req` is recovered even when the rest is malformed, so errors can echo it.
