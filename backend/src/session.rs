@@ -174,6 +174,11 @@ impl Session {
         }
     }
 
+    /// Whether a `login` or `resume` left backlog to write (see [`Session::backlog_page`]).
+    pub fn backlog_pending(&self) -> bool {
+        !matches!(self.backlog, Backlog::Done)
+    }
+
     /// The next page of the backlog to write after a `session` reply, oldest first; empty when it is all
     /// written. Call until empty before taking pushes.
     pub async fn backlog_page(&mut self) -> Result<Vec<ServerBody>> {

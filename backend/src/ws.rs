@@ -27,10 +27,11 @@ use crate::{AppState, Error};
 const TRANSPORT_LIMIT: usize = 1 << 20;
 /// Close code for a socket whose push queue overflowed (RFC 6455 "policy violation"); the client resumes.
 const CLOSE_TOO_SLOW: u16 = 1008;
-/// Read buffer and write batching size per socket. The transport's default, 128 KiB each, made an idle
-/// session cost about 140 KB of RSS (`bench idle`); chat frames are small, and bigger ones are still read,
-/// in several chunks.
-const SOCKET_BUFFER: usize = 8 * 1024;
+/// Read buffer and write batching size per socket. The read buffer is allocated with the socket and kept for
+/// its whole life, idle or not: the transport's default, 128 KiB, made an idle session cost about 140 KB of
+/// RSS, and 8 KiB still 8 KB of the 14.6 KB it cost then (heaptrack, `bench idle`). Chat frames are a few
+/// hundred bytes; a bigger one is still read whole (the buffer grows to the frame), 1 KiB per read call.
+const SOCKET_BUFFER: usize = 1024;
 /// How long to wait for the client's answer to our close frame before dropping the connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Backlog pages read at the same time, over all sockets (see [`AppState::backlog_reads`]).
@@ -106,8 +107,16 @@ struct Out {
     timeout: Duration,
 }
 
+/// A write in flight. Writes are boxed: a socket's task holds its futures for as long as it lives, and an
+/// idle socket writes nothing, so a write's few hundred bytes are better allocated per write.
+type Writing<'a> = futures_util::future::BoxFuture<'a, Result<(), ()>>;
+
 impl Out {
-    async fn send(&mut self, message: Message) -> Result<(), ()> {
+    fn send(&mut self, message: Message) -> Writing<'_> {
+        Box::pin(self.send_inline(message))
+    }
+
+    async fn send_inline(&mut self, message: Message) -> Result<(), ()> {
         match tokio::time::timeout(self.timeout, self.sink.send(message)).await {
             Ok(result) => result.map_err(|_| ()),
             Err(_) => {
@@ -117,9 +126,11 @@ impl Out {
         }
     }
 
-    async fn write(&mut self, req: Option<String>, body: ServerBody) -> Result<(), ()> {
-        let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
-        self.send(Message::Text(text.into())).await
+    fn write(&mut self, req: Option<String>, body: ServerBody) -> Writing<'_> {
+        Box::pin(async move {
+            let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
+            self.send_inline(Message::Text(text.into())).await
+        })
     }
 
     async fn write_error(&mut self, req: Option<String>, error: &Error) -> Result<(), ()> {
@@ -151,44 +162,8 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     let timeouts = state.socket_timeouts;
     let (sink, mut stream) = socket.split();
     let mut out = Out { sink, timeout: timeouts.write };
-    let mut status = state.chat.replication().status();
-    let mut first = status.borrow_and_update().clone();
-    if first.role != Role::Primary && first.leader.is_none() {
-        // No live primary known: most likely one just died and an election is under way. Answer once it is
-        // decided (welcome, if this replica won), so the client neither backs off nor tries a dead replica.
-        let decided = status.wait_for(|s| s.role == Role::Primary || s.leader.is_some());
-        tokio::select! {
-            _ = state.shutdown.cancelled() => {}
-            decided = tokio::time::timeout(timeouts.leader_wait, decided) => {
-                if let Ok(Ok(now)) = decided {
-                    first = now.clone();
-                }
-            }
-        }
-    }
-    if first.role != Role::Primary {
-        // Clients talk to the primary only: tell them where it is, then close.
-        let _ = out.write(None, not_leader(&state, &first)).await;
-        out.close(&mut stream, CLOSE_NORMAL, "not the primary").await;
-        return;
-    }
-    let welcome = ServerBody::Welcome {
-        node: state.node.id,
-        term: first.term,
-        endpoints: state.node.endpoints(),
-        protocol: PROTOCOL_VERSION,
-    };
-    if out.write(None, welcome).await.is_err() {
-        return;
-    }
-    // From here on only a change of role or term matters, not every acknowledgement the status reports.
-    let mut leadership = state.chat.replication().leadership();
-    if *leadership.borrow_and_update() != (Leadership { role: Role::Primary, term: first.term }) {
-        let status = state.chat.replication().status().borrow().clone();
-        let _ = out.write(None, not_leader(&state, &status)).await;
-        out.close(&mut stream, CLOSE_NORMAL, "not the primary any more").await;
-        return;
-    }
+    // Boxed: the greeting's futures are needed once, not for the socket's whole life.
+    let Some((term, mut leadership)) = Box::pin(greet(&state, &mut out, &mut stream)).await else { return };
     let mut session = Session::new(state.chat.clone(), client.ip());
     // Until it authenticates, a socket has until `auth_by`; after, it must not fall silent for `idle`.
     let mut auth_by = Instant::now() + timeouts.auth;
@@ -197,13 +172,15 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let close_with = loop {
         let authenticated = session.authenticated();
+        // One timer for both deadlines (each timer is part of every idle socket's task).
+        let deadline = if authenticated { heard + timeouts.idle } else { auth_by };
         tokio::select! {
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-            _ = tokio::time::sleep_until(auth_by), if !authenticated => {
+            _ = tokio::time::sleep_until(deadline) => {
+                if authenticated {
+                    break Some((CLOSE_POLICY, "idle: no answer to pings"));
+                }
                 break Some((CLOSE_POLICY, "not authenticated in time"));
-            }
-            _ = tokio::time::sleep_until(heard + timeouts.idle), if authenticated => {
-                break Some((CLOSE_POLICY, "idle: no answer to pings"));
             }
             _ = pings.tick(), if authenticated => {
                 if heard.elapsed() >= timeouts.ping && out.send(Message::Ping(Default::default())).await.is_err() {
@@ -216,7 +193,7 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                     break Some((CLOSE_GOING_AWAY, "server shutting down"));
                 }
                 let now = *leadership.borrow_and_update();
-                if now.role != Role::Primary || now.term != first.term {
+                if now.role != Role::Primary || now.term != term {
                     let status = state.chat.replication().status().borrow().clone();
                     let _ = out.write(None, not_leader(&state, &status)).await;
                     break Some((CLOSE_NORMAL, "not the primary any more"));
@@ -248,10 +225,17 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                         break Some((CLOSE_TOO_BIG, "frame over 64 KiB"));
                     }
                     Some(Ok(Message::Text(text))) => {
-                        match answer(&mut session, &mut out, &state.backlog_reads, text.as_str()).await {
+                        // Boxed: answering holds the futures of every request (storage, password hashing), a
+                        // few KB, which would otherwise be part of every socket's task while it is idle.
+                        match Box::pin(answer(&mut session, &mut out, text.as_str())).await {
                             Ok(false) => {}
                             Ok(true) => break Some((CLOSE_NORMAL, "account deleted")),
                             Err(()) => break None,
+                        }
+                        if session.backlog_pending()
+                            && Box::pin(write_backlog(&mut session, &mut out, &state.backlog_reads)).await.is_err()
+                        {
+                            break None;
                         }
                         // Answering may have taken a while (a long backlog): the silence starts now.
                         heard = Instant::now();
@@ -269,10 +253,57 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
             }
         }
     };
-    session.close().await;
+    // Boxed for the same reason as `answer`: leaving the hub may touch storage (last seen).
+    Box::pin(session.close()).await;
     if let Some((code, reason)) = close_with {
-        out.close(&mut stream, code, reason).await;
+        Box::pin(out.close(&mut stream, code, reason)).await;
     }
+}
+
+/// Welcome the client if this replica is the primary (after waiting out an election under way); otherwise
+/// tell it where the primary is and close. Returns the term it was welcomed in, and the leadership to watch.
+async fn greet(
+    state: &AppState,
+    out: &mut Out,
+    stream: &mut SplitStream<WebSocket>,
+) -> Option<(u64, tokio::sync::watch::Receiver<Leadership>)> {
+    let mut status = state.chat.replication().status();
+    let mut first = status.borrow_and_update().clone();
+    if first.role != Role::Primary && first.leader.is_none() {
+        // No live primary known: most likely one just died and an election is under way. Answer once it is
+        // decided (welcome, if this replica won), so the client neither backs off nor tries a dead replica.
+        let decided = status.wait_for(|s| s.role == Role::Primary || s.leader.is_some());
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {}
+            decided = tokio::time::timeout(state.socket_timeouts.leader_wait, decided) => {
+                if let Ok(Ok(now)) = decided {
+                    first = now.clone();
+                }
+            }
+        }
+    }
+    if first.role != Role::Primary {
+        // Clients talk to the primary only: tell them where it is, then close.
+        let _ = out.write(None, not_leader(state, &first)).await;
+        out.close(stream, CLOSE_NORMAL, "not the primary").await;
+        return None;
+    }
+    let welcome = ServerBody::Welcome {
+        node: state.node.id,
+        term: first.term,
+        endpoints: state.node.endpoints(),
+        protocol: PROTOCOL_VERSION,
+    };
+    out.write(None, welcome).await.ok()?;
+    // From here on only a change of role or term matters, not every acknowledgement the status reports.
+    let mut leadership = state.chat.replication().leadership();
+    if *leadership.borrow_and_update() != (Leadership { role: Role::Primary, term: first.term }) {
+        let status = state.chat.replication().status().borrow().clone();
+        let _ = out.write(None, not_leader(state, &status)).await;
+        out.close(stream, CLOSE_NORMAL, "not the primary any more").await;
+        return None;
+    }
+    Some((first.term, leadership))
 }
 
 /// Where the primary is, as this replica knows it.
@@ -286,13 +317,9 @@ fn not_leader(state: &AppState, status: &Status) -> ServerBody {
     }
 }
 
-/// Decode one text frame, answer it, write the reply and any backlog. `Ok(true)` means close the socket.
-async fn answer(
-    session: &mut Session,
-    out: &mut Out,
-    backlog_reads: &tokio::sync::Semaphore,
-    text: &str,
-) -> Result<bool, ()> {
+/// Decode one text frame, answer it and write the reply (a backlog it opened is [`write_backlog`]'s).
+/// `Ok(true)` means close the socket.
+async fn answer(session: &mut Session, out: &mut Out, text: &str) -> Result<bool, ()> {
     let (req, decoded) = decode(text);
     let request = match decoded {
         Ok(request) => request,
@@ -301,28 +328,35 @@ async fn answer(
     match session.handle(request).await {
         Ok(response) => {
             out.write(req, response.reply).await?;
-            // The backlog, a page at a time: the next page is read only once this one is written.
-            loop {
-                let permit = backlog_reads.acquire().await.map_err(|_| ())?;
-                let page = session.backlog_page().await;
-                drop(permit);
-                let page = match page {
-                    Ok(page) if page.is_empty() => break,
-                    Ok(page) => page,
-                    Err(error) => {
-                        // The reply is out already: drop the socket, the client resumes from its cursor.
-                        tracing::error!(%error, "could not read a backlog page; dropping the socket");
-                        return Err(());
-                    }
-                };
-                for body in page {
-                    out.write(None, body).await?;
-                }
-            }
             Ok(response.close)
         }
         Err(error) => out.write_error(req, &error).await.map(|_| false),
     }
+}
+
+/// The backlog of a `login` or `resume`, a page at a time: the next page is read only once this one is
+/// written. A future of its own, apart from [`answer`], and each read boxed again: when thousands of sockets
+/// resume at once they queue here for a permit, and each waits holding only this small future (with the backlog
+/// inside `answer`, the whole request's state, 1.4 KB, waited in that queue for every socket: heaptrack, `bench
+/// idle`; the allocator kept that memory after).
+async fn write_backlog(session: &mut Session, out: &mut Out, backlog_reads: &tokio::sync::Semaphore) -> Result<(), ()> {
+    while session.backlog_pending() {
+        let permit = backlog_reads.acquire().await.map_err(|_| ())?;
+        let page = Box::pin(session.backlog_page()).await;
+        drop(permit);
+        let page = match page {
+            Ok(page) => page,
+            Err(error) => {
+                // The reply is out already: drop the socket, the client resumes from its cursor.
+                tracing::error!(%error, "could not read a backlog page; dropping the socket");
+                return Err(());
+            }
+        };
+        for body in page {
+            out.write(None, body).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Parse a client frame; the `req` is recovered even when the rest is malformed, so errors can echo it.

@@ -529,13 +529,16 @@ async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
     for run in 1..=args.runs {
         let report = idle::run(args.system.setup(Target::Single, "idle")?, args.connections, args.accounts).await?;
         eprintln!(
-            "idle: run {run}/{}: {} sessions; RSS {:.1} MB -> {:.1} MB ({:.1} KB each); opened in {:.1} s",
+            "idle: run {run}/{}: {} sessions; RSS {:.1} MB -> {:.1} MB once idle ({:.1} KB each; {:.1} MB right \
+             after opening); opened in {:.1} s, idle {:.1} s later",
             args.runs,
             report.connections,
             report.rss_before_mb,
             report.rss_after_mb,
             report.kb_per_connection,
-            report.open_s
+            report.rss_after_open_mb,
+            report.open_s,
+            report.settle_s
         );
         reports.push(report);
     }

@@ -294,3 +294,23 @@ both!(a_contact_who_signs_in_later_reads_when_a_peer_was_last_seen, |engine| asy
     assert_eq!(presence_in_list(&mut alice, "bob").await, (false, Some(closed)));
     running.shutdown().await.unwrap();
 });
+
+both!(frames_many_times_the_read_buffer_are_read_and_written_whole, |engine| async move {
+    // A socket reads 1 KiB at a time (ws.rs `SOCKET_BUFFER`): frames up to the 64 KiB protocol limit must still
+    // arrive whole, in both directions.
+    let server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    let mut bob = server.user("bob").await;
+    // The longest message there is: 4,000 four-byte characters, a 16 KB frame each way.
+    let longest = "😀".repeat(4000);
+    let id = alice.send_message("bob", &longest).await;
+    assert_eq!(bob.expect_message(&longest).await.id, id);
+    // A frame just under the 64 KiB limit (a ping padded with JSON whitespace) is answered.
+    let padded = format!(r#"{{"type":"ping","req":"padded"{}}}"#, " ".repeat(64 * 1024 - 64));
+    assert!(padded.len() > 60 * 1024 && padded.len() <= 64 * 1024);
+    alice.send_text(padded).await;
+    assert_eq!(alice.reply_to("padded").await, ServerBody::Pong);
+    // And the socket goes on as before.
+    alice.send_message("bob", "after").await;
+    bob.expect_message("after").await;
+});
