@@ -48,3 +48,38 @@ test('a message written during an outage survives a reload and arrives exactly o
   await check.once(bob, during);
   await expect(find.messages(alice)).toHaveCount(2);
 });
+
+test('a message the primary could not commit waits in the outbox and is sent once the cluster is back', async ({ cluster, openPage }) => {
+  const primary = await cluster.primary();
+  const backups = [0, 1, 2].filter((id) => id !== primary);
+
+  step(`alice and bob talk through the primary ${primary}`);
+  const alice = await signedUp(openPage, 'alice', { replica: primary });
+  const bob = await signedUp(openPage, 'bob', { replica: primary });
+  await act.startChat(alice, 'bob', 'bob');
+  const hello = 'Hello Bob, while all is well.';
+  await act.send(alice, hello);
+  await check.status(alice, hello, 'delivered');
+
+  step(`both backups (${backups.join(', ')}) stop: the primary takes the message but cannot commit it`);
+  for (const id of backups) await cluster.stop(id);
+  const during = 'Taken by a primary that lost its majority.';
+  await act.send(alice, during);
+  await check.status(alice, during, 'sending');
+
+  step('the primary steps down and answers "unavailable": the message still waits, it is not marked failed');
+  await expect
+    .poll(async () => (await cluster.status(primary))?.role, { timeout: check.FAILOVER_MS })
+    .not.toBe('primary');
+  await check.notOnline(alice, check.FAILOVER_MS);
+  await check.status(alice, during, 'sending');
+
+  step('the backups come back: the message is sent once and reaches bob once');
+  for (const id of backups) await cluster.restart(id);
+  await check.online(alice, undefined, check.FAILOVER_MS);
+  await check.status(alice, during, /^(sent|delivered|read)$/, check.FAILOVER_MS);
+  await check.once(alice, during);
+  await act.openConversation(bob, 'alice');
+  await check.messages(bob, [hello, during], check.FAILOVER_MS);
+  await check.once(bob, during);
+});

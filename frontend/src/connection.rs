@@ -28,6 +28,9 @@ const OUTBOX_KEY: &str = "replichat.outbox";
 const FIRST_BACKOFF_MS: f64 = 150.0;
 const MAX_BACKOFF_MS: f64 = 1600.0;
 const HIDDEN_MAX_BACKOFF_MS: f64 = 8000.0;
+/// How long a send answered `unavailable` waits before it is tried again on the same socket (a socket whose
+/// replica stopped being the primary is closed by the server, and the resume re-sends it sooner).
+const RETRY_SEND_MS: u32 = 1000;
 
 /// What the banner shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +195,23 @@ impl Connection {
         let mut inner = self.inner.borrow_mut();
         inner.pending.retain(|p| p.client_id != client_id);
         save(OUTBOX_KEY, &inner.pending);
+    }
+
+    /// The server could not take the send with this client id now (`unavailable`: nothing was stored). It stays
+    /// pending: re-sent after the next resume if the socket closes (a replica that stopped being the primary
+    /// closes it), or on this socket after [`RETRY_SEND_MS`] if it is still pending then. Both may happen: the
+    /// same client id is stored at most once, and a repeat is answered with the original's `sent`.
+    pub fn retry_later(&self, client_id: &str) {
+        let conn = self.clone();
+        let client_id = client_id.to_owned();
+        leptos::task::spawn_local(async move {
+            gloo_timers::future::TimeoutFuture::new(RETRY_SEND_MS).await;
+            let pending = conn.inner.borrow().pending.iter().find(|p| p.client_id == client_id).cloned();
+            if let Some(p) = pending {
+                let req = send_req(&p.client_id);
+                conn.transmit(req, Request::Send { to: p.to, text: p.text, client_id: p.client_id });
+            }
+        });
     }
 
     /// The sends not acknowledged yet, oldest first (including those restored after a reload).

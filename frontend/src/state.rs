@@ -354,6 +354,12 @@ impl Chat {
 
     fn on_error(&self, conn: &Connection, req: &str, code: ErrorCode, message: String) {
         if let Some(client_id) = req.strip_prefix(SEND_REQ) {
+            if code == ErrorCode::Unavailable {
+                // Not refused: this replica could not commit it now (it lost its majority, or stopped being the
+                // primary). Nothing was stored; the message keeps waiting, as "sending", until a primary takes it.
+                conn.retry_later(client_id);
+                return;
+            }
             conn.acknowledged(client_id);
             let reason = match code {
                 ErrorCode::UnknownUser => "No account with that name: it may have been deleted.".to_owned(),
