@@ -22,6 +22,12 @@ test('a message written during an outage survives a reload and arrives exactly o
   step(`the primary ${primary} and replica ${other} stop: no majority, nobody can write`);
   await cluster.stop(primary);
   await cluster.stop(other);
+  // When the primary's connection closes the lowest live id asks for votes at once: replica `host` may win with
+  // `other`'s vote before `other` stops, and stays primary until it notices it lost its majority. Wait for that
+  // (it took the resent message once, then answered it `unavailable`, and a reload found it still primary).
+  await expect
+    .poll(async () => (await cluster.status(host))?.role, { timeout: check.FAILOVER_MS })
+    .not.toBe('primary');
   await check.notOnline(alice);
 
   step('alice writes anyway: it waits as "sending"');
