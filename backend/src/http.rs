@@ -19,7 +19,8 @@ use crate::{ws, AppState};
 /// Every route a replica serves: the API, and the browser app from `static_dir` for everything else.
 pub fn router(state: AppState, static_dir: &Path) -> Router {
     // The app's files keep their names from build to build, so browsers must revalidate them (cheap: the
-    // file service answers If-Modified-Since with 304).
+    // file service answers If-None-Match, against the ETag tower-http 0.7 derives from size and mtime, and
+    // If-Modified-Since with 304).
     let app = ServeDir::new(static_dir).fallback(ServeFile::new(static_dir.join("index.html")));
     let policy = content_security_policy(state.node.urls.values());
     let app = tower::ServiceBuilder::new()

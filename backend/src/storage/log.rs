@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use sqlx::{Connection, Row};
 
-use super::{set_meta, Db, Entry};
+use super::{composed, set_meta, Db, Entry};
 use crate::Result;
 
 /// Log entries per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
@@ -94,7 +94,7 @@ impl Db {
             }
             for chunk in new.chunks(ROWS_PER_INSERT) {
                 let sql = format!("INSERT INTO log (idx, term, op) VALUES {}", self.backend.values(chunk.len(), 3));
-                let mut query = sqlx::query(&sql);
+                let mut query = sqlx::query(composed(sql));
                 for entry in chunk {
                     query = query.bind(entry.index as i64).bind(entry.term as i64).bind(&entry.op);
                 }

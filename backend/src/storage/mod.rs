@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use replichat_shared::ServerBody;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyConnection, AnyPool, Connection, Row};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 
 use crate::wildcard::name_key;
 use crate::{Error, Result};
@@ -36,6 +36,18 @@ const MAX_BINDS: usize = 900;
 
 /// The migrations in `migrations/`, embedded at build time; one portable set for both backends.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// SQL composed at run time, for the statements that cannot be a literal: multi-row statements (their
+/// placeholder lists, [`Backend::values`] and [`Backend::params`]) and those with a per-backend fragment, a
+/// table name or a column chosen from this module's own constants. sqlx (0.9) takes only `&'static str` as
+/// SQL unless a string is asserted safe; this is the one place that asserts it, for strings that hold nothing
+/// but this module's text and placeholders: every value is bound, never formatted in.
+///
+/// (sqlx's `QueryBuilder` is not used for the multi-row statements: through the `Any` driver it spells every
+/// placeholder `?`, which PostgreSQL does not accept.)
+fn composed(sql: String) -> SqlStr {
+    AssertSqlSafe(sql).into_sql_str()
+}
 
 /// Which database engine a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

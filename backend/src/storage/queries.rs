@@ -5,7 +5,7 @@ use replichat_shared::{Conversation, Message, ServerBody};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{Db, User};
+use super::{composed, Db, User};
 use crate::wildcard::{name_key, Pattern};
 use crate::{Error, Result};
 
@@ -105,7 +105,7 @@ impl Db {
     /// The message `sender_id` already stored under `client_id`, if any (idempotent sends).
     pub async fn message_by_client_id(&self, sender_id: i64, client_id: &str) -> Result<Option<Message>> {
         let sql = format!("{MESSAGE_SELECT} WHERE m.sender_id = $1 AND m.client_id = $2");
-        let row = sqlx::query(&sql).bind(sender_id).bind(client_id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(composed(sql)).bind(sender_id).bind(client_id).fetch_optional(&self.pool).await?;
         row.as_ref().map(message_from_row).transpose()
     }
 
@@ -122,7 +122,7 @@ impl Db {
             "SELECT username FROM users WHERE live_key IS NOT NULL AND live_key {collate} > $1 {filter} \
              ORDER BY live_key {collate} LIMIT $2"
         );
-        let mut query = sqlx::query(&sql).bind(after).bind(limit as i64);
+        let mut query = sqlx::query(composed(sql)).bind(after).bind(limit as i64);
         if let Some(arg) = arg {
             query = query.bind(arg);
         }
@@ -136,7 +136,7 @@ impl Db {
             "{MESSAGE_SELECT} WHERE ((m.sender_id = $1 AND m.recipient_id = $2) \
              OR (m.sender_id = $2 AND m.recipient_id = $1)) AND m.id < $3 ORDER BY m.id DESC LIMIT $4"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(composed(sql))
             .bind(me)
             .bind(peer)
             .bind(before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64))
@@ -153,7 +153,13 @@ impl Db {
             "{MESSAGE_SELECT} WHERE m.recipient_id = $1 AND m.delivered_at IS NULL AND m.id > $2 AND m.id <= $3 \
              ORDER BY m.id LIMIT $4"
         );
-        let rows = sqlx::query(&sql).bind(me).bind(after).bind(up_to).bind(limit as i64).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(composed(sql))
+            .bind(me)
+            .bind(after)
+            .bind(up_to)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(message_from_row).collect()
     }
 
@@ -165,7 +171,8 @@ impl Db {
             "SELECT COUNT(*) FROM messages WHERE recipient_id = $1 AND id <= $2 AND {column} IS NULL \
              AND ($3 < 0 OR sender_id = $3)"
         );
-        let row = sqlx::query(&sql).bind(me).bind(up_to).bind(from.unwrap_or(-1)).fetch_one(&self.pool).await?;
+        let row =
+            sqlx::query(composed(sql)).bind(me).bind(up_to).bind(from.unwrap_or(-1)).fetch_one(&self.pool).await?;
         Ok(row.try_get::<i64, _>(0)? > 0)
     }
 
@@ -188,7 +195,7 @@ impl Db {
             let last_id: i64 = row.try_get("last_id")?;
             let unread: i64 = row.try_get("unread")?;
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
-            let last = message_from_row(&sqlx::query(&sql).bind(last_id).fetch_one(&self.pool).await?)?;
+            let last = message_from_row(&sqlx::query(composed(sql)).bind(last_id).fetch_one(&self.pool).await?)?;
             let peer_row = sqlx::query("SELECT username, deleted_at, last_seen_at FROM users WHERE id = $1")
                 .bind(peer)
                 .fetch_one(&self.pool)
@@ -255,7 +262,7 @@ impl Db {
         let mut out = String::new();
         for (name, sql) in TABLES {
             out.push_str(&format!("## {name}\n"));
-            for row in sqlx::query(sql).fetch_all(&self.pool).await? {
+            for row in sqlx::query(*sql).fetch_all(&self.pool).await? {
                 let cells: Vec<String> = (0..row.len()).map(|i| cell(&row, i)).collect::<Result<_>>()?;
                 out.push_str(&cells.join("\t"));
                 out.push('\n');

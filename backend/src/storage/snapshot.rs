@@ -17,7 +17,7 @@
 use sqlx::Row;
 use tokio::sync::mpsc;
 
-use super::{get_meta, set_meta, Backend, Db, TxConnection};
+use super::{composed, get_meta, set_meta, Backend, Db, TxConnection};
 use crate::{Error, Result};
 
 /// Chunks read ahead of the consumer of a [`SnapshotStream`].
@@ -193,7 +193,7 @@ impl Db {
         sqlx::query(self.begin_write()).execute(&mut *conn).await?;
         sqlx::query("DELETE FROM log").execute(&mut *conn).await?;
         for (table, _, _) in STATE_TABLES {
-            sqlx::query(&format!("DELETE FROM {table}")).execute(&mut *conn).await?;
+            sqlx::query(composed(format!("DELETE FROM {table}"))).execute(&mut *conn).await?;
         }
         let mut indexes = Vec::new();
         if self.backend == Backend::Sqlite {
@@ -206,10 +206,10 @@ impl Db {
                 "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL AND tbl_name IN ({})",
                 tables.join(", ")
             );
-            for row in sqlx::query(&sql).fetch_all(&mut *conn).await? {
+            for row in sqlx::query(composed(sql)).fetch_all(&mut *conn).await? {
                 let name: String = row.try_get("name")?;
                 indexes.push(row.try_get("sql")?);
-                sqlx::query(&format!("DROP INDEX \"{name}\"")).execute(&mut *conn).await?;
+                sqlx::query(composed(format!("DROP INDEX \"{name}\""))).execute(&mut *conn).await?;
             }
         }
         Ok(SnapshotInstall { db: self.clone(), conn, indexes, rows: 0 })
@@ -265,12 +265,12 @@ async fn scan_state(
                 names.join(", ")
             )
         };
-        let (first, next) = (page(false), page(true));
+        let (first, next) = (composed(page(false)), composed(page(true)));
         let mut last_key: Option<Vec<serde_json::Value>> = None;
         // Rows per page, adjusted to the rows' size so that a page is about `chunk_bytes`.
         let mut limit: i64 = 16;
         loop {
-            let mut query = sqlx::query(if last_key.is_some() { &next } else { &first });
+            let mut query = sqlx::query(if last_key.is_some() { next.clone() } else { first.clone() });
             for cell in last_key.iter().flatten() {
                 query = match cell {
                     serde_json::Value::Number(n) => query.bind(n.as_i64()),
@@ -344,7 +344,7 @@ impl SnapshotInstall {
             ),
         };
         let sql = format!("INSERT INTO {table} ({}) SELECT {} FROM {source}", names.join(", "), cells.join(", "));
-        sqlx::query(&sql).bind(rows).execute(&mut *self.conn).await?;
+        sqlx::query(composed(sql)).bind(rows).execute(&mut *self.conn).await?;
         self.rows += count as u64;
         Ok(())
     }
@@ -369,7 +369,7 @@ impl SnapshotInstall {
 
     async fn commit(&mut self, last_index: u64, last_term: u64) -> Result<()> {
         for index in std::mem::take(&mut self.indexes) {
-            sqlx::query(&index).execute(&mut *self.conn).await?;
+            sqlx::query(composed(index)).execute(&mut *self.conn).await?;
         }
         set_meta(&mut self.conn, "applied_index", last_index as i64).await?;
         set_meta(&mut self.conn, "compacted_index", last_index as i64).await?;

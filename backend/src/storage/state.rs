@@ -5,7 +5,7 @@ use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::{AnyConnection, Connection, Row};
 
 use super::queries::{contacts, message_from_row, MESSAGE_SELECT};
-use super::{get_meta, set_meta, Backend, Db, Delivery};
+use super::{composed, get_meta, set_meta, Backend, Db, Delivery};
 use crate::op::Op;
 use crate::wildcard::name_key;
 use crate::{Error, Result};
@@ -179,7 +179,7 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
     for chunk in ids.chunks(super::MAX_BINDS) {
         let sql =
             format!("SELECT id, username, deleted_at FROM users WHERE id IN ({})", backend.params(0, chunk.len()));
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(composed(sql));
         for id in chunk {
             query = query.bind(*id);
         }
@@ -199,7 +199,7 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
              ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
             backend.values(chunk.len(), 6)
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(composed(sql));
         for (index, sender, recipient, client_id, text, at) in chunk {
             query = query.bind(*index).bind(*sender).bind(*recipient).bind(*client_id).bind(*text).bind(*at);
         }
@@ -231,7 +231,7 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
     }
     for chunk in events.chunks(super::MAX_BINDS / 3) {
         let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(composed(sql));
         for (user, index, body) in chunk {
             query = query.bind(*user).bind(*index).bind(body.as_str());
         }
@@ -348,7 +348,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 return Ok(Vec::new());
             }
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
-            let message = message_from_row(&sqlx::query(&sql).bind(message_id).fetch_one(&mut *tx).await?)?;
+            let message = message_from_row(&sqlx::query(composed(sql)).bind(message_id).fetch_one(&mut *tx).await?)?;
             let body = ServerBody::Message { index: index as u64, message };
             Ok(vec![
                 Delivery { user_id: *recipient_id, body: body.clone(), session: None },

@@ -73,7 +73,10 @@ pub async fn fresh_db(engine: Engine) -> String {
             let name = format!("replichat_test_{unique}");
             let mut admin =
                 sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("connect to PostgreSQL");
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create test database");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
             format!("{base}/{name}")
         }
     }

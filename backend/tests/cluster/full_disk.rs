@@ -271,7 +271,10 @@ impl SmallPostgres {
         use sqlx::Connection;
         let base = format!("postgres://replichat@127.0.0.1:{}", self.port);
         let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("connect");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
         format!("{base}/{name}")
     }
 }

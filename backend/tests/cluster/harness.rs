@@ -635,8 +635,9 @@ impl Cluster {
         if !self.pg_databases.is_empty() {
             if let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base())).await {
                 for name in &self.pg_databases {
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&mut admin)
+                        .await;
                 }
             }
         }
@@ -696,7 +697,10 @@ async fn fresh_pg_db(unique: &str) -> (String, String) {
     let base = pg_base();
     let name = format!("replichat_test_{unique}");
     let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create test database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
     (format!("{base}/{name}"), name)
 }
 
