@@ -2,10 +2,10 @@
 //! index, reading nothing but the database and the op.
 
 use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
-use sqlx::{AnyConnection, Connection, Row};
+use sqlx::{AnyConnection, Row};
 
 use super::queries::{contacts, message_from_row, MESSAGE_SELECT};
-use super::{composed, get_meta, set_meta, Backend, Db, Delivery};
+use super::{composed, set_meta, Backend, Db, Delivery};
 use crate::op::Op;
 use crate::wildcard::name_key;
 use crate::{Error, Result};
@@ -56,23 +56,32 @@ impl Db {
         // A machine crash can therefore only lose the last applies, as one, and the restart applies those
         // entries again from the log. (Compaction reads the applied index and commits synced, so it never
         // removes an entry above a durably applied index.)
-        if self.backend == Backend::Sqlite {
-            sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-        }
-        let mut tx = conn.begin_with(self.begin_write()).await?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-        }
-        let applied = get_meta(&mut *tx, "applied_index").await?.unwrap_or(0);
-        let rows = sqlx::query("SELECT idx, op FROM log WHERE idx > $1 AND idx <= $2 ORDER BY idx")
-            .bind(applied)
-            .bind(up_to as i64)
-            .fetch_all(&mut *tx)
-            .await?;
+        //
+        // The transaction is opened and closed with plain statements, not sqlx's `Transaction`: on SQLite the
+        // opening (the pragma, `BEGIN IMMEDIATE`, the read of what to apply) is one job for the connection's
+        // thread and so is the closing (the events, the applied index, `COMMIT`, the pragma back), one
+        // hand-off to that thread each instead of one per statement. A failure anywhere leaves the connection
+        // unfinished, and [`TxConnection`] closes it, which rolls the transaction back on both engines.
+        let rows = match self.backend {
+            Backend::Sqlite => {
+                let sql = format!("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; {TO_APPLY}");
+                sqlx::query(composed(sql)).bind(up_to as i64).fetch_all(&mut *conn).await?
+            }
+            Backend::Postgres => {
+                sqlx::query("BEGIN").execute(&mut *conn).await?;
+                sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *conn).await?;
+                sqlx::query(TO_APPLY).bind(up_to as i64).fetch_all(&mut *conn).await?
+            }
+        };
+        let applied: i64 = match rows.first() {
+            Some(row) => row.try_get("applied")?,
+            None => return Err(Error::Corrupt("reading what to apply returned no row".into())),
+        };
         let mut ops = Vec::with_capacity(rows.len());
         let mut last = applied;
-        for row in rows {
-            let index: i64 = row.try_get("idx")?;
+        for row in &rows {
+            // One row with no entry when there is nothing to apply (the join found none).
+            let Some(index) = row.try_get::<Option<i64>, _>("idx")? else { continue };
             if index != last + 1 {
                 return Err(Error::Corrupt(format!("log gap: entry {index} follows applied {last}")));
             }
@@ -84,20 +93,26 @@ impl Db {
             last = index;
         }
         let mut deliveries = Vec::new();
+        // Events to store, written together before the commit, or before an op that could touch them.
+        let mut events: Vec<(i64, i64, String)> = Vec::new();
         let mut messages = 0;
         let mut rest = &ops[..];
         while let Some((index, op)) = rest.first() {
             let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
             if run > 0 {
-                let (stored, caused) = apply_sends(&mut tx, self.backend, &rest[..run]).await?;
+                let (stored, caused) = apply_sends(&mut conn, self.backend, &rest[..run]).await?;
                 messages += stored;
+                events_of(&caused, &mut events)?;
                 deliveries.extend(caused);
                 rest = &rest[run..];
                 continue;
             }
+            // An op other than a send may read or delete stored events (an account deletion does): what came
+            // before it is stored first.
+            insert_events(&mut conn, self.backend, &mut events).await?;
             let index = *index;
             // The same op fails the same way on every retry when the data is at fault; say which entry.
-            let caused = match apply(&mut tx, index, op).await {
+            let caused = match apply(&mut conn, index, op).await {
                 Ok(caused) => caused,
                 Err(e) if e.is_deterministic() => {
                     return Err(Error::Unapplicable { index: index as u64, reason: e.to_string() })
@@ -108,30 +123,46 @@ impl Db {
             if matches!(op, Op::Send { .. }) && !caused.is_empty() {
                 messages += 1;
             }
-            // Live-only frames (`session_ended`) are pushed, never stored or replayed.
-            for d in caused.iter().filter(|d| d.body.index().is_some()) {
-                let body = serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?;
-                sqlx::query("INSERT INTO events (user_id, idx, body) VALUES ($1, $2, $3)")
-                    .bind(d.user_id)
-                    .bind(index)
-                    .bind(body)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            events_of(&caused, &mut events)?;
             deliveries.extend(caused);
             rest = &rest[1..];
-        }
-        if last != applied {
-            set_meta(&mut tx, "applied_index", last).await?;
         }
         if !ops.is_empty() && crash_test_abort_now() {
             tracing::error!(applied, last, "REPLICHAT_TEST_ABORT_IN_APPLY: aborting inside an apply transaction");
             std::process::abort();
         }
-        tx.commit().await?;
-        if self.backend == Backend::Sqlite {
-            // The writer connection's next transaction (a log append) is synced again.
-            sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut sql = String::new();
+                for chunk in events.chunks(EVENTS_PER_INSERT) {
+                    sql.push_str("INSERT INTO events (user_id, idx, body) VALUES ");
+                    sql.push_str(&Backend::Sqlite.values(chunk.len(), 3));
+                    sql.push(';');
+                }
+                if last != applied {
+                    sql.push_str(
+                        "INSERT INTO meta (name, value) VALUES ('applied_index', ?) \
+                         ON CONFLICT (name) DO UPDATE SET value = excluded.value;",
+                    );
+                }
+                // The writer connection's next transaction (a log append) is synced again.
+                sql.push_str("COMMIT; PRAGMA synchronous = FULL");
+                let mut query = sqlx::query(composed(sql));
+                for (user, index, body) in &events {
+                    query = query.bind(*user).bind(*index).bind(body.as_str());
+                }
+                if last != applied {
+                    query = query.bind(last);
+                }
+                query.execute(&mut *conn).await?;
+            }
+            Backend::Postgres => {
+                insert_events(&mut conn, self.backend, &mut events).await?;
+                if last != applied {
+                    set_meta(&mut conn, "applied_index", last).await?;
+                }
+                sqlx::query("COMMIT").execute(&mut *conn).await?;
+            }
         }
         conn.finished();
         // Accounts changed: the index of live names forgets them before anyone learns the op was applied.
@@ -141,6 +172,46 @@ impl Db {
         crate::metrics::messages_stored(messages);
         Ok((last as u64, deliveries))
     }
+}
+
+/// The applied index and the committed entries after it up to `$1`, in order: one row per entry, or a single
+/// row with a NULL `idx` when there is none.
+const TO_APPLY: &str = "SELECT a.applied, l.idx, l.op \
+     FROM (SELECT COALESCE((SELECT value FROM meta WHERE name = 'applied_index'), 0) AS applied) AS a \
+     LEFT JOIN log AS l ON l.idx > a.applied AND l.idx <= $1 ORDER BY l.idx";
+
+/// Events per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
+const EVENTS_PER_INSERT: usize = super::MAX_BINDS / 3;
+
+/// The stored form of the events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
+/// replayed), added to `events`.
+/// An event for several users (a message, for its recipient and its sender) is encoded once.
+fn events_of(caused: &[Delivery], events: &mut Vec<(i64, i64, String)>) -> Result<()> {
+    let mut previous: Option<(&ServerBody, usize)> = None;
+    for d in caused {
+        let Some(index) = d.body.index() else { continue };
+        let body = match previous {
+            Some((body, at)) if *body == d.body => events[at].2.clone(),
+            _ => serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?,
+        };
+        previous = Some((&d.body, events.len()));
+        events.push((d.user_id, index as i64, body));
+    }
+    Ok(())
+}
+
+/// Store `events` (and empty it) with multi-row INSERTs.
+async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Vec<(i64, i64, String)>) -> Result<()> {
+    for chunk in events.chunks(EVENTS_PER_INSERT) {
+        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
+        let mut query = sqlx::query(composed(sql));
+        for (user, index, body) in chunk {
+            query = query.bind(*user).bind(*index).bind(body.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    events.clear();
+    Ok(())
 }
 
 /// A crash-test hook: with `REPLICHAT_TEST_ABORT_IN_APPLY=n` in its environment, the process aborts (no
@@ -208,7 +279,6 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
         }
     }
     let mut deliveries = Vec::with_capacity(2 * stored.len());
-    let mut events: Vec<(i64, i64, String)> = Vec::with_capacity(2 * stored.len());
     for &(index, sender, recipient, client_id, text, at) in sends.iter().filter(|s| stored.contains(&s.0)) {
         let (from, from_deleted) = &users[&sender];
         let message = Message {
@@ -223,19 +293,8 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
             from_deleted: *from_deleted,
         };
         let body = ServerBody::Message { index: index as u64, message };
-        let json = serde_json::to_string(&body).map_err(|e| Error::Corrupt(e.to_string()))?;
-        events.push((recipient, index, json.clone()));
-        events.push((sender, index, json));
         deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None });
         deliveries.push(Delivery { user_id: sender, body, session: None });
-    }
-    for chunk in events.chunks(super::MAX_BINDS / 3) {
-        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
-        let mut query = sqlx::query(composed(sql));
-        for (user, index, body) in chunk {
-            query = query.bind(*user).bind(*index).bind(body.as_str());
-        }
-        query.execute(&mut *tx).await?;
     }
     Ok((stored.len() as u64, deliveries))
 }

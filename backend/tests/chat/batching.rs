@@ -127,5 +127,14 @@ both!(an_append_keeps_matching_entries_and_replaces_a_conflicting_suffix, |engin
         .iter()
         .enumerate()
         .all(|(i, &(index, term))| index == i as u64 + 1 && term == if i < 3 { 1 } else { 3 }));
+    // Past the end again, after appends that found entries stored (on SQLite: the one-job append after its
+    // fallback rolled back), in several INSERTs.
+    let more = numbered(&(0..1_700).map(|_| Op::Noop).collect::<Vec<_>>(), |_| 3).split_off(1_000);
+    assert_eq!(db.append_entries(&more).await.unwrap(), (1_700, 3));
+    let stored = log(&db).await;
+    assert_eq!(stored.len(), 1_700);
+    assert!(stored.iter().enumerate().all(|(i, &(index, _))| index == i as u64 + 1));
+    // Exactly what was sent, op included.
+    assert_eq!(db.entries(1_699, 1).await.unwrap(), more[699..]);
     db.close().await;
 });
