@@ -762,6 +762,16 @@ impl Core {
         Ok(())
     }
 
+    /// A learner that has never known an entry to be committed: its commit index (the applied index at start,
+    /// then what primaries said) is still 0. In a new cluster whose first primary stepped down before
+    /// committing its first entry, every replica is such a learner and holds entries, none committed: they
+    /// may stand and elect each other (on logs compared as always), or the cluster would never elect anyone.
+    /// A wiped replica that has caught up with any entry of a working cluster knows its commit index, which
+    /// is then above 0: it stays out until it is a voter.
+    fn fresh(&self) -> bool {
+        !self.voter && self.commit_index == 0
+    }
+
     /// Stop being primary (or candidate) without a new term: a backup waiting for its election timer.
     fn step_down(&mut self) {
         self.role = Role::Backup;
@@ -805,7 +815,7 @@ impl Core {
             self.reset_election_deadline();
             return false;
         }
-        if !self.voter && self.last_index > 0 {
+        if !self.voter && self.last_index > 0 && !self.fresh() {
             tracing::warn!(
                 last_index = self.last_index,
                 "not standing for election: this replica is a learner until it has caught up with a primary"
@@ -841,6 +851,7 @@ impl Core {
             last_index: self.last_index,
             last_term: self.last_term,
             pre: true,
+            fresh: self.fresh(),
         };
         self.send_all(frame);
         false
@@ -871,6 +882,7 @@ impl Core {
             last_index: self.last_index,
             last_term: self.last_term,
             pre: false,
+            fresh: self.fresh(),
         };
         self.send_all(frame);
         Ok(())
@@ -1128,12 +1140,13 @@ impl Core {
                 let chunk = Chunk { term, leader, last_index, last_term, stream, seq, done, table, rows };
                 self.on_snapshot_chunk(chunk).await
             }
-            PeerFrame::Vote { term, candidate, last_index, last_term, pre } => {
+            PeerFrame::Vote { term, candidate, last_index, last_term, pre, fresh } => {
                 // A learner (a new, wiped or restored database) may hold less than it acknowledged before, so it
-                // cannot tell whether a candidate has every committed entry: it votes only in the very first
-                // election of a new cluster, for a candidate whose log is as empty as its own.
-                let up_to_date =
-                    (last_term, last_index) >= (self.last_term, self.last_index) && (self.voter || last_index == 0);
+                // cannot tell whether a candidate has every committed entry: it votes only while a new cluster
+                // has committed nothing, for a candidate whose log is as empty as its own, or for a candidate
+                // that is a learner which never knew of a commit either, as it is itself (see [`Core::fresh`]).
+                let up_to_date = (last_term, last_index) >= (self.last_term, self.last_index)
+                    && (self.voter || last_index == 0 || fresh && self.fresh());
                 // A replica that hears a live primary ignores candidates: a returning replica cannot depose
                 // a working primary (no preemption).
                 let leader_alive =
@@ -1961,6 +1974,21 @@ mod tests {
 
     /// [`replica_with_log`], and its database's URL.
     async fn replica_and_url(term: u64, election: Duration, entries: u64) -> (Replication, CancellationToken, String) {
+        start_replica(term, election, entries, true).await
+    }
+
+    /// [`replica_with_log`] as a learner (a database created at this start).
+    async fn learner_with_log(term: u64, election: Duration, entries: u64) -> (Replication, CancellationToken) {
+        let (replica, shutdown, _) = start_replica(term, election, entries, false).await;
+        (replica, shutdown)
+    }
+
+    async fn start_replica(
+        term: u64,
+        election: Duration,
+        entries: u64,
+        voter: bool,
+    ) -> (Replication, CancellationToken, String) {
         let dir = std::env::temp_dir().join("replichat-replication-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}", dir.join(format!("{}.db", uuid::Uuid::new_v4().simple())).display());
@@ -1979,7 +2007,7 @@ mod tests {
             None,
             timing,
             db,
-            true,
+            voter,
             "{}".into(),
             10_000,
             shutdown.clone(),
@@ -1998,7 +2026,8 @@ mod tests {
         for absurd in [u64::MAX, 3 + MAX_TERM_LEAP + 1] {
             let answer = replica.request(heartbeat(absurd)).await;
             assert!(!matches!(answer, Some(PeerFrame::Appended { success: true, .. })), "{absurd}: {answer:?}");
-            let vote = PeerFrame::Vote { term: absurd, candidate: 2, last_index: 9, last_term: 9, pre: false };
+            let vote =
+                PeerFrame::Vote { term: absurd, candidate: 2, last_index: 9, last_term: 9, pre: false, fresh: false };
             let answer = replica.request(vote).await;
             assert!(!matches!(answer, Some(PeerFrame::Voted { granted: true, .. })), "{absurd}: {answer:?}");
             assert_eq!(replica.status().borrow().term, 3, "term {absurd} was adopted");
@@ -2022,12 +2051,63 @@ mod tests {
         shutdown.cancel();
     }
 
+    /// A new cluster whose first primary stepped down before committing its first entry (e2e, loaded machine:
+    /// no acknowledgement within the 500 ms election timeout): every replica is a learner holding that entry,
+    /// none committed. A learner with entries did not stand and voted only for an empty log, so nobody was
+    /// elected again (34 s, until the test gave up).
+    #[tokio::test]
+    async fn learners_of_a_new_cluster_whose_first_primary_committed_nothing_elect_one_of_them() {
+        let election = Duration::from_millis(100);
+        let (replica, shutdown) = learner_with_log(2, election, 1).await;
+        let mut status = replica.status();
+        let stands = tokio::time::timeout(election * 50, status.wait_for(|s| s.role == Role::Candidate));
+        assert!(stands.await.is_ok(), "a learner that never knew of a commit did not stand");
+        // It votes for another such learner whose log is as up to date as its own, and only for such a one.
+        let vote = |fresh| PeerFrame::Vote { term: 3, candidate: 2, last_index: 1, last_term: 2, pre: true, fresh };
+        let answer = replica.request(vote(true)).await;
+        assert!(matches!(answer, Some(PeerFrame::Voted { granted: true, pre: true, .. })), "{answer:?}");
+        let answer = replica.request(vote(false)).await;
+        assert!(matches!(answer, Some(PeerFrame::Voted { granted: false, pre: true, .. })), "{answer:?}");
+        shutdown.cancel();
+    }
+
+    /// The other side: a learner that knows an entry was committed (a wiped replica that caught up with part of
+    /// a working cluster's log) stays out of elections until it is a voter, as before.
+    #[tokio::test]
+    async fn a_learner_that_knows_of_a_commit_neither_stands_nor_votes() {
+        let election = Duration::from_millis(100);
+        let (replica, shutdown) = learner_with_log(3, election, 2).await;
+        // The primary of term 4 says entry 1 is committed; its term is 3, so this learner is not caught up.
+        let append = PeerFrame::Append {
+            term: 4,
+            leader: 1,
+            prev_index: 2,
+            prev_term: 3,
+            entries: vec![],
+            commit: 1,
+            cluster: vec![],
+        };
+        let answer = replica.request(append).await;
+        assert!(matches!(answer, Some(PeerFrame::Appended { success: true, learner: true, .. })), "{answer:?}");
+        let mut status = replica.status();
+        let knows = tokio::time::timeout(election * 10, status.wait_for(|s| s.commit_index == 1));
+        assert!(knows.await.is_ok(), "the learner did not take the primary's commit index");
+        // Many election timeouts without a primary: it never becomes a candidate.
+        let stands = tokio::time::timeout(election * 20, status.wait_for(|s| s.role == Role::Candidate));
+        assert!(stands.await.is_err(), "a learner that knows of a commit stood for election");
+        // Nor, with no live primary any more, does it vote for a fresh learner with as much log.
+        let vote = PeerFrame::Vote { term: 5, candidate: 2, last_index: 2, last_term: 3, pre: true, fresh: true };
+        let answer = replica.request(vote).await;
+        assert!(matches!(answer, Some(PeerFrame::Voted { granted: false, pre: true, .. })), "{answer:?}");
+        shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn a_replica_asked_by_a_candidate_with_less_log_stands_at_once() {
         // An election timeout far beyond the test (and a heartbeat, the jitter's scale, of 6 s): only the refused
         // pre-vote can make this replica stand.
         let (replica, shutdown) = replica_with_log(3, Duration::from_secs(60), 5).await;
-        let behind = PeerFrame::Vote { term: 4, candidate: 1, last_index: 4, last_term: 3, pre: true };
+        let behind = PeerFrame::Vote { term: 4, candidate: 1, last_index: 4, last_term: 3, pre: true, fresh: false };
         let answer = replica.request(behind).await;
         assert!(matches!(answer, Some(PeerFrame::Voted { granted: false, pre: true, .. })), "{answer:?}");
         let mut status = replica.status();
@@ -2094,7 +2174,7 @@ mod tests {
             PeerFrame::Appended { term: 2, from: 1, success: true, last_index, learner: false, storage_failed: false };
         replica.inbox.send(Input::Response(appended)).await.unwrap();
         // Answered once the acknowledgement before it was handled (one inbox, in order).
-        let vote = PeerFrame::Vote { term: 3, candidate: 2, last_index, last_term: 2, pre: true };
+        let vote = PeerFrame::Vote { term: 3, candidate: 2, last_index, last_term: 2, pre: true, fresh: false };
         assert!(replica.request(vote).await.is_some());
         assert_eq!(replica.status().borrow().role, Role::Primary, "the new primary stepped down");
         shutdown.cancel();

@@ -555,6 +555,10 @@ pub enum PeerFrame {
         /// starts a real election (and raises its term) only after a majority says yes.
         #[serde(default)]
         pre: bool,
+        /// The candidate is a learner that has never known an entry to be committed (a new cluster whose
+        /// first primary committed nothing): another such learner may vote for it. Omitted when `false`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fresh: bool,
     },
     /// The answer to `vote`. A replica grants at most one vote per term, persisted before answering, and
     /// only to a candidate whose log is at least as up to date as its own (last term, then last index).
