@@ -56,6 +56,13 @@ pub struct Pending {
     pub written_at: f64,
 }
 
+impl Pending {
+    /// The `send` request that delivers it, with its client id (the same every time it is sent).
+    fn request(self) -> Request {
+        Request::Send { to: self.to, text: self.text, client_id: self.client_id }
+    }
+}
+
 struct Inner {
     endpoints: Vec<String>,
     /// Where the last `not_leader` said the primary is.
@@ -176,7 +183,7 @@ impl Connection {
             save(OUTBOX_KEY, &inner.pending);
         }
         let req = send_req(&pending.client_id);
-        self.transmit(req, Request::Send { to: pending.to, text: pending.text, client_id: pending.client_id });
+        self.transmit(req, pending.request());
     }
 
     fn transmit(&self, req: String, request: Request) {
@@ -209,7 +216,7 @@ impl Connection {
             let pending = conn.inner.borrow().pending.iter().find(|p| p.client_id == client_id).cloned();
             if let Some(p) = pending {
                 let req = send_req(&p.client_id);
-                conn.transmit(req, Request::Send { to: p.to, text: p.text, client_id: p.client_id });
+                conn.transmit(req, p.request());
             }
         });
     }
@@ -339,10 +346,7 @@ impl Connection {
                 };
                 let _ = tx.unbounded_send(serde_json::to_string(&resume).unwrap_or_default());
                 for p in inner.pending.clone() {
-                    let send = ClientFrame {
-                        req: Some(send_req(&p.client_id)),
-                        request: Request::Send { to: p.to, text: p.text, client_id: p.client_id },
-                    };
+                    let send = ClientFrame { req: Some(send_req(&p.client_id)), request: p.request() };
                     let _ = tx.unbounded_send(serde_json::to_string(&send).unwrap_or_default());
                 }
             }

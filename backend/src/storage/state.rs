@@ -184,8 +184,7 @@ const TO_APPLY: &str = "SELECT a.applied, l.idx, l.op \
 const EVENTS_PER_INSERT: usize = super::MAX_BINDS / 3;
 
 /// The stored form of the events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
-/// replayed), added to `events`.
-/// An event for several users (a message, for its recipient and its sender) is encoded once.
+/// replayed), added to `events`. An event for several users (a message, for its recipient and its sender) is encoded once.
 fn events_of(caused: &[Delivery], events: &mut Vec<(i64, i64, String)>) -> Result<()> {
     let mut previous: Option<(&ServerBody, usize)> = None;
     for d in caused {
