@@ -24,6 +24,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a user keeps trying to reach a primary before it gives up (and the run fails).
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// How many `unavailable` answers a user's register (or login) is retried after.
+const OPEN_RETRIES: u32 = 5;
 /// Messages a user keeps unacknowledged at most when sending at a fixed rate: past a target's capacity the
 /// ticks that find the backlog full send nothing (counted as skipped), so the run still drains within its
 /// deadline and reports what the target acknowledged, instead of queueing without bound.
@@ -253,20 +255,33 @@ impl User {
     }
 
     /// Connect and register (or log in, if `login`), then return: the user is ready.
+    ///
+    /// `unavailable` (the primary could not commit the entry in time, e.g. under the burst of password
+    /// hashing that registering every user at once is) is retried, as docs/PROTOCOL.md says a client does: a
+    /// registration that was committed after all answers the retry with `username_taken`, and the user then
+    /// logs in with the same password.
     pub async fn open(&mut self, login: bool) -> anyhow::Result<Ws> {
         let (mut ws, _node) = self.connect().await?;
-        let request = if login {
-            Request::Login { username: self.spec.name.clone(), password: self.spec.password.clone() }
-        } else {
-            Request::Register { username: self.spec.name.clone(), password: self.spec.password.clone() }
-        };
-        match request_reply(&mut ws, request).await? {
-            ServerBody::Session { token, cursor, .. } => {
-                self.token = token;
-                self.cursor = cursor;
-                Ok(ws)
+        let mut login = login;
+        let mut unavailable = 0;
+        loop {
+            let (username, password) = (self.spec.name.clone(), self.spec.password.clone());
+            let request =
+                if login { Request::Login { username, password } } else { Request::Register { username, password } };
+            match request_reply(&mut ws, request).await? {
+                ServerBody::Session { token, cursor, .. } => {
+                    self.token = token;
+                    self.cursor = cursor;
+                    return Ok(ws);
+                }
+                ServerBody::Error { code: ErrorCode::Unavailable, .. } if unavailable < OPEN_RETRIES => {
+                    unavailable += 1;
+                    // The replica may have stopped being primary: find the primary again.
+                    (ws, _) = self.connect().await?;
+                }
+                ServerBody::Error { code: ErrorCode::UsernameTaken, .. } if unavailable > 0 && !login => login = true,
+                other => bail!("{}: register/login answered {other:?}", self.spec.name),
             }
-            other => bail!("{}: register/login answered {other:?}", self.spec.name),
         }
     }
 
