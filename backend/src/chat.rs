@@ -4,9 +4,10 @@
 //! Nothing here touches a socket: callers pass the queue a session's pushes should go to.
 
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::extract::ws::Utf8Bytes;
 use rand::RngCore;
 use replichat_shared::{
     Conversation, Message, ServerBody, DEFAULT_PAGE, MAX_CLIENT_ID_CHARS, MAX_PAGE, MAX_PASSWORD_CHARS, MAX_TEXT_CHARS,
@@ -224,14 +225,7 @@ impl Chat {
                             tracing::info!(index, "applying committed entries works again");
                         }
                         self.note_stored_sends(&deliveries);
-                        for Delivery { user_id, body, session } in deliveries {
-                            match body {
-                                ServerBody::SessionEnded { reason } => {
-                                    self.hub.push(user_id, Push::Ended { session, reason })
-                                }
-                                body => self.hub.push(user_id, Push::Frame(body)),
-                            }
-                        }
+                        self.push_deliveries(deliveries);
                         applied.send_replace(index);
                         crate::metrics::applied_index(index);
                         // Compact in steps of a tenth of what is kept, not after every entry.
@@ -278,6 +272,33 @@ impl Chat {
                     _ = leadership.wait_for(|l| l.role == Role::Primary) => {}
                 }
             }
+        }
+    }
+
+    /// Push what an apply caused to the sockets of the users it is for. A stored event goes out as the JSON
+    /// the apply encoded: copied once into a frame that the users' sockets share (a message's recipient and
+    /// sender get the same one), never encoded again.
+    fn push_deliveries(&self, deliveries: Vec<Delivery>) {
+        let mut last: Option<(Arc<str>, Utf8Bytes)> = None;
+        for Delivery { user_id, body, session, json } in deliveries {
+            let push = match (body, json) {
+                (ServerBody::SessionEnded { reason }, _) => Push::Ended { session, reason },
+                (body, json) => match (body.index(), json) {
+                    (Some(index), Some(json)) => {
+                        let frame = match &last {
+                            Some((shared, frame)) if Arc::ptr_eq(shared, &json) => frame.clone(),
+                            _ => {
+                                let frame = Utf8Bytes::from(String::from(&*json));
+                                last = Some((json, frame.clone()));
+                                frame
+                            }
+                        };
+                        Push::Event { index, json: frame }
+                    }
+                    _ => Push::Frame(body),
+                },
+            };
+            self.hub.push(user_id, push);
         }
     }
 

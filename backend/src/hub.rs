@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use axum::extract::ws::Utf8Bytes;
 use replichat_shared::{ServerBody, SessionEnd};
 use tokio::sync::Notify;
 
@@ -20,8 +21,11 @@ pub const QUEUE_BYTES: usize = 1 << 20;
 /// What the hub asks a socket's task to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Push {
-    /// Write this frame.
+    /// Write this live-only frame (presence, typing).
     Frame(ServerBody),
+    /// Write this stored event (log index `index`), encoded once when it was applied: the same text for every
+    /// socket it goes to, which each gets by reference (see [`crate::storage::Delivery::json`]).
+    Event { index: u64, json: Utf8Bytes },
     /// Write `account_deleted`, then close the socket.
     AccountDeleted,
     /// A session of the user ended: sockets on it (`session`: that token hash; `None`: every session) write
@@ -30,13 +34,11 @@ pub enum Push {
 }
 
 impl Push {
-    /// About how many bytes this push takes while it waits (its JSON size, give or take the field names).
+    /// About how many bytes this push takes while it waits (an event's JSON and the queue's bookkeeping).
     fn weight(&self) -> usize {
         const FRAME: usize = 160;
         match self {
-            Push::Frame(ServerBody::Message { message, .. }) => {
-                FRAME + message.text.len() + message.client_id.len() + message.from.len() + message.to.len()
-            }
+            Push::Event { json, .. } => FRAME + json.len(),
             _ => FRAME,
         }
     }
@@ -248,7 +250,26 @@ mod tests {
             read_at: None,
             from_deleted: false,
         };
-        Push::Frame(ServerBody::Message { index: 1, message })
+        let json = serde_json::to_string(&ServerBody::Message { index: 1, message }).unwrap();
+        Push::Event { index: 1, json: json.into() }
+    }
+
+    #[test]
+    fn a_stored_event_is_the_frame_a_socket_would_write_for_it() {
+        // Pushes carry the JSON stored in `events` as the frame itself: that is only right while a push's
+        // frame (no `req`) is its body alone, for every kind of stored event.
+        let Push::Event { json, .. } = message("hi") else { panic!("a message is an event") };
+        let by = "bob".to_owned();
+        let events = [
+            serde_json::from_str::<ServerBody>(&json).unwrap(),
+            ServerBody::Receipt { index: 2, kind: replichat_shared::ReceiptKind::Read, by, up_to: 1, at: 5 },
+            ServerBody::PeerDeleted { index: 3, username: "carol".into() },
+        ];
+        for body in events {
+            let stored = serde_json::to_string(&body).unwrap();
+            let frame = serde_json::to_string(&replichat_shared::ServerFrame { req: None, body }).unwrap();
+            assert_eq!(stored, frame);
+        }
     }
 
     #[tokio::test]
@@ -299,7 +320,7 @@ mod tests {
         assert!(!hub.online(7), "one more than a mebibyte: dropped from the hub");
         // What was queued is still read, then the queue ends (the socket's task closes it with 1008).
         for _ in 0..fit {
-            assert!(matches!(inbox.recv().await, Some(Push::Frame(_))));
+            assert!(matches!(inbox.recv().await, Some(Push::Event { .. })));
         }
         assert!(inbox.recv().await.is_none());
         assert!(fit < QUEUE_DEPTH);

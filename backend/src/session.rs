@@ -1,9 +1,11 @@
 //! One socket's session: which account it is logged in as, its push queue, and turning each typed request
-//! into calls on [`Chat`] and typed replies. Knows nothing of frames or JSON.
+//! into calls on [`Chat`] and typed replies. Knows nothing of frames or JSON (a stored event arrives encoded
+//! already, and is passed on as it came).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use axum::extract::ws::Utf8Bytes;
 use replichat_shared::{Request, ServerBody, SessionEnd};
 
 use crate::chat::{Attached, Authed, Backlog, Chat, Mailbox};
@@ -30,6 +32,8 @@ impl From<ServerBody> for Response {
 pub enum Pushed {
     /// Write this frame.
     Frame(ServerBody),
+    /// Write this stored event, already encoded (shared by every socket it goes to).
+    Event(Utf8Bytes),
     /// The account was deleted: write `account_deleted` and close.
     AccountDeleted,
     /// The socket fell too far behind and the hub dropped it: close it; the client resumes.
@@ -200,6 +204,12 @@ impl Session {
                 Some(Push::Ended { session, reason }) => {
                     if session.is_none_or(|s| s == authed.token_hash) {
                         return Pushed::SessionEnded(reason);
+                    }
+                }
+                Some(Push::Event { index, json }) => {
+                    if index > self.floor {
+                        self.floor = index;
+                        return Pushed::Event(json);
                     }
                 }
                 Some(Push::Frame(body)) => match body.index() {

@@ -203,6 +203,9 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                 Pushed::Frame(body) => {
                     if out.write(None, body).await.is_err() { break None; }
                 }
+                Pushed::Event(json) => {
+                    if out.send(Message::Text(json)).await.is_err() { break None; }
+                }
                 Pushed::AccountDeleted => {
                     let _ = out.write(None, ServerBody::AccountDeleted).await;
                     break Some((CLOSE_NORMAL, "account deleted"));

@@ -19,6 +19,7 @@ mod snapshot;
 mod state;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use replichat_shared::ServerBody;
@@ -213,6 +214,10 @@ pub struct Delivery {
     pub body: ServerBody,
     /// Only the sockets of this session (by token hash); `None`: every socket of the user.
     pub session: Option<String>,
+    /// A stored event's JSON, encoded once when it is applied: the text stored in `events`, and the very
+    /// frame each of the user's sockets is sent (a push has no `req`, so its frame is the body alone). Events
+    /// for several users (a message, for its recipient and its sender) share it. `None` for live-only frames.
+    pub json: Option<Arc<str>>,
 }
 
 /// One entry of the log as stored: the op is opaque JSON here, parsed only when applied.

@@ -1,6 +1,8 @@
 //! The state machine: applies committed log entries to the state tables, in one transaction with the applied
 //! index, reading nothing but the database and the op.
 
+use std::sync::Arc;
+
 use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::{AnyConnection, Row};
 
@@ -94,15 +96,15 @@ impl Db {
         }
         let mut deliveries = Vec::new();
         // Events to store, written together before the commit, or before an op that could touch them.
-        let mut events: Vec<(i64, i64, String)> = Vec::new();
+        let mut events: Vec<(i64, i64, Arc<str>)> = Vec::new();
         let mut messages = 0;
         let mut rest = &ops[..];
         while let Some((index, op)) = rest.first() {
             let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
             if run > 0 {
-                let (stored, caused) = apply_sends(&mut conn, self.backend, &rest[..run]).await?;
+                let (stored, mut caused) = apply_sends(&mut conn, self.backend, &rest[..run]).await?;
                 messages += stored;
-                events_of(&caused, &mut events)?;
+                events_of(&mut caused, &mut events)?;
                 deliveries.extend(caused);
                 rest = &rest[run..];
                 continue;
@@ -112,7 +114,7 @@ impl Db {
             insert_events(&mut conn, self.backend, &mut events).await?;
             let index = *index;
             // The same op fails the same way on every retry when the data is at fault; say which entry.
-            let caused = match apply(&mut conn, index, op).await {
+            let mut caused = match apply(&mut conn, index, op).await {
                 Ok(caused) => caused,
                 Err(e) if e.is_deterministic() => {
                     return Err(Error::Unapplicable { index: index as u64, reason: e.to_string() })
@@ -123,7 +125,7 @@ impl Db {
             if matches!(op, Op::Send { .. }) && !caused.is_empty() {
                 messages += 1;
             }
-            events_of(&caused, &mut events)?;
+            events_of(&mut caused, &mut events)?;
             deliveries.extend(caused);
             rest = &rest[1..];
         }
@@ -149,7 +151,7 @@ impl Db {
                 sql.push_str("COMMIT; PRAGMA synchronous = FULL");
                 let mut query = sqlx::query(composed(sql));
                 for (user, index, body) in &events {
-                    query = query.bind(*user).bind(*index).bind(body.as_str());
+                    query = query.bind(*user).bind(*index).bind(&**body);
                 }
                 if last != applied {
                     query = query.bind(last);
@@ -183,29 +185,31 @@ const TO_APPLY: &str = "SELECT a.applied, l.idx, l.op \
 /// Events per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
 const EVENTS_PER_INSERT: usize = super::MAX_BINDS / 3;
 
-/// The stored form of the events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
-/// replayed), added to `events`. An event for several users (a message, for its recipient and its sender) is encoded once.
-fn events_of(caused: &[Delivery], events: &mut Vec<(i64, i64, String)>) -> Result<()> {
-    let mut previous: Option<(&ServerBody, usize)> = None;
-    for d in caused {
-        let Some(index) = d.body.index() else { continue };
-        let body = match previous {
-            Some((body, at)) if *body == d.body => events[at].2.clone(),
-            _ => serde_json::to_string(&d.body).map_err(|e| Error::Corrupt(e.to_string()))?,
+/// Encode the stored events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
+/// replayed) into their [`Delivery::json`], and add them to `events`, the rows to store. An event for several
+/// users (a message, for its recipient and its sender) is encoded once and shared.
+fn events_of(caused: &mut [Delivery], events: &mut Vec<(i64, i64, Arc<str>)>) -> Result<()> {
+    let mut previous: Option<usize> = None;
+    for at in 0..caused.len() {
+        let Some(index) = caused[at].body.index() else { continue };
+        let json = match previous.and_then(|p| caused[p].json.clone().filter(|_| caused[p].body == caused[at].body)) {
+            Some(json) => json,
+            None => serde_json::to_string(&caused[at].body).map_err(|e| Error::Corrupt(e.to_string()))?.into(),
         };
-        previous = Some((&d.body, events.len()));
-        events.push((d.user_id, index as i64, body));
+        previous = Some(at);
+        events.push((caused[at].user_id, index as i64, json.clone()));
+        caused[at].json = Some(json);
     }
     Ok(())
 }
 
 /// Store `events` (and empty it) with multi-row INSERTs.
-async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Vec<(i64, i64, String)>) -> Result<()> {
+async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Vec<(i64, i64, Arc<str>)>) -> Result<()> {
     for chunk in events.chunks(EVENTS_PER_INSERT) {
         let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
         let mut query = sqlx::query(composed(sql));
         for (user, index, body) in chunk {
-            query = query.bind(*user).bind(*index).bind(body.as_str());
+            query = query.bind(*user).bind(*index).bind(&**body);
         }
         query.execute(&mut *tx).await?;
     }
@@ -292,8 +296,8 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
             from_deleted: *from_deleted,
         };
         let body = ServerBody::Message { index: index as u64, message };
-        deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None });
-        deliveries.push(Delivery { user_id: sender, body, session: None });
+        deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None, json: None });
+        deliveries.push(Delivery { user_id: sender, body, session: None, json: None });
     }
     Ok((stored.len() as u64, deliveries))
 }
@@ -352,6 +356,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 user_id: row.try_get("user_id")?,
                 body: ServerBody::SessionEnded { reason: SessionEnd::LoggedOut },
                 session: Some(token_hash.clone()),
+                json: None,
             }])
         }
         Op::LogoutAll { user_id } => {
@@ -360,6 +365,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 user_id: *user_id,
                 body: ServerBody::SessionEnded { reason: SessionEnd::LoggedOutEverywhere },
                 session: None,
+                json: None,
             }])
         }
         Op::Touch { token_hash, at } => {
@@ -409,8 +415,8 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
             let message = message_from_row(&sqlx::query(composed(sql)).bind(message_id).fetch_one(&mut *tx).await?)?;
             let body = ServerBody::Message { index: index as u64, message };
             Ok(vec![
-                Delivery { user_id: *recipient_id, body: body.clone(), session: None },
-                Delivery { user_id: *sender_id, body, session: None },
+                Delivery { user_id: *recipient_id, body: body.clone(), session: None, json: None },
+                Delivery { user_id: *sender_id, body, session: None, json: None },
             ])
         }
         Op::Delivered { user_id, up_to, at } => {
@@ -443,6 +449,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                             at: *at,
                         },
                         session: None,
+                        json: None,
                     })
                 })
                 .collect()
@@ -481,6 +488,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                     at: *at,
                 },
                 session: None,
+                json: None,
             }])
         }
         Op::Noop => Ok(Vec::new()),
@@ -509,6 +517,7 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                     user_id: peer,
                     body: ServerBody::PeerDeleted { index: index as u64, username: username.clone() },
                     session: None,
+                    json: None,
                 })
                 .collect())
         }
