@@ -30,10 +30,15 @@ const ELECTIONS: &str = "replichat_elections_total";
 const ELECTIONS_WON: &str = "replichat_elections_won_total";
 const APPEND_ENTRIES: &str = "replichat_log_append_entries";
 const APPEND_SECONDS: &str = "replichat_log_append_seconds";
+const APPEND_WAIT_SECONDS: &str = "replichat_log_append_wait_seconds";
+const APPLY_ENTRIES: &str = "replichat_apply_entries";
+const APPLY_SECONDS: &str = "replichat_apply_seconds";
 
 /// Entries per append transaction: one up to a primary's largest group (512 proposals) or a backup's
 /// largest `append` frame (256 entries).
 const ENTRIES_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Entries per apply transaction: one up to a catch-up's thousands.
+const APPLY_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
 /// One append transaction, BEGIN to COMMIT (the fsync): from a page-cache write to a slow disk.
 const SECONDS_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -61,11 +66,14 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Explicit buckets, so both histograms render as Prometheus histograms rather than summaries.
+/// Explicit buckets, so every histogram renders as Prometheus histograms rather than summaries.
 fn builder() -> PrometheusBuilder {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(APPEND_ENTRIES.to_owned()), ENTRIES_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(APPEND_SECONDS.to_owned()), SECONDS_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(APPEND_WAIT_SECONDS.to_owned()), SECONDS_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(APPLY_ENTRIES.to_owned()), APPLY_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(APPLY_SECONDS.to_owned()), SECONDS_BUCKETS))
         .expect("the bucket lists are not empty")
 }
 
@@ -93,6 +101,17 @@ fn describe() {
     describe_counter!(ELECTIONS_WON, "Elections this replica won (it became primary).");
     describe_histogram!(APPEND_ENTRIES, "Entries written per log append transaction (group commit size per fsync).");
     describe_histogram!(APPEND_SECONDS, "Duration of one log append transaction, BEGIN to COMMIT, fsync included.");
+    describe_histogram!(
+        APPEND_WAIT_SECONDS,
+        "How long a log append waited for a connection to write with before BEGIN (on SQLite the one writer, \
+         busy with an apply, a compaction or another write)."
+    );
+    describe_histogram!(APPLY_ENTRIES, "Committed entries applied per apply transaction.");
+    describe_histogram!(
+        APPLY_SECONDS,
+        "Duration of one apply transaction, from waiting for the writer to COMMIT (on SQLite it holds the one \
+         writer, so log appends wait meanwhile)."
+    );
     for name in [MESSAGES_STORED, ELECTIONS, ELECTIONS_WON] {
         counter!(name).increment(0);
     }
@@ -157,6 +176,17 @@ pub fn peer_connections(count: usize) {
 pub fn log_appended(entries: usize, took: Duration) {
     histogram!(APPEND_ENTRIES).record(entries as f64);
     histogram!(APPEND_SECONDS).record(took);
+}
+
+/// A log append waited `waited` for its connection before it began.
+pub fn log_append_waited(waited: Duration) {
+    histogram!(APPEND_WAIT_SECONDS).record(waited);
+}
+
+/// One apply transaction applied `entries` committed entries in `took`.
+pub fn applied(entries: u64, took: Duration) {
+    histogram!(APPLY_ENTRIES).record(entries as f64);
+    histogram!(APPLY_SECONDS).record(took);
 }
 
 /// Counts one open client WebSocket for as long as it lives.

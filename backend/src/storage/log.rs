@@ -71,8 +71,10 @@ impl Db {
     /// of the indexes already does it take the general path.
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return self.last_entry().await };
+        let waiting = Instant::now();
         let mut conn = self.transaction_connection().await?;
         let started = Instant::now();
+        crate::metrics::log_append_waited(started - waiting);
         if self.backend == Backend::Sqlite {
             match append_past_end(&mut conn, entries).await {
                 Ok(()) => {

@@ -51,6 +51,7 @@ impl Db {
     }
 
     async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
+        let started = std::time::Instant::now();
         let mut conn = self.transaction_connection().await?;
         // Applied state is not synced to disk at commit: the log is the truth (every entry was fsynced before
         // it was acknowledged), the state tables and the applied index commit together, and both engines
@@ -172,6 +173,9 @@ impl Db {
             self.names.invalidate();
         }
         crate::metrics::messages_stored(messages);
+        if !ops.is_empty() {
+            crate::metrics::applied(ops.len() as u64, started.elapsed());
+        }
         Ok((last as u64, deliveries))
     }
 }

@@ -95,6 +95,9 @@ async fn metrics_show_messages_sockets_log_positions_and_backup_lag() {
         ("replichat_elections_won_total", "counter"),
         ("replichat_log_append_entries", "histogram"),
         ("replichat_log_append_seconds", "histogram"),
+        ("replichat_log_append_wait_seconds", "histogram"),
+        ("replichat_apply_entries", "histogram"),
+        ("replichat_apply_seconds", "histogram"),
     ] {
         let (help, kind_line) = (format!("# HELP {name} "), format!("# TYPE {name} {kind}"));
         assert!(page.lines().any(|l| l.starts_with(&help)), "no help for {name}:\n{page}");
@@ -126,13 +129,22 @@ async fn metrics_show_messages_sockets_log_positions_and_backup_lag() {
     assert_eq!(s.value("replichat_term"), term as f64);
     assert!(s.value("replichat_elections_won_total") >= 1.0);
     assert!(s.value("replichat_elections_total") >= s.value("replichat_elections_won_total"));
-    for histogram in ["replichat_log_append_entries", "replichat_log_append_seconds"] {
+    for histogram in [
+        "replichat_log_append_entries",
+        "replichat_log_append_seconds",
+        "replichat_log_append_wait_seconds",
+        "replichat_apply_entries",
+        "replichat_apply_seconds",
+    ] {
         let count = s.value(&format!("{histogram}_count"));
         assert!(count >= 1.0, "{histogram}: {count} observations");
         assert_eq!(s.value(&format!("{histogram}_bucket{{le=\"+Inf\"}}")), count, "{histogram}: +Inf bucket");
     }
-    // Every entry in the primary's log was written by one of its append transactions.
+    // Every entry in the primary's log was written by one of its append transactions, and applied by one of
+    // its apply transactions; every append waited (if only a moment) for the writer.
     assert!(s.value("replichat_log_append_entries_sum") >= index as f64);
+    assert!(s.value("replichat_apply_entries_sum") >= index as f64);
+    assert_eq!(s.value("replichat_log_append_wait_seconds_count"), s.value("replichat_log_append_seconds_count"));
 
     step!("each backup: the message stored by its own applier, no sockets, not primary, no lag to report");
     for &backup in &backups {
@@ -145,6 +157,7 @@ async fn metrics_show_messages_sockets_log_positions_and_backup_lag() {
         assert_eq!(s.value("replichat_term"), term as f64, "backup {backup}");
         assert!(s.value("replichat_commit_index") >= index as f64, "backup {backup}");
         assert!(s.value("replichat_log_append_entries_count") >= 1.0, "backup {backup}");
+        assert!(s.value("replichat_apply_entries_sum") >= index as f64, "backup {backup}");
         for peer in (0..3).filter(|&p| p != backup) {
             assert_eq!(s.value(&lag(peer)), 0.0, "backup {backup}: lag of {peer}");
         }
