@@ -107,10 +107,11 @@ fn describe() {
          busy with an apply, a compaction or another write)."
     );
     describe_histogram!(APPLY_ENTRIES, "Committed entries applied per apply transaction.");
+
     describe_histogram!(
         APPLY_SECONDS,
-        "Duration of one apply transaction, from waiting for the writer to COMMIT (on SQLite it holds the one \
-         writer, so log appends wait meanwhile)."
+        "Duration of one apply transaction, BEGIN to COMMIT (on SQLite it holds the one writer connection, so \
+         log appends wait meanwhile)."
     );
     for name in [MESSAGES_STORED, ELECTIONS, ELECTIONS_WON] {
         counter!(name).increment(0);

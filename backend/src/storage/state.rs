@@ -51,8 +51,8 @@ impl Db {
     }
 
     async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
-        let started = std::time::Instant::now();
         let mut conn = self.transaction_connection().await?;
+        let started = std::time::Instant::now();
         // Applied state is not synced to disk at commit: the log is the truth (every entry was fsynced before
         // it was acknowledged), the state tables and the applied index commit together, and both engines
         // make a later synced commit (the next log append) durable only with everything committed before it.
