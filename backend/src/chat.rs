@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::{ConnId, Hub, Push, Queue};
 use crate::op::Op;
+use crate::password::Hashing;
 use crate::replication::{Replication, Role};
 use crate::storage::{Db, Delivery, User};
 use crate::throttle::{SendRate, Throttle};
@@ -117,6 +118,8 @@ pub struct Chat {
     applied: watch::Receiver<u64>,
     /// Delays after failed password checks, per client address and per address and account.
     throttle: Throttle,
+    /// This server's queue of password checks (argon2), bounded per core.
+    hashing: Hashing,
     /// Each account's send rate (`--send-rate`, `--send-burst`).
     send_rate: SendRate,
     /// Why applying committed entries is failing right now (storage trouble being retried); `/healthz`
@@ -165,6 +168,7 @@ impl Chat {
             sending: Mutex::default(),
             applied,
             throttle: Throttle::default(),
+            hashing: Hashing::default(),
             send_rate: SendRate::new(limits.send_rate, limits.send_burst),
             storage_problem: Mutex::default(),
             fatal: Mutex::default(),
@@ -378,7 +382,7 @@ impl Chat {
         let name = crate::username::parse(username)?;
         let username = name.name.as_str();
         validate_password(password)?;
-        let password_hash = crate::password::hash(password).await?;
+        let password_hash = self.hashing.hash(password).await?;
         let (token, token_hash) = new_token();
         let mut writer = self.writer().await?;
         // A look-alike of a live name (same confusable skeleton) is as taken as the name itself. Decided here,
@@ -773,10 +777,10 @@ impl Chat {
             }
         }
         let verified = match user {
-            Some(User { password_hash: Some(hash), .. }) => crate::password::verify(password, hash).await?,
+            Some(User { password_hash: Some(hash), .. }) => self.hashing.verify(password, hash).await?,
             _ => {
                 // Spend the same time as a real check so response times don't reveal which names exist.
-                crate::password::verify(password, dummy_hash()).await?;
+                self.hashing.verify(password, dummy_hash()).await?;
                 false
             }
         };

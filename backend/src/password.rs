@@ -1,5 +1,5 @@
 //! Password hashing: argon2id with the crate's default parameters (19 MiB, 2 passes), at most one hash per
-//! core at a time, each in a memory buffer that is reused rather than allocated per hash.
+//! core at a time per server ([`Hashing`]), each in a memory buffer that is reused rather than allocated per hash.
 //!
 //! Why both: every hash fills 19 MiB. Run without a bound on the blocking pool, a burst of registrations
 //! or logins costs 19 MiB each at once; and allocated per hash, the freed buffers fragment the allocator's
@@ -7,7 +7,7 @@
 //! replica at 3 GB RSS after 200 registrations 16 at a time before this module; see BENCHMARKS.md.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use argon2::password_hash::{rand_core::OsRng, Output, PasswordHash, Salt, SaltString};
@@ -16,16 +16,56 @@ use tokio::sync::Semaphore;
 
 use crate::{Error, Result};
 
-/// Hash `password` with a fresh random salt; the PHC string that is stored.
-pub async fn hash(password: &str) -> Result<String> {
-    let password = password.to_owned();
-    run(move || hash_now(password.as_bytes())).await
+/// The queue of password checks of one server: at most one hash per core running, [`QUEUE_PER_CORE`] per core
+/// waiting, the rest refused at once with `rate_limited`. A `replichat serve` process is one server, so this is
+/// the machine's bound; a process that runs several servers (the test suites) gives each its own queue, so one
+/// server's flood of wrong passwords never refuses another's sign-ups.
+#[derive(Debug)]
+pub struct Hashing {
+    cores: Semaphore,
+    /// Hashes waiting or running, at most `bound`.
+    queued: AtomicUsize,
+    bound: usize,
 }
 
-/// Whether `password` matches the stored PHC string `phc` (compared in constant time).
-pub async fn verify(password: &str, phc: &str) -> Result<bool> {
-    let (password, phc) = (password.to_owned(), phc.to_owned());
-    run(move || verify_now(password.as_bytes(), &phc)).await
+impl Default for Hashing {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Hashing { cores: Semaphore::new(cores), queued: AtomicUsize::new(0), bound: cores * (QUEUE_PER_CORE + 1) }
+    }
+}
+
+impl Hashing {
+    /// Hash `password` with a fresh random salt; the PHC string that is stored.
+    pub async fn hash(&self, password: &str) -> Result<String> {
+        let password = password.to_owned();
+        self.run(move || hash_now(password.as_bytes())).await
+    }
+
+    /// Whether `password` matches the stored PHC string `phc` (compared in constant time).
+    pub async fn verify(&self, password: &str, phc: &str) -> Result<bool> {
+        let (password, phc) = (password.to_owned(), phc.to_owned());
+        self.run(move || verify_now(password.as_bytes(), &phc)).await
+    }
+
+    /// Run `f` on the blocking pool once one of the per-core permits is free; `rate_limited` when the queue of
+    /// waiting hashes is full.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        // Counts the hashes waiting or running; released when this call ends, however it ends.
+        struct Queued<'a>(&'a AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.bound {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::RateLimited { what: "password checks at once", retry_after: Duration::from_secs(1) });
+        }
+        let _queued = Queued(&self.queued);
+        let _permit = self.cores.acquire().await.map_err(|e| Error::Hash(e.to_string()))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| Error::Hash(e.to_string()))?
+    }
 }
 
 /// Hash on the calling thread (for the one-off dummy hash; everything else goes through [`hash`]).
@@ -73,31 +113,6 @@ fn derive(argon: &Argon2, password: &[u8], salt: Salt, len: usize) -> Result<Out
 /// build, a full queue is under a second of work: a flood of wrong passwords is answered `rate_limited` at
 /// once instead of making a real login wait behind it.
 pub const QUEUE_PER_CORE: usize = 8;
-
-/// Run `f` on the blocking pool once one of the per-core permits is free; `rate_limited` when the queue of
-/// waiting hashes is full.
-async fn run<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    static GATE: OnceLock<(Semaphore, usize)> = OnceLock::new();
-    static QUEUED: AtomicUsize = AtomicUsize::new(0);
-    let (gate, bound) = GATE.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        (Semaphore::new(cores), cores * (QUEUE_PER_CORE + 1))
-    });
-    // Counts the hashes waiting or running; released when this call ends, however it ends.
-    struct Queued;
-    impl Drop for Queued {
-        fn drop(&mut self) {
-            QUEUED.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-    if QUEUED.fetch_add(1, Ordering::Relaxed) >= *bound {
-        QUEUED.fetch_sub(1, Ordering::Relaxed);
-        return Err(Error::RateLimited { what: "password checks at once", retry_after: Duration::from_secs(1) });
-    }
-    let _queued = Queued;
-    let _permit = gate.acquire().await.map_err(|e| Error::Hash(e.to_string()))?;
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Hash(e.to_string()))?
-}
 
 /// Lend `f` a zeroed-on-first-use buffer of `blocks` argon2 blocks from the pool (argon2 overwrites every
 /// block it uses before reading it, so a reused buffer needs no clearing).

@@ -136,6 +136,34 @@ both!(a_flood_of_logins_is_refused_at_once_when_the_hashing_queue_is_full, |engi
     owner.login("alice", "password123").await;
 });
 
+both!(a_flood_of_password_checks_on_one_server_refuses_nothing_on_another_in_the_same_process, |engine| async move {
+    // The queue of password checks belongs to a server: a `replichat serve` process is one server, and a
+    // process that runs several (this test suite, two engine variants at a time) must not let one server's
+    // flood refuse another's sign-ups, as it did when the queue was process-wide (a CI run failed that way).
+    let flooded = server(engine).await;
+    let other = server(engine).await;
+    let (refused_tx, mut refused_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..120u8 {
+        let (url, refused_tx) = (flooded.ws_url(), refused_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect_from(&url, IpAddr::from([127, 0, 2, i])).await;
+            let reply = c.request(login("nobody", "wrong-password")).await;
+            if limited(&reply, 1_000) {
+                let _ = refused_tx.send(());
+            }
+        }));
+    }
+    // The flooded server's queue is full now (it refused a check), and stays full for the queued hashes.
+    refused_rx.recv().await.expect("the flood is refused in part");
+    let mut bob = other.client().await;
+    let reply = bob.request(Request::Register { username: "bob".into(), password: "password123".into() }).await;
+    assert!(matches!(reply, ServerBody::Session { .. }), "the other server signs bob up: {reply:?}");
+    for task in tasks {
+        task.await.unwrap();
+    }
+});
+
 both!(each_account_has_a_send_rate, |engine| async move {
     let url = fresh_db(engine).await;
     let config = Config { send_rate: 1.0, send_burst: 5, ..Config::for_tests(url.clone()) };
