@@ -208,6 +208,20 @@ impl Client {
         reply
     }
 
+    /// `register` or `login` (`request`), remembering the session if it opened one, and returning any other
+    /// reply instead of panicking (for callers that retry `unavailable`).
+    pub async fn try_open(&mut self, request: Request) -> ServerBody {
+        let username = match &request {
+            Request::Register { username, .. } | Request::Login { username, .. } => username.clone(),
+            other => panic!("try_open is for register and login, not {other:?}"),
+        };
+        let reply = self.request(request).await;
+        if matches!(reply, ServerBody::Session { .. }) {
+            self.remember(&reply, &username);
+        }
+        reply
+    }
+
     fn remember(&mut self, reply: &ServerBody, username: &str) {
         match reply {
             ServerBody::Session { token, cursor, .. } => {
