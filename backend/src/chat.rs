@@ -287,8 +287,9 @@ impl Chat {
         for Delivery { user_id, body, session, json } in deliveries {
             let push = match (body, json) {
                 (ServerBody::SessionEnded { reason }, _) => Push::Ended { session, reason },
-                (body, json) => match (body.index(), json) {
-                    (Some(index), Some(json)) => {
+                // A stored event (it has an index, and the apply encoded it) goes out as encoded.
+                (body, json) => match body.index().zip(json) {
+                    Some((index, json)) => {
                         let frame = match &last {
                             Some((shared, frame)) if Arc::ptr_eq(shared, &json) => frame.clone(),
                             _ => {
@@ -299,7 +300,7 @@ impl Chat {
                         };
                         Push::Event { index, json: frame }
                     }
-                    _ => Push::Frame(body),
+                    None => Push::Frame(body),
                 },
             };
             self.hub.push(user_id, push);

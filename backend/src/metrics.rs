@@ -66,7 +66,7 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Explicit buckets, so every histogram renders as Prometheus histograms rather than summaries.
+/// Explicit buckets, so every histogram renders as a Prometheus histogram rather than a summary.
 fn builder() -> PrometheusBuilder {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(APPEND_ENTRIES.to_owned()), ENTRIES_BUCKETS)
@@ -107,7 +107,6 @@ fn describe() {
          busy with an apply, a compaction or another write)."
     );
     describe_histogram!(APPLY_ENTRIES, "Committed entries applied per apply transaction.");
-
     describe_histogram!(
         APPLY_SECONDS,
         "Duration of one apply transaction, BEGIN to COMMIT (on SQLite it holds the one writer connection, so \

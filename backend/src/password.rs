@@ -68,7 +68,7 @@ impl Hashing {
     }
 }
 
-/// Hash on the calling thread (for the one-off dummy hash; everything else goes through [`hash`]).
+/// Hash on the calling thread (for the one-off dummy hash; everything else goes through [`Hashing`]).
 pub fn hash_now(password: &[u8]) -> Result<String> {
     let argon = Argon2::default();
     let salt = SaltString::generate(&mut OsRng);

@@ -196,7 +196,8 @@ fn events_of(caused: &mut [Delivery], events: &mut Vec<(i64, i64, Arc<str>)>) ->
     let mut previous: Option<usize> = None;
     for at in 0..caused.len() {
         let Some(index) = caused[at].body.index() else { continue };
-        let json = match previous.and_then(|p| caused[p].json.clone().filter(|_| caused[p].body == caused[at].body)) {
+        let same = previous.filter(|&p| caused[p].body == caused[at].body);
+        let json = match same.and_then(|p| caused[p].json.clone()) {
             Some(json) => json,
             None => serde_json::to_string(&caused[at].body).map_err(|e| Error::Corrupt(e.to_string()))?.into(),
         };
