@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use replichat_shared::{ServerBody, SessionEnd};
@@ -120,23 +121,29 @@ impl Inbox {
     /// everything queued before was read.
     pub async fn recv(&mut self) -> Option<Push> {
         loop {
-            {
-                let mut waiting = self.shared.state.lock().expect("push queue lock");
-                if let Some(push) = waiting.pushes.pop_front() {
-                    waiting.bytes -= push.weight();
-                    if waiting.pushes.is_empty() && waiting.pushes.capacity() > IDLE_CAPACITY {
-                        // A burst is over: an idle socket holds no queue memory.
-                        waiting.pushes = VecDeque::new();
-                    }
-                    return Some(push);
-                }
-                if waiting.queue_gone {
-                    return None;
-                }
+            if let Poll::Ready(push) = self.try_recv() {
+                return push;
             }
             // A push or drop between the unlock and here left a wake-up behind: no push is missed.
             self.shared.ready.notified().await;
         }
+    }
+
+    /// [`Inbox::recv`] without waiting: `Pending` while nothing is queued and the queue is still there.
+    pub fn try_recv(&mut self) -> Poll<Option<Push>> {
+        let mut waiting = self.shared.state.lock().expect("push queue lock");
+        if let Some(push) = waiting.pushes.pop_front() {
+            waiting.bytes -= push.weight();
+            if waiting.pushes.is_empty() && waiting.pushes.capacity() > IDLE_CAPACITY {
+                // A burst is over: an idle socket holds no queue memory.
+                waiting.pushes = VecDeque::new();
+            }
+            return Poll::Ready(Some(push));
+        }
+        if waiting.queue_gone {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 
     /// Room allocated for waiting pushes (tests: an idle socket holds none).

@@ -194,33 +194,50 @@ impl Session {
     /// The next push for this socket, skipping events it was already sent. Pending forever while the
     /// socket has no session.
     pub async fn next_push(&mut self) -> Pushed {
-        let Some((authed, _, rx)) = self.attached.as_mut() else {
-            return std::future::pending().await;
-        };
         loop {
-            match rx.recv().await {
-                None => return Pushed::TooSlow,
-                Some(Push::AccountDeleted) => return Pushed::AccountDeleted,
-                Some(Push::Ended { session, reason }) => {
-                    if session.is_none_or(|s| s == authed.token_hash) {
-                        return Pushed::SessionEnded(reason);
-                    }
-                }
-                Some(Push::Event { index, json }) => {
-                    if index > self.floor {
-                        self.floor = index;
-                        return Pushed::Event(json);
-                    }
-                }
-                Some(Push::Frame(body)) => match body.index() {
-                    Some(index) if index <= self.floor => continue,
-                    Some(index) => {
-                        self.floor = index;
-                        return Pushed::Frame(body);
-                    }
-                    None => return Pushed::Frame(body),
-                },
+            let Some((_, _, rx)) = self.attached.as_mut() else {
+                return std::future::pending().await;
+            };
+            let push = rx.recv().await;
+            if let Some(pushed) = self.pushed(push) {
+                return pushed;
             }
+        }
+    }
+
+    /// The next push already queued for this socket, without waiting ([`Session::next_push`]'s filter).
+    pub fn ready_push(&mut self) -> Option<Pushed> {
+        loop {
+            let (_, _, rx) = self.attached.as_mut()?;
+            let std::task::Poll::Ready(push) = rx.try_recv() else { return None };
+            if let Some(pushed) = self.pushed(push) {
+                return Some(pushed);
+            }
+        }
+    }
+
+    /// What a push from the hub (`None`: the hub dropped the queue) means for this socket, or `None` when it
+    /// is not for it: an event at or below what it was sent already, or the end of another session.
+    fn pushed(&mut self, push: Option<Push>) -> Option<Pushed> {
+        let authed = &self.attached.as_ref()?.0;
+        match push {
+            None => Some(Pushed::TooSlow),
+            Some(Push::AccountDeleted) => Some(Pushed::AccountDeleted),
+            Some(Push::Ended { session, reason }) => {
+                session.is_none_or(|s| s == authed.token_hash).then_some(Pushed::SessionEnded(reason))
+            }
+            Some(Push::Event { index, json }) => (index > self.floor).then(|| {
+                self.floor = index;
+                Pushed::Event(json)
+            }),
+            Some(Push::Frame(body)) => match body.index() {
+                Some(index) if index <= self.floor => None,
+                Some(index) => {
+                    self.floor = index;
+                    Some(Pushed::Frame(body))
+                }
+                None => Some(Pushed::Frame(body)),
+            },
         }
     }
 

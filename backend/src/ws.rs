@@ -102,9 +102,17 @@ type Sink = SplitSink<WebSocket, Message>;
 
 /// The writing half of a socket: every write gives up after [`Timeouts::write`], so a client that does not
 /// read holds at most its transport buffers, and its task ends.
+///
+/// Most writes go out at once ([`Out::send`], [`Out::write`]). A reply to a request and a stored event are
+/// *fed* instead ([`Out::feed`]): kept in the socket's write buffer until the socket's task has written
+/// every push already queued for it, then flushed together ([`Out::flush`]), so a send's reply and the
+/// sender's own copy of the message, which the apply queued just before the reply, leave in one write to the
+/// socket instead of two, and a burst of events for one user in a few.
 struct Out {
     sink: Sink,
     timeout: Duration,
+    /// Fed and not flushed yet.
+    unflushed: bool,
 }
 
 /// A write in flight. Writes are boxed: a socket's task holds its futures for as long as it lives, and an
@@ -117,7 +125,31 @@ impl Out {
     }
 
     async fn send_inline(&mut self, message: Message) -> Result<(), ()> {
-        match tokio::time::timeout(self.timeout, self.sink.send(message)).await {
+        let sent = tokio::time::timeout(self.timeout, self.sink.send(message)).await;
+        self.unflushed = false;
+        Self::written(sent)
+    }
+
+    /// Add `message` to the socket's write buffer, for the next [`Out::flush`] (or any write that flushes).
+    /// A full buffer is written out on the way, as with every write.
+    fn feed(&mut self, message: Message) -> Writing<'_> {
+        Box::pin(async move {
+            self.unflushed = true;
+            Self::written(tokio::time::timeout(self.timeout, self.sink.feed(message)).await)
+        })
+    }
+
+    /// Write out what was fed.
+    async fn flush(&mut self) -> Result<(), ()> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        self.unflushed = false;
+        Self::written(tokio::time::timeout(self.timeout, self.sink.flush()).await)
+    }
+
+    fn written<E>(result: Result<Result<(), E>, tokio::time::error::Elapsed>) -> Result<(), ()> {
+        match result {
             Ok(result) => result.map_err(|_| ()),
             Err(_) => {
                 tracing::info!("a client did not read for the write timeout; dropping its socket");
@@ -130,6 +162,14 @@ impl Out {
         Box::pin(async move {
             let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
             self.send_inline(Message::Text(text.into())).await
+        })
+    }
+
+    /// [`Out::write`], fed ([`Out::feed`]).
+    fn feed_frame(&mut self, req: Option<String>, body: ServerBody) -> Writing<'_> {
+        Box::pin(async move {
+            let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
+            self.feed(Message::Text(text.into())).await
         })
     }
 
@@ -161,7 +201,7 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     let _counted = crate::metrics::ClientConnection::open();
     let timeouts = state.socket_timeouts;
     let (sink, mut stream) = socket.split();
-    let mut out = Out { sink, timeout: timeouts.write };
+    let mut out = Out { sink, timeout: timeouts.write, unflushed: false };
     // Boxed: the greeting's futures are needed once, not for the socket's whole life.
     let Some((term, mut leadership)) = Box::pin(greet(&state, &mut out, &mut stream)).await else { return };
     let mut session = Session::new(state.chat.clone(), client.ip());
@@ -171,6 +211,23 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     let mut pings = tokio::time::interval_at(Instant::now() + timeouts.ping, timeouts.ping);
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let close_with = loop {
+        if out.unflushed {
+            // What was fed (a reply, an event) leaves together with the pushes already queued behind it.
+            let mut end = None;
+            for _ in 0..COALESCED_PUSHES {
+                let Some(pushed) = session.ready_push() else { break };
+                if let Some(close) = write_push(&mut out, pushed).await {
+                    end = Some(close);
+                    break;
+                }
+            }
+            if let Some(close) = end {
+                break close;
+            }
+            if out.flush().await.is_err() {
+                break None;
+            }
+        }
         let authenticated = session.authenticated();
         // One timer for both deadlines (each timer is part of every idle socket's task).
         let deadline = if authenticated { heard + timeouts.idle } else { auth_by };
@@ -199,23 +256,9 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
                     break Some((CLOSE_NORMAL, "not the primary any more"));
                 }
             }
-            pushed = session.next_push() => match pushed {
-                Pushed::Frame(body) => {
-                    if out.write(None, body).await.is_err() { break None; }
-                }
-                Pushed::Event(json) => {
-                    if out.send(Message::Text(json)).await.is_err() { break None; }
-                }
-                Pushed::AccountDeleted => {
-                    let _ = out.write(None, ServerBody::AccountDeleted).await;
-                    break Some((CLOSE_NORMAL, "account deleted"));
-                }
-                Pushed::TooSlow => break Some((CLOSE_TOO_SLOW, "too slow for pushes; resume")),
-                Pushed::SessionEnded(reason) => {
-                    let _ = out.write(None, ServerBody::SessionEnded { reason }).await;
-                    break Some((CLOSE_NORMAL, "session ended"));
-                }
-            },
+            pushed = session.next_push() => {
+                if let Some(close) = write_push(&mut out, pushed).await { break close; }
+            }
             incoming = stream.next() => {
                 heard = Instant::now();
                 match incoming {
@@ -260,6 +303,28 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     Box::pin(session.close()).await;
     if let Some((code, reason)) = close_with {
         Box::pin(out.close(&mut stream, code, reason)).await;
+    }
+}
+
+/// Pushes written after a fed frame before the flush, at most: a socket's task goes back to reading its
+/// client after that many.
+const COALESCED_PUSHES: usize = 64;
+
+/// Write one push to the socket: a stored event is fed ([`Out::feed`]), everything else written at once.
+/// `Some(close)` ends the socket's task (closing with `close`, or silently when `None`).
+async fn write_push(out: &mut Out, pushed: Pushed) -> Option<Option<(u16, &'static str)>> {
+    match pushed {
+        Pushed::Frame(body) => out.write(None, body).await.is_err().then_some(None),
+        Pushed::Event(json) => out.feed(Message::Text(json)).await.is_err().then_some(None),
+        Pushed::AccountDeleted => {
+            let _ = out.write(None, ServerBody::AccountDeleted).await;
+            Some(Some((CLOSE_NORMAL, "account deleted")))
+        }
+        Pushed::TooSlow => Some(Some((CLOSE_TOO_SLOW, "too slow for pushes; resume"))),
+        Pushed::SessionEnded(reason) => {
+            let _ = out.write(None, ServerBody::SessionEnded { reason }).await;
+            Some(Some((CLOSE_NORMAL, "session ended")))
+        }
     }
 }
 
@@ -330,7 +395,7 @@ async fn answer(session: &mut Session, out: &mut Out, text: &str) -> Result<bool
     };
     match session.handle(request).await {
         Ok(response) => {
-            out.write(req, response.reply).await?;
+            out.feed_frame(req, response.reply).await?;
             Ok(response.close)
         }
         Err(error) => out.write_error(req, &error).await.map(|_| false),
