@@ -680,6 +680,18 @@ pub(crate) mod tests {
         while file.write_all(&block).and_then(|_| file.sync_all()).is_ok() {}
     }
 
+    #[test]
+    fn every_migration_file_is_embedded() {
+        // `sqlx::migrate!` reads `migrations/` at compile time; without `build.rs` a migration added since the
+        // last build was not compiled in, and the binary and the tests ran the old schema.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let files = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sql"))
+            .count();
+        assert_eq!(MIGRATOR.iter().count(), files, "migrations embedded against files in {}", dir.display());
+    }
+
     #[tokio::test]
     async fn after_a_full_disk_every_connection_works_again_once_there_is_space() {
         let tmpfs = Tmpfs::mount("4m");
