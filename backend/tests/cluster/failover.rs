@@ -552,7 +552,23 @@ async fn a_new_primary_over_a_long_compacted_log_commits_at_once() {
     bob.close().await;
     step!("1,500 messages: the log passes 1,024 entries and is compacted");
     for i in 0..1500 {
-        alice.send_message("bob", &format!("m{i}")).await;
+        let send = Request::Send { to: "bob".into(), text: format!("m{i}"), client_id: format!("m{i}") };
+        // A machine that stalls (two fresh-clone CIs saw all three replicas silent for 0.6 and 1.7 s here) may
+        // elect another primary meanwhile: send again, same client id, on the primary of the moment, as
+        // PROTOCOL.md tells clients. The failover under test comes after.
+        let mut attempts = 0;
+        loop {
+            match alice.try_request(send.clone(), Duration::from_secs(5)).await {
+                Ok(ServerBody::Sent { .. }) => break,
+                other => {
+                    attempts += 1;
+                    assert!(attempts < 5, "send m{i}: {other:?}, {attempts} times");
+                    step!("send m{i}: {other:?}; again on the primary of the moment");
+                    alice = cluster.client_to_primary().await;
+                    alice.login("alice", "password123").await;
+                }
+            }
+        }
     }
     alice.close().await;
     cluster.wait_applied_equal(Duration::from_secs(20)).await;
