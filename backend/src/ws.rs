@@ -159,18 +159,12 @@ impl Out {
     }
 
     fn write(&mut self, req: Option<String>, body: ServerBody) -> Writing<'_> {
-        Box::pin(async move {
-            let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
-            self.send_inline(Message::Text(text.into())).await
-        })
+        Box::pin(async move { self.send_inline(text_frame(req, body)?).await })
     }
 
     /// [`Out::write`], fed ([`Out::feed`]).
     fn feed_frame(&mut self, req: Option<String>, body: ServerBody) -> Writing<'_> {
-        Box::pin(async move {
-            let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
-            self.feed(Message::Text(text.into())).await
-        })
+        Box::pin(async move { self.feed(text_frame(req, body)?).await })
     }
 
     async fn write_error(&mut self, req: Option<String>, error: &Error) -> Result<(), ()> {
@@ -304,6 +298,12 @@ async fn serve(socket: WebSocket, state: AppState, client: SocketAddr) {
     if let Some((code, reason)) = close_with {
         Box::pin(out.close(&mut stream, code, reason)).await;
     }
+}
+
+/// The text frame of a reply (`req` set) or a push.
+fn text_frame(req: Option<String>, body: ServerBody) -> Result<Message, ()> {
+    let text = serde_json::to_string(&ServerFrame { req, body }).map_err(|_| ())?;
+    Ok(Message::Text(text.into()))
 }
 
 /// Pushes written after a fed frame before the flush, at most: a socket's task goes back to reading its
