@@ -71,19 +71,21 @@ both!(logout_all_ends_every_session_of_the_account, |engine| async move {
 
 both!(sessions_expire_after_the_idle_timeout_but_not_while_used, |engine| async move {
     let url = fresh_db(engine).await;
-    let config = Config { session_idle_secs: 2, ..Config::for_tests(url.clone()) };
+    // A 4 s timeout, used every 1 s: 3 s of margin for a slow resume (a margin of 0.8 s failed once, on both
+    // engines at the same moment, in a full debug-build suite on two cores).
+    let config = Config { session_idle_secs: 4, ..Config::for_tests(url.clone()) };
     let running = replichat::start(config).await.expect("server starts");
     let server = Server { addr: running.addr, running: Some(running), url };
     let alice = server.user("alice").await;
     let token = alice.token.clone().unwrap();
     alice.close().await;
-    // Used every 1.2 s: each use renews it, so it outlives the 2 s timeout.
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Each use renews it, so it outlives the timeout.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         resumed(&server, &token).await.close().await;
     }
     // Then left alone longer than the timeout: gone.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let mut c = server.client().await;
     c.expect_error(Request::Resume { token, cursor: 0 }, ErrorCode::Unauthenticated).await;
 });
