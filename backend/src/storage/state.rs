@@ -134,14 +134,10 @@ impl Db {
             tracing::error!(applied, last, "REPLICHAT_TEST_ABORT_IN_APPLY: aborting inside an apply transaction");
             std::process::abort();
         }
+        insert_events(&mut conn, self.backend, &mut events).await?;
         match self.backend {
             Backend::Sqlite => {
                 let mut sql = String::new();
-                for chunk in events.chunks(EVENTS_PER_INSERT) {
-                    sql.push_str("INSERT INTO events (user_id, idx, body) VALUES ");
-                    sql.push_str(&Backend::Sqlite.values(chunk.len(), 3));
-                    sql.push(';');
-                }
                 if last != applied {
                     sql.push_str(
                         "INSERT INTO meta (name, value) VALUES ('applied_index', ?) \
@@ -151,16 +147,12 @@ impl Db {
                 // The writer connection's next transaction (a log append) is synced again.
                 sql.push_str("COMMIT; PRAGMA synchronous = FULL");
                 let mut query = sqlx::query(composed(sql));
-                for (user, index, body) in &events {
-                    query = query.bind(*user).bind(*index).bind(&**body);
-                }
                 if last != applied {
                     query = query.bind(last);
                 }
                 query.execute(&mut *conn).await?;
             }
             Backend::Postgres => {
-                insert_events(&mut conn, self.backend, &mut events).await?;
                 if last != applied {
                     set_meta(&mut conn, "applied_index", last).await?;
                 }
@@ -209,14 +201,47 @@ fn events_of(caused: &mut [Delivery], events: &mut Vec<(i64, i64, Arc<str>)>) ->
 }
 
 /// Store `events` (and empty it) with multi-row INSERTs.
+///
+/// On SQLite as `INSERT OR IGNORE`, all of them one job for the connection's thread, and then checked: every
+/// row must have been stored. A plain multi-row INSERT inside a transaction makes SQLite copy every page it
+/// changes into a statement journal first (so that a failing row could undo just its statement), which under
+/// load was a tenth of a backup's CPU; `OR IGNORE` cannot fail on a row, so SQLite keeps no such journal. The
+/// check keeps the meaning of the plain INSERT: an event already stored under the index being applied is an
+/// error, and the whole apply transaction rolls back (nothing here relies on undoing a single statement).
 async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Vec<(i64, i64, Arc<str>)>) -> Result<()> {
-    for chunk in events.chunks(EVENTS_PER_INSERT) {
-        let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
-        let mut query = sqlx::query(composed(sql));
-        for (user, index, body) in chunk {
-            query = query.bind(*user).bind(*index).bind(&**body);
+    let (Some(first), Some(last)) = (events.first(), events.last()) else { return Ok(()) };
+    let (first, last) = (first.1, last.1);
+    match backend {
+        Backend::Sqlite => {
+            let mut sql = String::new();
+            for chunk in events.chunks(EVENTS_PER_INSERT) {
+                sql.push_str("INSERT OR IGNORE INTO events (user_id, idx, body) VALUES ");
+                sql.push_str(&backend.values(chunk.len(), 3));
+                sql.push(';');
+            }
+            let mut query = sqlx::query(composed(sql));
+            for (user, index, body) in events.iter() {
+                query = query.bind(*user).bind(*index).bind(&**body);
+            }
+            let stored = query.execute(&mut *tx).await?.rows_affected();
+            if stored != events.len() as u64 {
+                return Err(Error::Corrupt(format!(
+                    "{} of the events of entries {first} to {last} were stored already: the state tables and the \
+                     applied index disagree",
+                    events.len() as u64 - stored
+                )));
+            }
         }
-        query.execute(&mut *tx).await?;
+        Backend::Postgres => {
+            for chunk in events.chunks(EVENTS_PER_INSERT) {
+                let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
+                let mut query = sqlx::query(composed(sql));
+                for (user, index, body) in chunk {
+                    query = query.bind(*user).bind(*index).bind(&**body);
+                }
+                query.execute(&mut *tx).await?;
+            }
+        }
     }
     events.clear();
     Ok(())
@@ -271,19 +296,41 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
         // Applied one by one, reading the message back fails on it; that path says which entry.
         return Err(Error::Corrupt(format!("a send names account {missing}, which does not exist")));
     }
+    // On SQLite `INSERT OR IGNORE` (no statement journal, see [`insert_events`]), which also skips a row whose
+    // id is taken: a skipped send is checked below to be a repeated client id, as `ON CONFLICT (sender_id,
+    // client_id) DO NOTHING` would have skipped it, and nothing else.
+    let insert = match backend {
+        Backend::Sqlite => {
+            "INSERT OR IGNORE INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
+                            VALUES {} RETURNING id"
+        }
+        Backend::Postgres => {
+            "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
+                              ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id"
+        }
+    };
     let mut stored = std::collections::HashSet::with_capacity(sends.len());
     for chunk in sends.chunks(super::MAX_BINDS / 6) {
-        let sql = format!(
-            "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
-             ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
-            backend.values(chunk.len(), 6)
-        );
+        let sql = insert.replace("{}", &backend.values(chunk.len(), 6));
         let mut query = sqlx::query(composed(sql));
         for (index, sender, recipient, client_id, text, at) in chunk {
             query = query.bind(*index).bind(*sender).bind(*recipient).bind(*client_id).bind(*text).bind(*at);
         }
         for row in query.fetch_all(&mut *tx).await? {
             stored.insert(row.try_get::<i64, _>("id")?);
+        }
+    }
+    for &(index, sender, _, client_id, ..) in sends.iter().filter(|s| !stored.contains(&s.0)) {
+        let original = sqlx::query("SELECT id FROM messages WHERE sender_id = $1 AND client_id = $2")
+            .bind(sender)
+            .bind(client_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if original.is_none() {
+            return Err(Error::Unapplicable {
+                index: index as u64,
+                reason: "a message is stored under its index already".to_owned(),
+            });
         }
     }
     let mut deliveries = Vec::with_capacity(2 * stored.len());

@@ -138,3 +138,49 @@ both!(an_append_keeps_matching_entries_and_replaces_a_conflicting_suffix, |engin
     assert_eq!(db.entries(1_699, 1).await.unwrap(), more[699..]);
     db.close().await;
 });
+
+/// Write `sql` into the database at `url` behind the applier's back: a row no applied entry wrote.
+async fn plant(url: &str, sql: &str) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| async move {
+    // The batched path skips a send whose client id was stored already, and nothing else: a message or an
+    // event already stored under the index being applied means the state and the applied index disagree, and
+    // the apply must stop, not skip it (on SQLite the batch is written with INSERT OR IGNORE, whose skipped
+    // rows are checked).
+    let ops = [
+        register(1, "a"),
+        register(2, "b"),
+        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c3".into(), text: "three".into(), at: 3 },
+        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c4".into(), text: "four".into(), at: 4 },
+    ];
+    let entries = numbered(&ops, |_| 1);
+    let planted = [
+        // Message 4 under another client id: the send of entry 4 meets it by id alone.
+        "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
+         VALUES (4, 2, 1, 'planted', 'not from the log', 0)",
+        // The recipient's event of entry 3.
+        "INSERT INTO events (user_id, idx, body) VALUES (2, 3, '{}')",
+    ];
+    for sql in planted {
+        let url = fresh_db(engine).await;
+        let db = Db::open(&url).await.unwrap();
+        db.append_entries(&entries).await.unwrap();
+        assert_eq!(db.apply_committed(2).await.unwrap().0, 2);
+        db.close().await;
+        plant(&url, sql).await;
+        let db = Db::open(&url).await.unwrap();
+        let refused = db.apply_committed(4).await;
+        assert!(refused.is_err(), "{sql}: applied over it: {refused:?}");
+        assert_eq!(db.applied_index().await.unwrap(), 2, "{sql}: nothing applied");
+        let dump = db.dump().await.unwrap();
+        let messages = replichat::storage::dump_section(&dump, "messages");
+        assert_eq!(messages.len(), usize::from(sql.contains("planted")), "{sql}: no message stored: {messages:?}");
+        db.close().await;
+    }
+});
