@@ -563,8 +563,9 @@ async fn sqlite_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
 /// journal, so that a failing row undoes only its statement, and SQLite spills that journal into a new temp
 /// file once it passes 64 KiB: a backup under load created, wrote and deleted 8 of them a second (strace).
 /// In memory, three replicas used 1-14 % less CPU per message in three rounds whose order was not alternated
-/// (BENCHMARKS.md, stop 19). A writing statement is at most [`MAX_BINDS`] values, so its journal stays small.
-/// Readers keep the default: their sorts may be large and belong on disk.
+/// (BENCHMARKS.md, stop 19). The applier's INSERTs have kept no statement journal since (`INSERT OR IGNORE`,
+/// see `state::insert_events`); a log append's still does. A writing statement is at most [`MAX_BINDS`]
+/// values, so its journal stays small. Readers keep the default: their sorts may be large and belong on disk.
 async fn sqlite_writer_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
     sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *conn).await?;
     Ok(())
