@@ -298,20 +298,18 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
     }
     // On SQLite `INSERT OR IGNORE` (no statement journal, see [`insert_events`]), which also skips a row whose
     // id is taken: a skipped send is checked below to be a repeated client id, as `ON CONFLICT (sender_id,
-    // client_id) DO NOTHING` would have skipped it, and nothing else.
-    let insert = match backend {
-        Backend::Sqlite => {
-            "INSERT OR IGNORE INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
-                            VALUES {} RETURNING id"
-        }
-        Backend::Postgres => {
-            "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
-                              ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id"
-        }
+    // client_id) DO NOTHING` (PostgreSQL's statement) skips it, and nothing else.
+    let (insert, on_conflict) = match backend {
+        Backend::Sqlite => ("INSERT OR IGNORE", ""),
+        Backend::Postgres => ("INSERT", "ON CONFLICT (sender_id, client_id) DO NOTHING"),
     };
     let mut stored = std::collections::HashSet::with_capacity(sends.len());
     for chunk in sends.chunks(super::MAX_BINDS / 6) {
-        let sql = insert.replace("{}", &backend.values(chunk.len(), 6));
+        let sql = format!(
+            "{insert} INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} {on_conflict} \
+             RETURNING id",
+            backend.values(chunk.len(), 6)
+        );
         let mut query = sqlx::query(composed(sql));
         for (index, sender, recipient, client_id, text, at) in chunk {
             query = query.bind(*index).bind(*sender).bind(*recipient).bind(*client_id).bind(*text).bind(*at);
