@@ -4,7 +4,7 @@
 # 2 cores. Run it on an otherwise idle machine; each figure is the median of several runs.
 #
 #   scripts/bench.sh            everything
-#   scripts/bench.sh load       one part: load | curve | idle | catchup | chaos | abuse | netsim | plot
+#   scripts/bench.sh load       one part: disk | load | curve | idle | catchup | chaos | abuse | netsim | plot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,11 @@ out=bench/results
 what="${1:-all}"
 part() { [ "$what" = all ] || [ "$what" = "$1" ]; }
 
+if part disk; then
+  # The disk under the replicas: 4 KiB write + fdatasync, one at a time for 60 s (a floor under every
+  # acknowledgement's latency; run first, so that it describes the same hour as the load).
+  $bench disk --duration-s 60 --out "$out/disk.json"
+fi
 if part load; then
   # 200 users, as fast as acknowledgements allow: throughput, for (a) relay (b) single (c) sqlite3 (d) pg3.
   $bench load --runs 3 --users 200 --out "$out/load-max.json"

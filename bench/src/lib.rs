@@ -17,6 +17,7 @@
 //! - [`chaos`]: kill -9 the primary (sometimes a backup) under load, time the failover, run the checker.
 //! - [`catchup`]: how long a replica that missed many messages takes to be in sync.
 //! - [`idle`]: how much memory idle connections cost a replica.
+//! - [`disk`]: how long a 4 KiB write and its `fdatasync` take on the disk under the replicas.
 //! - [`abuse`]: resumers that never read, a connection flood and slowloris against one replica, with a normal
 //!   client probed meanwhile.
 //! - [`plot`]: SVG plots of the results.
@@ -26,6 +27,7 @@ pub mod catchup;
 pub mod chaos;
 pub mod check;
 pub mod client;
+pub mod disk;
 pub mod http;
 pub mod idle;
 pub mod load;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use replichat_bench::procs::{default_replichat, scratch_dir, Setup, Target};
-use replichat_bench::{abuse, catchup, chaos, idle, load, median, plot, procs, quantile, relay, write_json};
+use replichat_bench::{abuse, catchup, chaos, disk, idle, load, median, plot, procs, quantile, relay, write_json};
 
 #[derive(Parser)]
 #[command(about = "Load generator, failover timer and checker for replichat")]
@@ -35,6 +35,17 @@ enum Command {
     /// Abusive clients against one replica (resumers that never read, a connection flood, slowloris) while
     /// a normal client and `/healthz` are probed: peak RSS, what was cut off, failed probes.
     Abuse(AbuseArgs),
+    /// The disk under the replicas: 4 KiB write + fdatasync latency, one at a time (a floor under every
+    /// acknowledgement's latency).
+    Disk {
+        #[arg(long, default_value_t = 60.0)]
+        duration_s: f64,
+        /// Pause between two syncs.
+        #[arg(long, default_value_t = 10.0)]
+        interval_ms: f64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Render the plots from result files.
     Plot {
         /// A `load` result file (its median run per target is drawn).
@@ -225,6 +236,29 @@ async fn main() -> anyhow::Result<()> {
         Command::Catchup(args) => run_catchup(args).await,
         Command::Idle(args) => run_idle(args).await,
         Command::Abuse(args) => run_abuse(args).await,
+        Command::Disk { duration_s, interval_ms, out } => {
+            let dir = scratch_dir("disk");
+            let report = tokio::task::spawn_blocking(move || {
+                disk::run(&dir, Duration::from_secs_f64(duration_s), Duration::from_secs_f64(interval_ms / 1000.0))
+            })
+            .await??;
+            println!(
+                "disk: {} syncs of 4 KiB in {:.0} s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; \
+                 {} over 10 ms, {} over 100 ms",
+                report.syncs,
+                report.seconds,
+                report.p50_ms,
+                report.p99_ms,
+                report.p999_ms,
+                report.max_ms,
+                report.over_10_ms,
+                report.over_100_ms
+            );
+            if let Some(out) = out {
+                write_json(&out, &report)?;
+            }
+            Ok(())
+        }
         Command::Plot { latency, chaos, curve, out } => {
             std::fs::create_dir_all(&out)?;
             if let Some(path) = latency {

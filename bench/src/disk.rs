@@ -1,0 +1,61 @@
+//! The disk under the replicas: how long a 4 KiB write and its `fdatasync` take, one at a time, in the
+//! directory where `load` puts the replicas' databases. Every acknowledged message waits for at least one such
+//! sync (the primary's log append) and usually two (a backup's too), so this distribution is a floor under the
+//! `load` latencies: a p99 goal below the disk's own p99 cannot be met on that disk.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Report {
+    pub syncs: usize,
+    pub seconds: f64,
+    pub interval_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// Syncs that took longer than 10 ms and than 100 ms.
+    pub over_10_ms: usize,
+    pub over_100_ms: usize,
+}
+
+/// Write 4 KiB at offset 0 of a file in `dir` and `fdatasync` it, every `interval`, for `duration`.
+pub fn run(dir: &Path, duration: Duration, interval: Duration) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("disk-probe");
+    let mut file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+    file.write_all(&[0; 4096])?;
+    file.sync_all()?;
+    let page = [b'x'; 4096];
+    let mut took = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let at = Instant::now();
+        file.write_all_at(&page, 0)?;
+        file.sync_data()?;
+        took.push(at.elapsed());
+        std::thread::sleep(interval);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    let _ = std::fs::remove_dir(dir);
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| ms(took[((took.len() as f64 * q) as usize).min(took.len() - 1)]);
+    Ok(Report {
+        syncs: took.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        interval_ms: ms(interval),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+        max_ms: ms(*took.last().expect("at least one sync")),
+        over_10_ms: took.iter().filter(|d| ms(**d) > 10.0).count(),
+        over_100_ms: took.iter().filter(|d| ms(**d) > 100.0).count(),
+    })
+}
