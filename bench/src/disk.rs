@@ -59,3 +59,19 @@ pub fn run(dir: &Path, duration: Duration, interval: Duration) -> anyhow::Result
         over_100_ms: took.iter().filter(|d| ms(**d) > 100.0).count(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_probe_counts_its_syncs_and_leaves_nothing_behind() {
+        let dir = crate::procs::scratch_dir("disk-test");
+        let report = run(&dir, Duration::from_millis(200), Duration::from_millis(5)).unwrap();
+        assert!(report.syncs >= 2, "{report:?}");
+        assert!(report.p50_ms > 0.0 && report.p50_ms <= report.p99_ms, "{report:?}");
+        assert!(report.p99_ms <= report.p999_ms && report.p999_ms <= report.max_ms, "{report:?}");
+        assert!(report.over_100_ms <= report.over_10_ms && report.over_10_ms <= report.syncs, "{report:?}");
+        assert!(!dir.exists(), "the probe file and its directory are removed");
+    }
+}

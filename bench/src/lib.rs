@@ -1,7 +1,8 @@
 //! The replichat bench: programs that measure a real cluster and print numbers (BENCHMARKS.md).
 //!
-//! Nothing here is a timed assertion; the only test (`tests/chaos.rs`) runs a short chaos run and asserts
-//! its *correctness* verdict (nothing lost, nothing duplicated, replicas identical), never its speed.
+//! Nothing here is a timed assertion: `tests/chaos.rs` runs short chaos runs and asserts their *correctness*
+//! verdict (nothing lost, nothing duplicated, replicas identical), never their speed; the unit tests check
+//! the tools' own arithmetic and bookkeeping.
 //!
 //! # Layout
 //! - [`procs`]: starting the systems under test as real processes (the reference relay, one replica, three
