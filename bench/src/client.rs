@@ -81,9 +81,18 @@ pub struct Shared {
     probe_armed: AtomicBool,
     /// A std mutex: never held across an await.
     probe: Mutex<Option<Probe>>,
+    /// Whether new messages may still be created: closed by [`Shared::close_sending`] under the same lock a
+    /// user holds while it counts a new message in `created`, so that once it is closed `created` is final.
+    sending: Mutex<bool>,
 }
 
 impl Shared {
+    /// No user creates a message after this returns (see `sending`): the drain can wait for `acked` to reach
+    /// `created` without a user counting one more meanwhile.
+    pub fn close_sending(&self) {
+        *self.sending.lock().expect("not poisoned") = false;
+    }
+
     pub fn new() -> Arc<Shared> {
         Arc::new(Shared {
             base: Instant::now(),
@@ -96,6 +105,7 @@ impl Shared {
             window_to: AtomicU64::new(u64::MAX),
             probe_armed: AtomicBool::new(false),
             probe: Mutex::new(None),
+            sending: Mutex::new(true),
         })
     }
 
@@ -411,9 +421,7 @@ impl User {
                 return Ok(Ended::Finished);
             }
             if let (Pace::Window(w), Phase::Run) = (pace, now_phase) {
-                while self.pending.len() < w {
-                    self.send_new(&mut ws).await?;
-                }
+                while self.pending.len() < w && self.send_new(&mut ws).await? {}
             }
             tokio::select! {
                 frame = read_frame(&mut ws) => match frame {
@@ -439,18 +447,25 @@ impl User {
         }
     }
 
-    async fn send_new(&mut self, ws: &mut Ws) -> anyhow::Result<()> {
+    /// Create and send the next message; false (nothing sent) once the run stopped creating messages.
+    async fn send_new(&mut self, ws: &mut Ws) -> anyhow::Result<bool> {
+        {
+            let sending = self.shared.sending.lock().expect("not poisoned");
+            if !*sending {
+                return Ok(false);
+            }
+            self.shared.created.fetch_add(1, Ordering::SeqCst);
+        }
         self.next_seq += 1;
         let seq = self.next_seq;
         let now = Instant::now();
         let text = format!("{}:{}:{} {PADDING}", self.spec.index, seq, self.shared.nanos(now));
         let client_id = format!("{}-{}-{}", self.spec.run_id, self.spec.index, seq);
         let p = Pending { seq, client_id, text, first_sent: now };
-        self.shared.created.fetch_add(1, Ordering::Relaxed);
         // A failed write surfaces as a read error next; the message stays pending and is re-sent.
         let _ = send(ws, &self.spec.to, &p).await;
         self.pending.push_back(p);
-        Ok(())
+        Ok(true)
     }
 
     fn handle(&mut self, frame: ServerFrame, node: u64) -> anyhow::Result<Option<Ended>> {
