@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::quantile;
+
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Report {
     pub syncs: usize,
@@ -44,19 +46,17 @@ pub fn run(dir: &Path, duration: Duration, interval: Duration) -> anyhow::Result
     drop(file);
     std::fs::remove_file(&path)?;
     let _ = std::fs::remove_dir(dir);
-    took.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let at = |q: f64| ms(took[((took.len() as f64 * q) as usize).min(took.len() - 1)]);
+    let ms: Vec<f64> = took.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     Ok(Report {
-        syncs: took.len(),
+        syncs: ms.len(),
         seconds: started.elapsed().as_secs_f64(),
-        interval_ms: ms(interval),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        p999_ms: at(0.999),
-        max_ms: ms(*took.last().expect("at least one sync")),
-        over_10_ms: took.iter().filter(|d| ms(**d) > 10.0).count(),
-        over_100_ms: took.iter().filter(|d| ms(**d) > 100.0).count(),
+        interval_ms: interval.as_secs_f64() * 1000.0,
+        p50_ms: quantile(&ms, 0.5),
+        p99_ms: quantile(&ms, 0.99),
+        p999_ms: quantile(&ms, 0.999),
+        max_ms: quantile(&ms, 1.0),
+        over_10_ms: ms.iter().filter(|&&m| m > 10.0).count(),
+        over_100_ms: ms.iter().filter(|&&m| m > 100.0).count(),
     })
 }
 
