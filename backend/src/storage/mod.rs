@@ -214,9 +214,10 @@ pub struct Delivery {
     pub body: ServerBody,
     /// Only the sockets of this session (by token hash); `None`: every socket of the user.
     pub session: Option<String>,
-    /// A stored event's JSON, encoded once when it is applied: the text stored in `events`, and the very
-    /// frame each of the user's sockets is sent (a push has no `req`, so its frame is the body alone). Events
-    /// for several users (a message, for its recipient and its sender) share it. `None` for live-only frames.
+    /// A replayable event's JSON, encoded once when it is applied: the text stored in `events` (a message's
+    /// events are derived from its row instead), and the very frame each of the user's sockets is sent (a push
+    /// has no `req`, so its frame is the body alone). Events for several users (a message, for its recipient
+    /// and its sender) share it. `None` for live-only frames.
     pub json: Option<Arc<str>>,
 }
 

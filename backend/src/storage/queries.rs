@@ -11,9 +11,26 @@ use crate::{Error, Result};
 
 /// The columns every message query selects, joined with both users' names.
 pub(super) const MESSAGE_SELECT: &str =
-    "SELECT m.id, s.username AS sender, r.username AS recipient, m.body, m.client_id, \
+    "SELECT m.id, m.sender_id, s.username AS sender, r.username AS recipient, m.body, m.client_id, \
      m.sent_at, m.delivered_at, m.read_at, s.deleted_at AS sender_deleted \
      FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id";
+
+/// [`Db::events_after`]: `$1` the user, `$2` the cursor, `$3` the limit. Each of the three parts is limited
+/// on its own index range ((user_id, idx), (recipient_id, id), (sender_id, id)), so a page reads at most three
+/// pages' worth of rows however long the account's history; the columns a part lacks are typed NULLs.
+const EVENTS_AFTER: &str = "SELECT idx, body, sender, recipient, text, client_id, sent_at FROM ( \
+       SELECT * FROM (SELECT idx, body, CAST(NULL AS TEXT) AS sender, CAST(NULL AS TEXT) AS recipient, \
+         CAST(NULL AS TEXT) AS text, CAST(NULL AS TEXT) AS client_id, CAST(NULL AS BIGINT) AS sent_at \
+         FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx LIMIT $3) AS stored \
+       UNION ALL SELECT * FROM (SELECT m.id AS idx, CAST(NULL AS TEXT) AS body, s.username AS sender, \
+         r.username AS recipient, m.body AS text, m.client_id, m.sent_at \
+         FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id \
+         WHERE m.recipient_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3) AS received \
+       UNION ALL SELECT * FROM (SELECT m.id AS idx, CAST(NULL AS TEXT) AS body, s.username AS sender, \
+         r.username AS recipient, m.body AS text, m.client_id, m.sent_at \
+         FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id \
+         WHERE m.sender_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3) AS sent \
+     ) AS t ORDER BY idx LIMIT $3";
 
 impl Db {
     /// The live account with this username (ignoring case).
@@ -220,10 +237,13 @@ impl Db {
         contacts(&self.pool, me).await
     }
 
-    /// `user_id`'s stored events with an index greater than `cursor`, in index order, at most `limit` of them
-    /// (one page of a `resume` backlog), each with its index.
+    /// `user_id`'s events with an index greater than `cursor`, in index order, at most `limit` of them (one
+    /// page of a `resume` backlog), each with its index: the stored ones, and the messages it received or
+    /// sent, which are not stored as events but derived from their rows (see `events_of` in `state.rs`), each
+    /// as it was when sent (no receipts, `from_deleted` false). One statement, so one consistent read: an
+    /// event committed meanwhile is in it or pushed live, never skipped between two reads.
     pub async fn events_after(&self, user_id: i64, cursor: u64, limit: u32) -> Result<Vec<(u64, ServerBody)>> {
-        let rows = sqlx::query("SELECT idx, body FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx LIMIT $3")
+        let rows = sqlx::query(EVENTS_AFTER)
             .bind(user_id)
             .bind(cursor.min(i64::MAX as u64) as i64)
             .bind(limit as i64)
@@ -231,10 +251,25 @@ impl Db {
             .await?;
         rows.iter()
             .map(|row| {
-                let index: i64 = row.try_get("idx")?;
-                let body: String = row.try_get("body")?;
-                let body = serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("event: {e}")))?;
-                Ok((index as u64, body))
+                let index = row.try_get::<i64, _>("idx")? as u64;
+                let body = match row.try_get::<Option<String>, _>("body")? {
+                    Some(body) => serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("event: {e}")))?,
+                    None => ServerBody::Message {
+                        index,
+                        message: Message {
+                            id: index,
+                            from: row.try_get("sender")?,
+                            to: row.try_get("recipient")?,
+                            text: row.try_get("text")?,
+                            client_id: row.try_get("client_id")?,
+                            sent_at: row.try_get("sent_at")?,
+                            delivered_at: None,
+                            read_at: None,
+                            from_deleted: false,
+                        },
+                    },
+                };
+                Ok((index, body))
             })
             .collect()
     }

@@ -115,7 +115,7 @@ impl Db {
             insert_events(&mut conn, self.backend, &mut events).await?;
             let index = *index;
             // The same op fails the same way on every retry when the data is at fault; say which entry.
-            let mut caused = match apply(&mut conn, index, op).await {
+            let mut caused = match apply(&mut conn, self.backend, index, op).await {
                 Ok(caused) => caused,
                 Err(e) if e.is_deterministic() => {
                     return Err(Error::Unapplicable { index: index as u64, reason: e.to_string() })
@@ -181,9 +181,14 @@ const TO_APPLY: &str = "SELECT a.applied, l.idx, l.op \
 /// Events per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
 const EVENTS_PER_INSERT: usize = super::MAX_BINDS / 3;
 
-/// Encode the stored events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
-/// replayed) into their [`Delivery::json`], and add them to `events`, the rows to store. An event for several
-/// users (a message, for its recipient and its sender) is encoded once and shared.
+/// Encode the replayable events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
+/// replayed) into their [`Delivery::json`], and add those that must be stored to `events`, the rows to store.
+/// An event for several users (a message, for its recipient and its sender) is encoded once and shared.
+///
+/// A message's events are not stored: `resume` replays them from the `messages` row (see
+/// [`Db::events_after`](super::Db::events_after)), which saves two rows of the whole message, and two more
+/// per-user b-tree insertions, per message. Should the row go (its recipient deletes the account), the
+/// deletion stores the sender's copy first ([`apply`], `DeleteAccount`).
 fn events_of(caused: &mut [Delivery], events: &mut Vec<(i64, i64, Arc<str>)>) -> Result<()> {
     let mut previous: Option<usize> = None;
     for at in 0..caused.len() {
@@ -194,7 +199,9 @@ fn events_of(caused: &mut [Delivery], events: &mut Vec<(i64, i64, Arc<str>)>) ->
             None => serde_json::to_string(&caused[at].body).map_err(|e| Error::Corrupt(e.to_string()))?.into(),
         };
         previous = Some(at);
-        events.push((caused[at].user_id, index as i64, json.clone()));
+        if !matches!(caused[at].body, ServerBody::Message { .. }) {
+            events.push((caused[at].user_id, index as i64, json.clone()));
+        }
         caused[at].json = Some(json);
     }
     Ok(())
@@ -353,7 +360,7 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
 }
 
 /// Apply one committed op inside the applying transaction: the chat state machine.
-async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delivery>> {
+async fn apply(tx: &mut AnyConnection, backend: Backend, index: i64, op: &Op) -> Result<Vec<Delivery>> {
     match op {
         Op::Register { user_id, username, password_hash, token_hash, at, skeleton } => {
             let key = name_key(username);
@@ -545,6 +552,10 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
         Op::DeleteAccount { user_id, at } => {
             let username = username_of(tx, *user_id).await?;
             let peers = contacts(&mut *tx, *user_id).await?;
+            // The messages to the account go; their live senders keep the event they were pushed, which
+            // `resume` can no longer derive from the row.
+            let mut copies = senders_copies(tx, *user_id).await?;
+            insert_events(tx, backend, &mut copies).await?;
             for sql in [
                 "DELETE FROM messages WHERE recipient_id = $1",
                 "DELETE FROM sessions WHERE user_id = $1",
@@ -572,6 +583,22 @@ async fn apply(tx: &mut AnyConnection, index: i64, op: &Op) -> Result<Vec<Delive
                 .collect())
         }
     }
+}
+
+/// The events the live senders of the messages to `recipient` were pushed for them, as stored events (user,
+/// index, JSON): each message as it was when sent (no receipts, `from_deleted` false, as a replay shows it).
+async fn senders_copies(tx: &mut AnyConnection, recipient: i64) -> Result<Vec<(i64, i64, Arc<str>)>> {
+    let sql = format!("{MESSAGE_SELECT} WHERE m.recipient_id = $1 AND s.deleted_at IS NULL ORDER BY m.id");
+    let rows = sqlx::query(composed(sql)).bind(recipient).fetch_all(&mut *tx).await?;
+    rows.iter()
+        .map(|row| {
+            let message = Message { delivered_at: None, read_at: None, from_deleted: false, ..message_from_row(row)? };
+            let (sender, index) = (row.try_get::<i64, _>("sender_id")?, message.id as i64);
+            let body = ServerBody::Message { index: message.id, message };
+            let json = serde_json::to_string(&body).map_err(|e| Error::Corrupt(e.to_string()))?;
+            Ok((sender, index, json.into()))
+        })
+        .collect()
 }
 
 async fn insert_session(tx: &mut AnyConnection, token_hash: &str, user_id: i64, at: i64) -> Result<()> {

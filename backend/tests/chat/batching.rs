@@ -1,10 +1,12 @@
 //! The applier's batched path (a run of sends applied with a few statements for the whole run) gives exactly
-//! what applying every op on its own gives: the same tables, the same events, the same pushes.
+//! what applying every op on its own gives: the same tables, the same events, the same pushes; and what
+//! `resume` replays from the applied state is exactly what was pushed.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use replichat::op::Op;
 use replichat::storage::Db;
+use replichat_shared::{Message, ServerBody};
 
 use crate::both;
 use crate::util::entries::{numbered, register};
@@ -158,14 +160,15 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
         register(2, "b"),
         Op::Send { sender_id: 1, recipient_id: 2, client_id: "c3".into(), text: "three".into(), at: 3 },
         Op::Send { sender_id: 1, recipient_id: 2, client_id: "c4".into(), text: "four".into(), at: 4 },
+        Op::Read { user_id: 2, peer_id: 1, up_to: 4, at: 5 },
     ];
     let entries = numbered(&ops, |_| 1);
     let planted = [
         // Message 4 under another client id: the send of entry 4 meets it by id alone.
         "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
          VALUES (4, 2, 1, 'planted', 'not from the log', 0)",
-        // The recipient's event of entry 3.
-        "INSERT INTO events (user_id, idx, body) VALUES (2, 3, '{}')",
+        // The sender's receipt of entry 5 (a message's own events are not stored: derived from its row).
+        "INSERT INTO events (user_id, idx, body) VALUES (1, 5, '{}')",
     ];
     for sql in planted {
         let url = fresh_db(engine).await;
@@ -175,7 +178,7 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
         db.close().await;
         plant(&url, sql).await;
         let db = Db::open(&url).await.unwrap();
-        let refused = db.apply_committed(4).await;
+        let refused = db.apply_committed(5).await;
         assert!(refused.is_err(), "{sql}: applied over it: {refused:?}");
         assert_eq!(db.applied_index().await.unwrap(), 2, "{sql}: nothing applied");
         let dump = db.dump().await.unwrap();
@@ -183,4 +186,118 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
         assert_eq!(messages.len(), usize::from(sql.contains("planted")), "{sql}: no message stored: {messages:?}");
         db.close().await;
     }
+});
+
+/// The users of `dump` whose account is live (not deleted), by id.
+fn live_users(dump: &str) -> Vec<i64> {
+    // users: id, username, name_key, live_key, password_hash, created_at, deleted_at, ...
+    replichat::storage::dump_section(dump, "users")
+        .iter()
+        .filter(|row| row[6] == "∅")
+        .map(|row| row[0].parse().unwrap())
+        .collect()
+}
+
+/// Every event `db` replays to `user` from cursor 0, page by page as `resume` reads them.
+async fn replay(db: &Db, user: i64) -> Vec<ServerBody> {
+    let mut all = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = db.events_after(user, cursor, 7).await.unwrap();
+        let Some(&(last, _)) = page.last() else { return all };
+        assert!(page.iter().all(|(index, _)| *index > cursor), "a page holds only events after its cursor");
+        cursor = last;
+        all.extend(page.into_iter().map(|(_, body)| body));
+    }
+}
+
+both!(a_replay_from_zero_is_every_event_a_live_user_was_pushed, |engine| async move {
+    // A message's events are derived from its row, not stored (a recipient's deletion stores its senders'
+    // copies): what `resume` replays must still be exactly what was pushed, in order, with each message as it
+    // was when sent (from_deleted false, as PROTOCOL.md promises; a send applied after its sender's deletion
+    // was pushed with true).
+    for seed in 0..6u64 {
+        let mut rng = StdRng::seed_from_u64(100 + seed);
+        let entries = numbered(&random_log(&mut rng, 300), |_| 1);
+        let db = Db::open(&fresh_db(engine).await).await.unwrap();
+        db.append_entries(&entries).await.unwrap();
+        let mut pushed = Vec::new();
+        let mut applied = 0;
+        while applied < entries.len() as u64 {
+            let up_to = (applied + rng.gen_range(1..40)).min(entries.len() as u64);
+            let (now, caused) = db.apply_committed(up_to).await.unwrap();
+            pushed.extend(caused);
+            applied = now;
+        }
+        let dump = db.dump().await.unwrap();
+        let users = live_users(&dump);
+        assert!(users.len() >= 2, "seed {seed}: live users left: {users:?}");
+        let mut messages = 0;
+        for user in users {
+            let expected: Vec<ServerBody> = pushed
+                .iter()
+                .filter(|d| d.user_id == user && d.body.index().is_some())
+                .map(|d| match d.body.clone() {
+                    ServerBody::Message { index, message } => {
+                        ServerBody::Message { index, message: Message { from_deleted: false, ..message } }
+                    }
+                    other => other,
+                })
+                .collect();
+            messages += expected.iter().filter(|b| matches!(b, ServerBody::Message { .. })).count();
+            assert_eq!(replay(&db, user).await, expected, "seed {seed}: user {user}");
+        }
+        assert!(messages > 20, "seed {seed}: only {messages} messages replayed");
+        db.close().await;
+    }
+});
+
+both!(migration_0005_removes_the_message_events_an_earlier_version_stored, |engine| async move {
+    // Before migration 0005 both events of every message were stored; replayed beside the events derived
+    // from the messages now, each message would come twice. The migration removes them, and only them.
+    let mut rng = StdRng::seed_from_u64(7);
+    let entries = numbered(&random_log(&mut rng, 200), |_| 1);
+    let url = fresh_db(engine).await;
+    let db = Db::open(&url).await.unwrap();
+    db.append_entries(&entries).await.unwrap();
+    let (_, pushed) = db.apply_committed(entries.len() as u64).await.unwrap();
+    let dump = db.dump().await.unwrap();
+    let users = live_users(&dump);
+    let mut replays = Vec::new();
+    for &user in &users {
+        replays.push(replay(&db, user).await);
+    }
+    let events = replichat::storage::dump_section(&dump, "events").len();
+    let stored: std::collections::HashSet<&str> =
+        replichat::storage::dump_section(&dump, "messages").iter().map(|row| row[0]).collect();
+    db.close().await;
+
+    // The rows an earlier version stored: every message's event for its recipient and its sender, for the
+    // messages that still exist (a recipient's deletion removed the others, with the recipient's events).
+    let old_rows: Vec<String> = pushed
+        .iter()
+        .filter(|d| matches!(&d.body, ServerBody::Message { message, .. } if stored.contains(&*message.id.to_string())))
+        .map(|d| {
+            let json = d.json.as_deref().expect("a stored event is encoded").replace('\'', "''");
+            format!("({}, {}, '{json}')", d.user_id, d.body.index().unwrap())
+        })
+        .collect();
+    assert!(old_rows.len() > 40, "{} message events", old_rows.len());
+    plant(&url, &format!("INSERT INTO events (user_id, idx, body) VALUES {}", old_rows.join(", "))).await;
+    let db = Db::open(&url).await.unwrap();
+    let mut twice = false;
+    for (user, expected) in users.iter().zip(&replays) {
+        twice |= replay(&db, *user).await.len() > expected.len();
+    }
+    assert!(twice, "the planted rows are replayed beside the derived events");
+    db.close().await;
+
+    plant(&url, include_str!("../../../migrations/0005_message_events_derived.sql")).await;
+    let db = Db::open(&url).await.unwrap();
+    for (user, expected) in users.iter().zip(&replays) {
+        assert_eq!(&replay(&db, *user).await, expected, "user {user}: replayed as before");
+    }
+    let dump = db.dump().await.unwrap();
+    assert_eq!(replichat::storage::dump_section(&dump, "events").len(), events, "every other event kept");
+    db.close().await;
 });

@@ -94,3 +94,41 @@ both!(resume_needs_a_valid_token, |engine| async move {
         )
         .await;
 });
+
+both!(a_sender_still_replays_a_message_to_an_account_deleted_since, |engine| async move {
+    // The recipient's deletion removes the messages to it; their sender was pushed them and replays them as
+    // sent (a message's events are derived from its row, so the deletion stores the sender's copy first).
+    let server = server(engine).await;
+    let mut alice = server.user("alice").await;
+    let mut bob = server.user("bob").await;
+    let first = alice.send_message("bob", "one").await;
+    let second = alice.send_message("bob", "two").await;
+    let third = bob.send_message("alice", "from bob").await;
+    let token = alice.token.clone().unwrap();
+    alice.close().await;
+    bob.request(Request::DeleteAccount { password: "password123".into() }).await;
+
+    let mut alice = server.client().await;
+    alice.request(Request::Resume { token, cursor: 0 }).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(match alice.next_push().await {
+            ServerBody::Message { index, message } => {
+                assert_eq!(index, message.id);
+                assert_eq!((message.delivered_at, message.read_at, message.from_deleted), (None, None, false));
+                format!("{} {}->{}: {}", message.id, message.from, message.to, message.text)
+            }
+            ServerBody::PeerDeleted { username, .. } => format!("deleted {username}"),
+            other => panic!("unexpected {other:?}"),
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            format!("{first} alice->bob: one"),
+            format!("{second} alice->bob: two"),
+            format!("{third} bob->alice: from bob"),
+            "deleted bob".to_owned()
+        ]
+    );
+});
