@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 use super::{composed, get_meta, set_meta, Backend, Db, TxConnection};
 use crate::{Error, Result};
 
+/// Migration 0005's one statement: delete the stored events of messages that exist (derived from their rows).
+const MESSAGE_EVENTS_CLEANUP: &str = include_str!("../../../migrations/0005_message_events_derived.sql");
+
 /// Chunks read ahead of the consumer of a [`SnapshotStream`].
 const READ_AHEAD: usize = 2;
 /// Most rows in one chunk, whatever their size.
@@ -371,6 +374,9 @@ impl SnapshotInstall {
         for index in std::mem::take(&mut self.indexes) {
             sqlx::query(composed(index)).execute(&mut *self.conn).await?;
         }
+        // A snapshot from a build before migration 0005 carries both events of every message, which this build
+        // derives from the message's row: removed as that migration removed them, or they would replay twice.
+        sqlx::query(MESSAGE_EVENTS_CLEANUP).execute(&mut *self.conn).await?;
         set_meta(&mut self.conn, "applied_index", last_index as i64).await?;
         set_meta(&mut self.conn, "compacted_index", last_index as i64).await?;
         set_meta(&mut self.conn, "compacted_term", last_term as i64).await?;

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use replichat::storage::{Db, Snapshot, SnapshotChunk};
-use replichat_shared::Request;
+use replichat_shared::{Request, ServerBody};
 
 use crate::both;
 use crate::util::*;
@@ -166,5 +166,34 @@ both!(an_install_killed_half_way_restarts_with_the_old_state, |engine| async mov
     assert_eq!(replica.applied_index().await.unwrap(), old.last_index);
     // And takes the whole new snapshot afterwards.
     replica.install_snapshot(&new).await.unwrap();
+    assert!(replica.dump_state().await.unwrap() == server.db().dump_state().await.unwrap());
+});
+
+both!(a_snapshot_from_a_build_before_0005_replays_each_message_once, |engine| async move {
+    // A build before migration 0005 stored both events of every message, and its snapshots carry them; the
+    // installed state must not replay a message twice (beside the event derived from its row).
+    let (server, _ann, _ben) = busy_server(engine, 10).await;
+    let (last_index, last_term, mut chunks) = stream_all(server.db(), 4096).await;
+    let dump = server.db().dump().await.unwrap();
+    let users: Vec<i64> =
+        replichat::storage::dump_section(&dump, "users").iter().map(|row| row[0].parse().unwrap()).collect();
+    let mut replays = Vec::new();
+    let mut old_rows = Vec::new();
+    for &user in &users {
+        let replay = server.db().events_after(user, 0, 1000).await.unwrap();
+        for (index, body) in &replay {
+            if matches!(body, ServerBody::Message { .. }) {
+                old_rows.push(serde_json::json!([user, index, serde_json::to_string(body).unwrap()]));
+            }
+        }
+        replays.push(replay);
+    }
+    assert_eq!(old_rows.len(), 20, "both events of each of the 10 messages");
+    chunks.push(SnapshotChunk { table: "events".into(), rows: serde_json::to_string(&old_rows).unwrap(), count: 20 });
+    let replica = Db::open(&fresh_db(engine).await).await.unwrap();
+    install_chunks(&replica, last_index, last_term, &chunks).await;
+    for (user, replay) in users.iter().zip(&replays) {
+        assert_eq!(&replica.events_after(*user, 0, 1000).await.unwrap(), replay, "user {user}");
+    }
     assert!(replica.dump_state().await.unwrap() == server.db().dump_state().await.unwrap());
 });
