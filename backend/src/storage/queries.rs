@@ -3,7 +3,7 @@
 
 use replichat_shared::{Conversation, Message, ServerBody};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 
 use super::{composed, Db, User};
 use crate::wildcard::{name_key, Pattern};
@@ -15,22 +15,34 @@ pub(super) const MESSAGE_SELECT: &str =
      m.sent_at, m.delivered_at, m.read_at, s.deleted_at AS sender_deleted \
      FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id";
 
-/// [`Db::events_after`]: `$1` the user, `$2` the cursor, `$3` the limit. Each of the three parts is limited
-/// on its own index range ((user_id, idx), (recipient_id, id), (sender_id, id)), so a page reads at most three
-/// pages' worth of rows however long the account's history; the columns a part lacks are typed NULLs.
-const EVENTS_AFTER: &str = "SELECT idx, body, sender, recipient, text, client_id, sent_at FROM ( \
-       SELECT * FROM (SELECT idx, body, CAST(NULL AS TEXT) AS sender, CAST(NULL AS TEXT) AS recipient, \
-         CAST(NULL AS TEXT) AS text, CAST(NULL AS TEXT) AS client_id, CAST(NULL AS BIGINT) AS sent_at \
-         FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx LIMIT $3) AS stored \
-       UNION ALL SELECT * FROM (SELECT m.id AS idx, CAST(NULL AS TEXT) AS body, s.username AS sender, \
-         r.username AS recipient, m.body AS text, m.client_id, m.sent_at \
-         FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id \
-         WHERE m.recipient_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3) AS received \
-       UNION ALL SELECT * FROM (SELECT m.id AS idx, CAST(NULL AS TEXT) AS body, s.username AS sender, \
-         r.username AS recipient, m.body AS text, m.client_id, m.sent_at \
-         FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id \
-         WHERE m.sender_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3) AS sent \
-     ) AS t ORDER BY idx LIMIT $3";
+/// [`Db::events_after`]: `$1` the user, `$2` the cursor, `$3` the limit. The stored events (their JSON in
+/// `event`) and the messages the user received and sent ([`MESSAGE_SELECT`]'s columns, `event` NULL), each part
+/// limited on its own index range ((user_id, idx), (recipient_id, id), (sender_id, id)), so a page reads at
+/// most three pages' worth of rows however long the account's history; the columns a part lacks are typed NULLs.
+fn events_after_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let messages = |side: &str| {
+            format!(
+                "SELECT CAST(NULL AS TEXT) AS event, {side}.* FROM ({MESSAGE_SELECT} \
+                 WHERE m.{side}_id = $1 AND m.id > $2 ORDER BY m.id LIMIT $3) AS {side}"
+            )
+        };
+        format!(
+            "SELECT * FROM ( \
+               SELECT * FROM (SELECT body AS event, idx AS id, CAST(NULL AS BIGINT) AS sender_id, \
+                 CAST(NULL AS TEXT) AS sender, CAST(NULL AS TEXT) AS recipient, CAST(NULL AS TEXT) AS body, \
+                 CAST(NULL AS TEXT) AS client_id, CAST(NULL AS BIGINT) AS sent_at, \
+                 CAST(NULL AS BIGINT) AS delivered_at, CAST(NULL AS BIGINT) AS read_at, \
+                 CAST(NULL AS BIGINT) AS sender_deleted \
+                 FROM events WHERE user_id = $1 AND idx > $2 ORDER BY idx LIMIT $3) AS stored \
+               UNION ALL {} UNION ALL {} \
+             ) AS t ORDER BY id LIMIT $3",
+            messages("recipient"),
+            messages("sender")
+        )
+    });
+    &SQL
+}
 
 impl Db {
     /// The live account with this username (ignoring case).
@@ -243,7 +255,7 @@ impl Db {
     /// as it was when sent (no receipts, `from_deleted` false). One statement, so one consistent read: an
     /// event committed meanwhile is in it or pushed live, never skipped between two reads.
     pub async fn events_after(&self, user_id: i64, cursor: u64, limit: u32) -> Result<Vec<(u64, ServerBody)>> {
-        let rows = sqlx::query(EVENTS_AFTER)
+        let rows = sqlx::query(AssertSqlSafe(events_after_sql()))
             .bind(user_id)
             .bind(cursor.min(i64::MAX as u64) as i64)
             .bind(limit as i64)
@@ -251,23 +263,10 @@ impl Db {
             .await?;
         rows.iter()
             .map(|row| {
-                let index = row.try_get::<i64, _>("idx")? as u64;
-                let body = match row.try_get::<Option<String>, _>("body")? {
-                    Some(body) => serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("event: {e}")))?,
-                    None => ServerBody::Message {
-                        index,
-                        message: Message {
-                            id: index,
-                            from: row.try_get("sender")?,
-                            to: row.try_get("recipient")?,
-                            text: row.try_get("text")?,
-                            client_id: row.try_get("client_id")?,
-                            sent_at: row.try_get("sent_at")?,
-                            delivered_at: None,
-                            read_at: None,
-                            from_deleted: false,
-                        },
-                    },
+                let index = row.try_get::<i64, _>("id")? as u64;
+                let body = match row.try_get::<Option<String>, _>("event")? {
+                    Some(event) => serde_json::from_str(&event).map_err(|e| Error::Corrupt(format!("event: {e}")))?,
+                    None => ServerBody::Message { index, message: message_as_sent(row)? },
                 };
                 Ok((index, body))
             })
@@ -343,6 +342,12 @@ pub(super) fn message_from_row(row: &AnyRow) -> Result<Message> {
         read_at: row.try_get("read_at")?,
         from_deleted: row.try_get::<Option<i64>, _>("sender_deleted")?.is_some(),
     })
+}
+
+/// A [`MESSAGE_SELECT`] row as the message was when sent and first pushed: no receipts, `from_deleted` false
+/// (what `resume` replays, derived or stored).
+pub(super) fn message_as_sent(row: &AnyRow) -> Result<Message> {
+    Ok(Message { delivered_at: None, read_at: None, from_deleted: false, ..message_from_row(row)? })
 }
 
 fn user_from_row(row: &AnyRow) -> Result<User> {

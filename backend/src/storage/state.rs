@@ -6,7 +6,7 @@ use std::sync::Arc;
 use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::{AnyConnection, Row};
 
-use super::queries::{contacts, message_from_row, MESSAGE_SELECT};
+use super::queries::{contacts, message_as_sent, message_from_row, MESSAGE_SELECT};
 use super::{composed, set_meta, Backend, Db, Delivery};
 use crate::op::Op;
 use crate::wildcard::name_key;
@@ -592,7 +592,7 @@ async fn senders_copies(tx: &mut AnyConnection, recipient: i64) -> Result<Vec<(i
     let rows = sqlx::query(composed(sql)).bind(recipient).fetch_all(&mut *tx).await?;
     rows.iter()
         .map(|row| {
-            let message = Message { delivered_at: None, read_at: None, from_deleted: false, ..message_from_row(row)? };
+            let message = message_as_sent(row)?;
             let (sender, index) = (row.try_get::<i64, _>("sender_id")?, message.id as i64);
             let body = ServerBody::Message { index: message.id, message };
             let json = serde_json::to_string(&body).map_err(|e| Error::Corrupt(e.to_string()))?;
