@@ -35,6 +35,9 @@ pub use snapshot::{Snapshot, SnapshotChunk, SnapshotInstall, SnapshotStream};
 /// a statement of this size is already past the point where a bigger one saves anything.
 const MAX_BINDS: usize = 900;
 
+/// The SQLite writer connection's page cache: 16 MiB (see [`sqlite_writer_settings`]).
+const WRITER_CACHE: &str = "PRAGMA cache_size = -16384";
+
 /// The migrations in `migrations/`, embedded at build time; one portable set for both backends.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -484,10 +487,10 @@ impl Db {
         self.pool.close().await;
     }
 
-    /// SQLite's `PRAGMA journal_mode`, `PRAGMA synchronous` and `PRAGMA temp_store` as the writer connection
-    /// (which appends to the log) sees them between two transactions; `None` on PostgreSQL. Lets tests check
-    /// the settings are really in force.
-    pub async fn sqlite_durability(&self) -> Result<Option<(String, i64, i64)>> {
+    /// SQLite's `PRAGMA journal_mode`, `PRAGMA synchronous`, `PRAGMA temp_store` and `PRAGMA cache_size` as
+    /// the writer connection (which appends to the log) sees them between two transactions; `None` on
+    /// PostgreSQL. Lets tests check the settings are really in force.
+    pub async fn sqlite_durability(&self) -> Result<Option<(String, i64, i64, i64)>> {
         if self.backend != Backend::Sqlite {
             return Ok(None);
         }
@@ -495,8 +498,9 @@ impl Db {
         let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&mut *conn).await?.try_get(0)?;
         let sync: i64 = sqlx::query("PRAGMA synchronous").fetch_one(&mut *conn).await?.try_get(0)?;
         let temp: i64 = sqlx::query("PRAGMA temp_store").fetch_one(&mut *conn).await?.try_get(0)?;
+        let cache: i64 = sqlx::query("PRAGMA cache_size").fetch_one(&mut *conn).await?.try_get(0)?;
         conn.finished();
-        Ok(Some((mode, sync, temp)))
+        Ok(Some((mode, sync, temp, cache)))
     }
 
     /// The node's durable election state: its current term and whom it voted for in that term.
@@ -567,8 +571,22 @@ async fn sqlite_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
 /// (BENCHMARKS.md, stop 19). The applier's INSERTs have kept no statement journal since (`INSERT OR IGNORE`,
 /// see `state::insert_events`); a log append's still does. A writing statement is at most [`MAX_BINDS`]
 /// values, so its journal stays small. Readers keep the default: their sorts may be large and belong on disk.
+///
+/// The writer keeps 16 MiB of pages in its cache ([`WRITER_CACHE`]), not SQLite's default 2 MB: every message
+/// inserts into three per-user indexes (by recipient, by sender, and the sender's client ids), each at that
+/// user's newest page, so what a writer keeps rewriting is about three pages per active user plus the tails
+/// of the log and of the messages table. 2 MB (500 pages of 4 KiB) holds that for fewer than about 150 active
+/// users; past that the pages fall out of the cache between two transactions and are read back from the WAL
+/// or the file on each touch. With 200 users sending (`bench load --target sqlite3`, /proc/PID/io, against
+/// the build before): the backups read 8 MB/s from the OS instead of 47–50, the primary 21 instead of 43, so
+/// the writer no longer depends on the OS keeping its WAL and file cached. Throughput on this machine, where
+/// those reads hit the OS cache, is within the noise (four interleaved rounds: 10,917–12,471 msg/s against
+/// 11,498–12,188; BENCHMARKS.md, stop 22); 64 MiB, or 16 MiB on every connection, measured the same. The
+/// cost: up to 16 MiB more memory per replica once the writer has touched that many pages (an idle replica's
+/// cache stays empty).
 async fn sqlite_writer_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
     sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *conn).await?;
+    sqlx::query(WRITER_CACHE).execute(&mut *conn).await?;
     Ok(())
 }
 

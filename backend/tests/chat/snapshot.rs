@@ -29,6 +29,11 @@ async fn install_chunks(db: &Db, last_index: u64, last_term: u64, chunks: &[Snap
     install.finish(last_index, last_term).await.unwrap();
 }
 
+/// SQLite: the writer connection's page cache between two transactions; `None` on PostgreSQL.
+async fn writer_cache(db: &Db) -> Option<i64> {
+    db.sqlite_durability().await.unwrap().map(|(_, _, _, cache)| cache)
+}
+
 /// A server whose state spans many small chunks: `n` messages from ann to ben, each read by ben (a receipt:
 /// a stored event; a message's own events are derived from its row). The clients stay connected (a user's
 /// last socket closing appends an entry: the state would move under the test).
@@ -105,10 +110,13 @@ both!(an_install_given_up_half_way_leaves_the_old_state, |engine| async move {
         }
         assert!(replica.dump().await.unwrap() == old_dump);
         assert_eq!(replica.applied_index().await.unwrap(), old.last_index);
+        // The install's own large cache is not left on the writer connection.
+        assert_eq!(writer_cache(&replica).await, writer_cache(server.db()).await);
     }
     // And the next install goes through.
     install_chunks(&replica, last_index, last_term, &chunks).await;
     assert!(replica.dump_state().await.unwrap() == server.db().dump_state().await.unwrap());
+    assert_eq!(writer_cache(&replica).await, writer_cache(server.db()).await, "the writer's cache after an install");
 });
 
 /// The half of `an_install_killed_half_way_restarts_with_the_old_state` that is killed: installs half of the
