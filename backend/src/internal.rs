@@ -123,7 +123,7 @@ async fn next_handshake(socket: &mut PeerSocket) -> Result<PeerHandshake, Refusa
 /// The listener's half of the handshake: returns the id the dialler proved to be.
 async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Replication) -> Result<u64, Refusal> {
     let refused = |reason| (CloseCode::Policy, reason);
-    let PeerHandshake::Hello { from, to, nonce } = next_handshake(socket).await? else {
+    let PeerHandshake::Hello { from, to, nonce, format } = next_handshake(socket).await? else {
         return Err(refused("expected hello"));
     };
     if to != replication.id {
@@ -133,11 +133,18 @@ async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Repl
         return Err(refused("hello from an id that is not another replica of this cluster"));
     }
     let dialler_nonce = peer_auth::parse_nonce(&nonce).ok_or(refused("bad nonce"))?;
-    let transcript = Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce: peer_auth::nonce() };
+    let ours = peer_auth::own_format();
+    if format != ours {
+        tracing::warn!(peer = from, reason = %peer_auth::format_mismatch(ours, format), "refused a peer");
+        return Err(refused("another replication format"));
+    }
+    let transcript =
+        Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce: peer_auth::nonce(), format: ours };
     let challenge = PeerHandshake::Challenge {
         from: to,
         nonce: hex::encode(transcript.listener_nonce),
         proof: key.proof(Side::Listener, &transcript),
+        format: ours,
     };
     send(socket, &challenge).await?;
     let PeerHandshake::Proof { proof } = next_handshake(socket).await? else { return Err(refused("expected proof")) };

@@ -9,6 +9,10 @@
 //! 3. dialler → listener `proof {proof}`: `HMAC(K, "dialler" ‖ dialler id ‖ listener id ‖ Nd ‖ Nl)`, sent only
 //!    after the listener's proof checked out.
 //!
+//! Hello and challenge also carry each end's [`REPLICATION_FORMAT`](replichat_shared::REPLICATION_FORMAT): a
+//! replica refuses a peer of another format (a group never mixes two), and both proofs are computed over
+//! the format, so a format altered on the way makes the proofs fail instead of joining two formats.
+//!
 //! `K` is derived from the cluster secret ([`PeerKey::derive`]). Binding both ids and both nonces means a proof
 //! answers one challenge from one replica to one replica, once; the direction label means a dialler's proof
 //! is never a listener's. A listener without the secret gets only ids and a random nonce; a dialler without it
@@ -47,8 +51,8 @@ pub enum Side {
 impl Side {
     fn label(self) -> &'static [u8] {
         match self {
-            Side::Dialler => b"replichat/peer-auth/v1/dialler\0",
-            Side::Listener => b"replichat/peer-auth/v1/listener\0",
+            Side::Dialler => b"replichat/peer-auth/v2/dialler\0",
+            Side::Listener => b"replichat/peer-auth/v2/listener\0",
         }
     }
 }
@@ -64,6 +68,28 @@ pub struct Transcript {
     pub dialler_nonce: [u8; NONCE_BYTES],
     /// The listener's nonce.
     pub listener_nonce: [u8; NONCE_BYTES],
+    /// The replication format both ends speak (each end puts its own: the proofs match only if they agree).
+    pub format: u32,
+}
+
+/// The replication format this replica speaks: [`replichat_shared::REPLICATION_FORMAT`], unless a test
+/// starts it as a build of another format would (`REPLICHAT_TEST_REPLICATION_FORMAT`, read once).
+pub fn own_format() -> u32 {
+    static FORMAT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *FORMAT.get_or_init(|| {
+        std::env::var("REPLICHAT_TEST_REPLICATION_FORMAT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(replichat_shared::REPLICATION_FORMAT)
+    })
+}
+
+/// Why a peer of `theirs` is refused by a replica of `ours`, for the logs of both ends.
+pub fn format_mismatch(ours: u32, theirs: u32) -> String {
+    format!(
+        "the peer speaks replication format {theirs}, this replica {ours}: a group runs one format (upgrade or \
+         roll back every replica; until then this peer is treated as unreachable)"
+    )
 }
 
 /// The key both proofs are made with, derived from the cluster secret. Deliberately not `Debug`.
@@ -98,6 +124,7 @@ impl PeerKey {
         mac.update(&t.listener.to_be_bytes());
         mac.update(&t.dialler_nonce);
         mac.update(&t.listener_nonce);
+        mac.update(&t.format.to_be_bytes());
         mac
     }
 }
@@ -107,11 +134,11 @@ mod tests {
     use super::*;
 
     fn transcript() -> Transcript {
-        Transcript { dialler: 0, listener: 2, dialler_nonce: nonce(), listener_nonce: nonce() }
+        Transcript { dialler: 0, listener: 2, dialler_nonce: nonce(), listener_nonce: nonce(), format: 1 }
     }
 
     #[test]
-    fn a_proof_verifies_only_for_its_key_side_ids_and_nonces() {
+    fn a_proof_verifies_only_for_its_key_side_ids_nonces_and_format() {
         let key = PeerKey::derive("secret");
         let t = transcript();
         let proof = key.proof(Side::Dialler, &t);
@@ -124,6 +151,7 @@ mod tests {
             Transcript { dialler: 2, listener: 0, ..t },
             Transcript { dialler_nonce: nonce(), ..t },
             Transcript { listener_nonce: nonce(), ..t },
+            Transcript { format: 2, ..t },
         ] {
             assert!(!key.verify(Side::Dialler, &other, &proof), "{other:?}");
         }

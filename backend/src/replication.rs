@@ -1809,7 +1809,7 @@ async fn dial(
         };
         let opened = async {
             let mut ws = transport.connect(request).await.map_err(|e| (false, e))?;
-            authenticate(&mut ws, id, peer.id, &key).await.map_err(|e| (true, e.to_owned()))?;
+            authenticate(&mut ws, id, peer.id, &key).await.map_err(|e| (true, e))?;
             Ok::<_, (bool, String)>(ws)
         };
         let ws = match tokio::time::timeout(Duration::from_secs(1), opened).await {
@@ -1866,31 +1866,41 @@ async fn dial(
 
 /// The dialler's half of the handshake with the replica expected to be `peer`: say hello, check the
 /// listener's proof, and only then send ours. Nothing else is sent before the listener proved itself.
-async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) -> std::result::Result<(), &'static str> {
+async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) -> std::result::Result<(), String> {
     let dialler_nonce = peer_auth::nonce();
-    let hello = PeerHandshake::Hello { from: id, to: peer, nonce: hex::encode(dialler_nonce) };
+    let ours = peer_auth::own_format();
+    let hello = PeerHandshake::Hello { from: id, to: peer, nonce: hex::encode(dialler_nonce), format: ours };
     let text = serde_json::to_string(&hello).expect("frames serialise");
     ws.send(Message::Text(text.into())).await.map_err(|_| "closed during the handshake")?;
     let challenge = loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => break text,
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err("refused by the peer"),
+            // The listener's reason, if it gave one (another replication format, for one).
+            Some(Ok(Message::Close(Some(frame)))) if !frame.reason.is_empty() => {
+                return Err(format!("refused by the peer: {}", frame.reason))
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err("refused by the peer".into()),
             Some(Ok(_)) => continue,
         }
     };
-    let Ok(PeerHandshake::Challenge { from, nonce, proof }) = serde_json::from_str(challenge.as_str()) else {
-        return Err("expected a challenge");
+    let Ok(PeerHandshake::Challenge { from, nonce, proof, format }) = serde_json::from_str(challenge.as_str()) else {
+        return Err("expected a challenge".into());
     };
     if from != peer {
-        return Err("the challenge names another replica");
+        return Err("the challenge names another replica".into());
     }
     let listener_nonce = peer_auth::parse_nonce(&nonce).ok_or("bad nonce")?;
     if listener_nonce == dialler_nonce {
-        return Err("the listener echoed our nonce");
+        return Err("the listener echoed our nonce".into());
     }
-    let transcript = Transcript { dialler: id, listener: peer, dialler_nonce, listener_nonce };
+    if format != ours {
+        // Checked before the proof, to say why; a format altered on the way fails the proof instead (the
+        // transcript holds our own).
+        return Err(peer_auth::format_mismatch(ours, format));
+    }
+    let transcript = Transcript { dialler: id, listener: peer, dialler_nonce, listener_nonce, format: ours };
     if !key.verify(Side::Listener, &transcript, &proof) {
-        return Err("wrong proof: the listener does not know the cluster secret");
+        return Err("wrong proof: the listener does not know the cluster secret".into());
     }
     let proof = PeerHandshake::Proof { proof: key.proof(Side::Dialler, &transcript) };
     let text = serde_json::to_string(&proof).expect("frames serialise");
@@ -1900,8 +1910,10 @@ async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) ->
         Some(Ok(Message::Text(text))) if serde_json::from_str(text.as_str()).ok() == Some(PeerHandshake::Accepted) => {
             Ok(())
         }
-        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err("refused by the peer (does it have another secret?)"),
-        Some(Ok(_)) => Err("expected accepted"),
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+            Err("refused by the peer (does it have another secret?)".into())
+        }
+        Some(Ok(_)) => Err("expected accepted".into()),
     }
 }
 

@@ -89,8 +89,13 @@ fn peer_handshake(text: &str) -> bool {
     };
     let nonce = nonce.and_then(|n| parse_nonce(n.as_str()));
     if let Some(proof) = proof {
-        let transcript =
-            Transcript { dialler: 0, listener: 1, dialler_nonce: nonce.unwrap_or_default(), listener_nonce: [7; 32] };
+        let transcript = Transcript {
+            dialler: 0,
+            listener: 1,
+            dialler_nonce: nonce.unwrap_or_default(),
+            listener_nonce: [7; 32],
+            format: replichat_shared::REPLICATION_FORMAT,
+        };
         let key = PeerKey::derive("fuzz");
         assert!(!key.verify(Side::Dialler, &transcript, proof), "a made-up proof verified: {proof}");
     }

@@ -575,6 +575,14 @@ pub enum PeerFrame {
     },
 }
 
+/// The replication format this build speaks: what the ops in the log, the rows of a snapshot, the peer frames
+/// and the state a replay derives from mean. Raised whenever one of them changes meaning (a migration that
+/// changes what the state holds, a new op, a changed frame). Replicas exchange it in the handshake and refuse
+/// a peer of another format (docs/PROTOCOL.md §10.2), so a group never mixes two: to the group, a replica of
+/// another format is a partitioned one. 0 is what a build from before the exchange is taken to speak; 1 is the
+/// format since migration 0005 (a message's events derived from its row).
+pub const REPLICATION_FORMAT: u32 = 1;
+
 /// The handshake that opens every `/internal/replicate` connection, before any [`PeerFrame`]: each end proves
 /// it knows the cluster secret without sending it (an HMAC over both ids and both nonces; docs/PROTOCOL.md
 /// §10.2). Nonces and proofs are lowercase hex.
@@ -589,6 +597,9 @@ pub enum PeerHandshake {
         to: u64,
         /// The dialler's fresh nonce (32 bytes).
         nonce: String,
+        /// The dialler's [`REPLICATION_FORMAT`] (absent, 0, from a build before it was exchanged).
+        #[serde(default)]
+        format: u32,
     },
     /// Listener -> dialler: its own nonce, and its proof over both ids and both nonces.
     Challenge {
@@ -598,6 +609,9 @@ pub enum PeerHandshake {
         nonce: String,
         /// HMAC-SHA256 with the "listener" label (32 bytes).
         proof: String,
+        /// The listener's [`REPLICATION_FORMAT`] (absent, 0, from a build before it was exchanged).
+        #[serde(default)]
+        format: u32,
     },
     /// Dialler -> listener, sent only once the listener's proof checked out: the dialler's proof.
     Proof {

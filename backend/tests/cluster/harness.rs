@@ -78,6 +78,9 @@ pub struct Node {
     starts: u32,
     /// Serves TLS only.
     tls: bool,
+    /// More environment variables for its process (a test hook, e.g. `REPLICHAT_TEST_REPLICATION_FORMAT`);
+    /// a test may change them before a restart.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -179,6 +182,8 @@ pub struct Options {
     /// SQLite only: PostgreSQL listens on the root namespace's loopback, which the namespaces cannot reach.
     /// Needs root, `ip` and `iptables-legacy`.
     pub netsim: Option<Duration>,
+    /// More environment variables for these nodes' processes (see [`Node::env`]).
+    pub env: Vec<(u64, String, String)>,
 }
 
 impl Cluster {
@@ -259,6 +264,12 @@ impl Cluster {
                 child: None,
                 starts: 0,
                 tls: tls_on,
+                env: options
+                    .env
+                    .iter()
+                    .filter(|(id, ..)| *id == i as u64)
+                    .map(|(_, k, v)| (k.clone(), v.clone()))
+                    .collect(),
             });
         }
         step!("starting {n} replicas ({engine:?}) in {}: {}", dir.display(), cluster.peers);
@@ -321,6 +332,7 @@ impl Cluster {
             // Load tests send as fast as they can from one account.
             .args(["--send-rate", "1000000", "--send-burst", "1000000"])
             .args(&extra)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -17,3 +17,4 @@ mod netsim;
 mod poison;
 mod security;
 mod tls;
+mod upgrade;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use replichat::peer_auth::{self, PeerKey, Side, Transcript};
-use replichat_shared::PeerHandshake;
+use replichat_shared::{PeerHandshake, REPLICATION_FORMAT};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -54,7 +54,7 @@ async fn next(ws: &mut Ws) -> Next {
 /// Say hello as replica `from` to replica `to`; returns the dialler nonce and what came back.
 async fn hello(ws: &mut Ws, from: u64, to: u64) -> ([u8; 32], Next) {
     let nonce = peer_auth::nonce();
-    send(ws, PeerHandshake::Hello { from, to, nonce: hex::encode(nonce) }).await;
+    send(ws, PeerHandshake::Hello { from, to, nonce: hex::encode(nonce), format: REPLICATION_FORMAT }).await;
     (nonce, next(ws).await)
 }
 
@@ -64,10 +64,11 @@ async fn handshake(ws: &mut Ws, from: u64, to: u64, key: &PeerKey, listener_key:
     let (dialler_nonce, answer) = hello(ws, from, to).await;
     let Next::Frame(challenge) = answer else { panic!("no challenge: {answer:?}") };
     let challenge: PeerHandshake = serde_json::from_value(challenge).expect("a challenge");
-    let PeerHandshake::Challenge { from: listener, nonce, proof } = challenge else { panic!("{challenge:?}") };
+    let PeerHandshake::Challenge { from: listener, nonce, proof, format } = challenge else { panic!("{challenge:?}") };
+    assert_eq!(format, REPLICATION_FORMAT, "the listener says which format it speaks");
     assert_eq!(listener, to, "the listener is who the dialler called");
     let listener_nonce = peer_auth::parse_nonce(&nonce).expect("a 32-byte nonce");
-    let transcript = Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce };
+    let transcript = Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce, format };
     assert!(listener_key.verify(Side::Listener, &transcript, &proof), "the listener proves it knows the secret");
     let mine = key.proof(Side::Dialler, &transcript);
     send(ws, PeerHandshake::Proof { proof: mine.clone() }).await;
@@ -100,6 +101,18 @@ async fn only_a_replica_proving_the_secret_is_answered() {
             let mut ws = open(addr).await;
             let (_, answer) = hello(&mut ws, from, to).await;
             assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)), "hello from {from} to {to}");
+        }
+
+        step!("node {target}: a hello of another replication format, or of none (an older build), gets no challenge");
+        for format in [Some(REPLICATION_FORMAT + 1), Some(0), None] {
+            let mut ws = open(addr).await;
+            let nonce = hex::encode(peer_auth::nonce());
+            let mut frame = json!({"type": "hello", "from": claimed, "to": target, "nonce": nonce});
+            if let Some(format) = format {
+                frame["format"] = json!(format);
+            }
+            send(&mut ws, frame).await;
+            assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_POLICY)), "format {format:?}");
         }
 
         step!("node {target}: before the handshake, a frame over 1 KiB closes the connection (1009)");
