@@ -35,7 +35,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 type PeerSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Why a connection is closed: the close code and the reason sent with it (and logged).
-type Refusal = (CloseCode, &'static str);
+type Refusal = (CloseCode, std::borrow::Cow<'static, str>);
 
 /// `GET /internal/replicate`: upgrade, then authenticate the dialler by the handshake before answering
 /// anything. A replica without a cluster secret refuses every peer with HTTP 401.
@@ -81,7 +81,7 @@ async fn run(mut socket: PeerSocket, key: PeerKey, replication: Replication) {
     let peer = match authenticate(&mut socket, &key, &replication).await {
         Ok(peer) => peer,
         Err(refusal) => {
-            tracing::warn!(reason = refusal.1, "refused an internal connection: the peer did not authenticate");
+            tracing::warn!(reason = %refusal.1, "refused an internal connection: the peer did not authenticate");
             return refuse(socket, refusal).await;
         }
     };
@@ -92,37 +92,37 @@ async fn run(mut socket: PeerSocket, key: PeerKey, replication: Replication) {
         WebSocketConfig::default().max_message_size(Some(MAX_PEER_FRAME)).max_frame_size(Some(MAX_PEER_FRAME));
     let mut socket = WebSocketStream::from_raw_socket(socket.into_inner(), Role::Server, Some(authenticated)).await;
     if let Err(refusal) = serve(&mut socket, peer, &replication).await {
-        tracing::warn!(peer, reason = refusal.1, "dropped a peer connection");
+        tracing::warn!(peer, reason = %refusal.1, "dropped a peer connection");
         refuse(socket, refusal).await;
     }
 }
 
 async fn refuse(mut socket: PeerSocket, (code, reason): Refusal) {
-    let _ = socket.close(Some(CloseFrame { code, reason: reason.into() })).await;
+    let _ = socket.close(Some(CloseFrame { code, reason: reason.into_owned().into() })).await;
 }
 
 async fn send(socket: &mut PeerSocket, frame: &impl serde::Serialize) -> Result<(), Refusal> {
     let text = serde_json::to_string(frame).expect("frames serialise");
-    socket.send(Message::Text(text.into())).await.map_err(|_| (CloseCode::Policy, "closed during the handshake"))
+    socket.send(Message::Text(text.into())).await.map_err(|_| (CloseCode::Policy, "closed during the handshake".into()))
 }
 
 /// The next handshake frame, within [`HANDSHAKE_TIMEOUT`].
 async fn next_handshake(socket: &mut PeerSocket) -> Result<PeerHandshake, Refusal> {
-    let closed = (CloseCode::Policy, "closed during the handshake");
+    let closed = (CloseCode::Policy, "closed during the handshake".into());
     let message = match tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.next()).await {
-        Err(_) => return Err((CloseCode::Policy, "handshake timed out")),
+        Err(_) => return Err((CloseCode::Policy, "handshake timed out".into())),
         Ok(None) => return Err(closed),
-        Ok(Some(Err(WsError::Capacity(_)))) => return Err((CloseCode::Size, "handshake frame too big")),
+        Ok(Some(Err(WsError::Capacity(_)))) => return Err((CloseCode::Size, "handshake frame too big".into())),
         Ok(Some(Err(_))) => return Err(closed),
         Ok(Some(Ok(message))) => message,
     };
-    let Message::Text(text) = message else { return Err((CloseCode::Policy, "expected a handshake frame")) };
-    serde_json::from_str(text.as_str()).map_err(|_| (CloseCode::Policy, "expected a handshake frame"))
+    let Message::Text(text) = message else { return Err((CloseCode::Policy, "expected a handshake frame".into())) };
+    serde_json::from_str(text.as_str()).map_err(|_| (CloseCode::Policy, "expected a handshake frame".into()))
 }
 
 /// The listener's half of the handshake: returns the id the dialler proved to be.
 async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Replication) -> Result<u64, Refusal> {
-    let refused = |reason| (CloseCode::Policy, reason);
+    let refused = |reason: &'static str| (CloseCode::Policy, reason.into());
     let PeerHandshake::Hello { from, to, nonce, format } = next_handshake(socket).await? else {
         return Err(refused("expected hello"));
     };
@@ -135,8 +135,14 @@ async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Repl
     let dialler_nonce = peer_auth::parse_nonce(&nonce).ok_or(refused("bad nonce"))?;
     let ours = peer_auth::own_format();
     if format != ours {
-        tracing::warn!(peer = from, reason = %peer_auth::format_mismatch(ours, format), "refused a peer");
-        return Err(refused("another replication format"));
+        tracing::warn!(
+            peer = from,
+            reason = %peer_auth::format_mismatch(ours, format),
+            "refused a peer: a group runs one replication format (upgrade or roll back every replica; until \
+             then the peer is kept out)"
+        );
+        // Our format goes back to the dialler, whose log and status then say which formats met.
+        return Err((CloseCode::Policy, peer_auth::format_refusal(ours).into()));
     }
     let transcript =
         Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce: peer_auth::nonce(), format: ours };
@@ -175,7 +181,7 @@ async fn serve(socket: &mut PeerSocket, peer: u64, replication: &Replication) ->
             }
         };
         if sender != peer {
-            return Err((CloseCode::Policy, "a frame in another replica's name"));
+            return Err((CloseCode::Policy, "a frame in another replica's name".into()));
         }
         let Some(answer) = replication.request(frame).await else { return Ok(()) };
         let text = serde_json::to_string(&answer).expect("frames serialise");

@@ -84,12 +84,20 @@ pub fn own_format() -> u32 {
     })
 }
 
-/// Why a peer of `theirs` is refused by a replica of `ours`, for the logs of both ends.
+/// Why a peer of `theirs` is refused by a replica of `ours`: for the logs of both ends and the status.
 pub fn format_mismatch(ours: u32, theirs: u32) -> String {
-    format!(
-        "the peer speaks replication format {theirs}, this replica {ours}: a group runs one format (upgrade or \
-         roll back every replica; until then this peer is treated as unreachable)"
-    )
+    format!("the peer speaks replication format {theirs}, this replica {ours}")
+}
+
+/// The reason a listener closes with when it refuses a dialler of another format: its own format, which the
+/// dialler reads back with [`format_of_refusal`].
+pub fn format_refusal(ours: u32) -> String {
+    format!("replication format {ours}")
+}
+
+/// The listener's format in a close reason made by [`format_refusal`].
+pub fn format_of_refusal(reason: &str) -> Option<u32> {
+    reason.strip_prefix("replication format ")?.parse().ok()
 }
 
 /// The key both proofs are made with, derived from the cluster secret. Deliberately not `Debug`.
@@ -158,6 +166,14 @@ mod tests {
         assert!(!key.verify(Side::Dialler, &t, ""), "empty");
         assert!(!key.verify(Side::Dialler, &t, &proof[..62]), "truncated");
         assert!(!key.verify(Side::Dialler, &t, "zz"), "not hex");
+    }
+
+    #[test]
+    fn a_format_refusal_reads_back_as_the_listeners_format() {
+        assert_eq!(format_of_refusal(&format_refusal(7)), Some(7));
+        assert_eq!(format_of_refusal("replication format x"), None);
+        assert_eq!(format_of_refusal("wrong proof"), None);
+        assert_eq!(format_mismatch(1, 7), "the peer speaks replication format 7, this replica 1");
     }
 
     #[test]

@@ -164,6 +164,10 @@ enum Input {
     Response(PeerFrame),
     /// The connection to a peer opened (true) or closed (false).
     Reachable(u64, bool),
+    /// What answers at a peer's URL refused our handshake, and why (another replication format, another
+    /// secret), shown in the status until a connection to it opens; `None`: the last attempt failed
+    /// otherwise (nothing answered), which is no refusal.
+    Refused(u64, Option<String>),
     /// The background task streaming snapshot `stream` to `peer` finished: every chunk sent, or given up.
     SnapshotDone { peer: u64, stream: u64, sent: bool },
     /// Applying committed entries failed for a machine reason (the state tables' disk is full, ...).
@@ -250,6 +254,7 @@ impl Replication {
             proposal_batches: 0,
             proposed_entries: 0,
             reachable: BTreeSet::new(),
+            refused: BTreeMap::new(),
             heard: BTreeMap::new(),
             elections: VecDeque::new(),
             storage_failed_at: None,
@@ -460,6 +465,8 @@ struct Core {
     proposed_entries: u64,
     /// Peers whose connection is open now.
     reachable: BTreeSet<u64>,
+    /// Peers whose last handshake we dialled was refused, and why (see [`Input::Refused`]).
+    refused: BTreeMap<u64, String>,
     /// What each peer last said (kept across terms and roles, so a replica that goes down keeps its last
     /// known index and term in the status).
     heard: BTreeMap<u64, Heard>,
@@ -629,11 +636,18 @@ impl Core {
                 self.cancel_snapshot(peer);
                 if up {
                     self.reachable.insert(peer);
+                    self.refused.remove(&peer);
                 } else {
                     self.reachable.remove(&peer);
                     self.primary_connection_lost(peer);
                 }
                 crate::metrics::peer_connections(self.reachable.len());
+            }
+            Input::Refused(peer, Some(why)) => {
+                self.refused.insert(peer, why);
+            }
+            Input::Refused(peer, None) => {
+                self.refused.remove(&peer);
             }
             Input::ApplyFailed(why) => self.storage_failed_because(format!("applying committed entries: {why}")),
             Input::SnapshotDone { peer, stream, sent } => {
@@ -1639,6 +1653,7 @@ impl Core {
                     lag: self.last_index.saturating_sub(last_index),
                     term,
                     last_heard_ms,
+                    refused: if alive { None } else { self.refused.get(&id).cloned() },
                 }
             })
             .collect()
@@ -1816,6 +1831,7 @@ async fn dial(
             Ok(Ok(ws)) => ws,
             Ok(Err((reached, e))) => {
                 if logged.as_deref() != Some(e.as_str()) {
+                    let _ = inbox.send(Input::Refused(peer.id, reached.then(|| e.clone()))).await;
                     if reached {
                         tracing::warn!(peer = peer.id, reason = %e, "the replica at this peer's URL did not authenticate");
                     } else if e.starts_with("TLS") {
@@ -1875,9 +1891,12 @@ async fn authenticate(ws: &mut PeerSocket, id: u64, peer: u64, key: &PeerKey) ->
     let challenge = loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => break text,
-            // The listener's reason, if it gave one (another replication format, for one).
+            // The listener's reason, if it gave one: another replication format, its own in the reason.
             Some(Ok(Message::Close(Some(frame)))) if !frame.reason.is_empty() => {
-                return Err(format!("refused by the peer: {}", frame.reason))
+                return Err(match peer_auth::format_of_refusal(frame.reason.as_str()) {
+                    Some(theirs) => peer_auth::format_mismatch(ours, theirs),
+                    None => format!("refused by the peer: {}", frame.reason.as_str()),
+                });
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err("refused by the peer".into()),
             Some(Ok(_)) => continue,

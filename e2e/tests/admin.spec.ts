@@ -188,3 +188,37 @@ test('after a kill -9 the admin page shows the dead replica as last known, the e
     .evaluateAll((cards) => cards.filter((c) => c.scrollWidth > c.clientWidth + 1).length);
   expect(overflowing, 'cards fit the phone screen').toBe(0);
 });
+
+test('the admin page says why a replica of another replication format is kept out of the group', async ({
+  cluster,
+  openPage,
+}) => {
+  test.setTimeout(60_000);
+  expect(await cluster.primary()).toBe(0);
+  const admin = await openPage('admin', { replica: 0, path: '/admin' });
+  await check.admin(admin, {
+    primary: 0,
+    roles: { 0: 'primary', 1: 'backup', 2: 'backup' },
+    alive: { 0: true, 1: true, 2: true },
+  });
+  const refused = find.replicaCard(admin, 2).getByTestId('refused');
+  await expect(refused).toHaveCount(0);
+
+  step('replica 2 restarted as a build of another replication format would be: it answers, the others refuse it');
+  await cluster.stop(2);
+  await cluster.restart(2, { REPLICHAT_TEST_REPLICATION_FORMAT: '99' });
+  // Replicas 0 and 1 both dial it, and both say which formats met: its 99 and their own.
+  await expect(refused.first()).toHaveText(/^replica [01]: the peer speaks replication format 99, this replica \d+$/, {
+    timeout: check.FAILOVER_MS,
+  });
+
+  step("restarted on the group's format, it is back in the group and the note goes");
+  await cluster.stop(2);
+  await cluster.restart(2);
+  await check.admin(
+    admin,
+    { primary: 0, roles: { 0: 'primary', 1: 'backup', 2: 'backup' }, alive: { 0: true, 1: true, 2: true } },
+    check.FAILOVER_MS,
+  );
+  await expect(refused).toHaveCount(0, { timeout: check.FAILOVER_MS });
+});

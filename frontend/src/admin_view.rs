@@ -31,6 +31,9 @@ struct Row {
     lag: u64,
     /// While it does not answer: seconds since anyone (the page or a replica) last heard from it.
     heard_ago_s: Option<u64>,
+    /// Replicas whose connection to it was refused in the handshake, and why (`replica 0: the peer speaks
+    /// replication format 2, ...`): it may answer this page and still be out of the group.
+    refused: Vec<String>,
 }
 
 /// What the page last learnt about a replica from the replica itself.
@@ -182,12 +185,18 @@ fn card(r: &Row) -> String {
     };
     let data_role = if r.up { escape(&r.role) } else { "unknown".to_owned() };
     let url = escape(&r.url);
+    // A replica can answer this page and still be kept out of the group by the others.
+    let refused: String = r
+        .refused
+        .iter()
+        .map(|why| format!("<dt>refused by</dt><dd data-testid=\"refused\">{}</dd>", escape(why)))
+        .collect();
     format!(
         "<li data-testid=\"replica\" data-id=\"{id}\" data-role=\"{data_role}\" data-alive=\"{up}\" class=\"card role-{data_role} {updown}\">\
          <h3>replica {id} <span class=\"role\">{role}</span></h3><dl>\
          <dt>state</dt><dd>{state}</dd><dt>term</dt><dd>{term}</dd>\
          <dt>{index_label}</dt><dd>{index}</dd><dt>lag</dt><dd>{lag}</dd>\
-         <dt>url</dt><dd><a href=\"{url}/admin\">{url}</a></dd></dl></li>",
+         <dt>url</dt><dd><a href=\"{url}/admin\">{url}</a></dd>{refused}</dl></li>",
         id = r.id,
         up = r.up,
         updown = if r.up { "up" } else { "down" },
@@ -258,6 +267,13 @@ fn merge(answers: &[(String, ClusterStatus)], shown: &ClusterStatus, memory: &mu
         .into_iter()
         .map(|(id, url)| {
             let own = answers.iter().find(|(_, s)| s.id == id).map(|(_, s)| s);
+            let refused: Vec<String> = answers
+                .iter()
+                .filter_map(|(_, s)| {
+                    let why = s.replicas.iter().find(|r| r.id == id)?.refused.as_ref()?;
+                    Some(format!("replica {}: {why}", s.id))
+                })
+                .collect();
             let seen = memory.replica(id);
             let was_up = std::mem::replace(&mut seen.2, own.is_some());
             if seen.1.is_some() && was_up != own.is_some() {
@@ -276,6 +292,7 @@ fn merge(answers: &[(String, ClusterStatus)], shown: &ClusterStatus, memory: &mu
                     last_index: s.last_index,
                     lag: shown.last_index.saturating_sub(s.last_index),
                     heard_ago_s: None,
+                    refused,
                 };
             }
             let known = memory.replica(id).1;
@@ -300,6 +317,7 @@ fn merge(answers: &[(String, ClusterStatus)], shown: &ClusterStatus, memory: &mu
                 last_index,
                 lag: shown.last_index.saturating_sub(last_index),
                 heard_ago_s: ago.map(|a| a as u64),
+                refused,
             }
         })
         .collect();

@@ -656,6 +656,10 @@ pub struct ReplicaView {
     /// the reporter's clock; `None` while alive or when never heard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heard_ms: Option<u64>,
+    /// While it is not alive: why the reporting replica's last connection to it was refused in the handshake
+    /// (another replication format, another cluster secret), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// An election as some replica saw it: `leader` became primary of `term`.

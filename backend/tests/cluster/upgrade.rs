@@ -47,6 +47,16 @@ async fn a_replica_of_another_replication_format_is_kept_out_until_it_runs_the_g
     assert_eq!(primary["role"].as_str(), Some("primary"), "still primary: {primary}");
     assert!(applied >= 7, "two registrations and five messages at least, applied {applied}");
 
+    step!("the primary's /api/cluster says why node 2 is out: its connection to node 2 was refused");
+    let view = |status: &serde_json::Value, id: u64| {
+        status["replicas"].as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(id)).cloned().unwrap()
+    };
+    let seen = view(&primary, 2);
+    assert_eq!(seen["alive"].as_bool(), Some(false), "{seen}");
+    let why =
+        format!("the peer speaks replication format {other}, this replica {}", replichat_shared::REPLICATION_FORMAT);
+    assert_eq!(seen["refused"].as_str(), Some(why.as_str()), "the reason it was refused: {seen}");
+
     step!("each end's log says why");
     for id in [leader, 2] {
         let log = std::fs::read_to_string(&cluster.node(id).log).unwrap();
@@ -60,6 +70,9 @@ async fn a_replica_of_another_replication_format_is_kept_out_until_it_runs_the_g
     let (_, dumps) = cluster.dumps_at_rest(&[0, 1, 2], true).await;
     assert_same_dump("node 0", &dumps[0], "node 2", &dumps[2]);
     assert_same_dump("node 1", &dumps[1], "node 2", &dumps[2]);
+    let primary = cluster.status(cluster.wait_for_primary(WAIT).await).await.expect("the primary answers");
+    let seen = view(&primary, 2);
+    assert_eq!((seen["alive"].as_bool(), seen.get("refused")), (Some(true), None), "back in the group: {seen}");
     alice.close().await;
     bob.close().await;
     cluster.finish().await;
