@@ -593,7 +593,7 @@ impl Chat {
             // but not applied yet: validate only once everything before this term is applied.
             self.wait_applied(term_start).await?;
             // The recipient from the index of live names, no query; whether this client id was stored already
-            // is decided when the entry is applied (the unique key), not looked up here.
+            // is decided when the entry is applied (the applier's client-id map), not looked up here.
             let Some(recipient_id) = self.db.live_user_id(to).await? else {
                 // A retry of a send that was stored, to an account deleted since: answer with the original.
                 if let Some(original) = self.db.message_by_client_id(me.user_id, client_id).await? {

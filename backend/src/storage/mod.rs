@@ -10,9 +10,11 @@
 //! - [`log`]: appending, truncating, reading and compacting the replicated log;
 //! - [`state`]: the state machine, which applies committed entries to the tables in one transaction with the
 //!   applied index, reading nothing but the database and the op;
+//! - [`client_ids`]: the applier's in-memory map of the senders' client ids (what decides a repeated `send`);
 //! - [`queries`]: the read queries the chat serves, and the canonical dump;
 //! - [`snapshot`]: reading and installing the whole state.
 
+mod client_ids;
 mod log;
 mod queries;
 mod snapshot;
@@ -123,6 +125,8 @@ pub struct Db {
     backend: Backend,
     /// Live accounts by name key, filled by lookups and emptied by the applier (see [`NameIndex`]).
     names: std::sync::Arc<NameIndex>,
+    /// Which message each (sender, client id) may name, kept by the applier (see [`client_ids`]).
+    client_ids: std::sync::Arc<client_ids::ClientIds>,
     /// SQLite: the one connection every writing transaction runs on (see [`Db::transaction_connection`]);
     /// `None` on PostgreSQL (and for an in-memory SQLite database), where writes take pooled connections.
     writer: Option<std::sync::Arc<SqliteWriter>>,
@@ -311,7 +315,7 @@ impl Db {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let writer = (backend == Backend::Sqlite && !in_memory)
             .then(|| std::sync::Arc::new(SqliteWriter { options, conn: Default::default() }));
-        let db = Db { pool, backend, names: Default::default(), writer };
+        let db = Db { pool, backend, names: Default::default(), client_ids: Default::default(), writer };
         db.backfill_usernames().await.map_err(damaged)?;
         db.check_integrity().await.map_err(damaged)?;
         Ok(db)
@@ -573,10 +577,10 @@ async fn sqlite_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
 /// values, so its journal stays small. Readers keep the default: their sorts may be large and belong on disk.
 ///
 /// The writer keeps 16 MiB of pages in its cache ([`WRITER_CACHE`]), not SQLite's default 2 MB: every message
-/// inserts into three per-user indexes (by recipient, by sender, and the sender's client ids), each at that
-/// user's newest page, so what a writer keeps rewriting is about three pages per active user plus the tails
-/// of the log and of the messages table. 2 MB (500 pages of 4 KiB) holds that for fewer than about 150 active
-/// users; past that the pages fall out of the cache between two transactions and are read back from the WAL
+/// inserts into per-user indexes (by recipient and by sender; until migration 0006 also the sender's client
+/// ids), each at that user's newest page, so what a writer keeps rewriting is a few pages per active user plus
+/// the tails of the log and of the messages table. 2 MB (500 pages of 4 KiB) held that for fewer than about 150
+/// active users (with three indexes); past that the pages fall out of the cache between two transactions and are read back from the WAL
 /// or the file on each touch. With 200 users sending (`bench load --target sqlite3`, /proc/PID/io, against
 /// the build before): the backups read 8 MB/s from the OS instead of 47–50, the primary 21 instead of 43, so
 /// the writer no longer depends on the OS keeping its WAL and file cached. Throughput on this machine, where

@@ -132,10 +132,36 @@ impl Db {
     }
 
     /// The message `sender_id` already stored under `client_id`, if any (idempotent sends).
+    ///
+    /// The applier's client-id map ([`super::client_ids`]) names the candidates while it is loaded (it holds
+    /// every committed message, perhaps with some that are gone); only their rows are read. Before its first
+    /// load, or right after a snapshot install, the sender's messages are searched instead.
     pub async fn message_by_client_id(&self, sender_id: i64, client_id: &str) -> Result<Option<Message>> {
-        let sql = format!("{MESSAGE_SELECT} WHERE m.sender_id = $1 AND m.client_id = $2");
-        let row = sqlx::query(composed(sql)).bind(sender_id).bind(client_id).fetch_optional(&self.pool).await?;
-        row.as_ref().map(message_from_row).transpose()
+        let rows = match self.client_ids.candidates(sender_id, client_id) {
+            Some(candidates) if candidates.is_empty() => return Ok(None),
+            Some(candidates) => {
+                let mut rows = Vec::new();
+                for chunk in candidates.chunks(super::MAX_BINDS) {
+                    let sql = format!("{MESSAGE_SELECT} WHERE m.id IN ({})", self.backend.params(0, chunk.len()));
+                    let mut query = sqlx::query(composed(sql));
+                    for id in chunk {
+                        query = query.bind(*id);
+                    }
+                    rows.extend(query.fetch_all(&self.pool).await?);
+                }
+                rows
+            }
+            None => {
+                let sql = format!("{MESSAGE_SELECT} WHERE m.sender_id = $1 AND m.client_id = $2");
+                sqlx::query(composed(sql)).bind(sender_id).bind(client_id).fetch_all(&self.pool).await?
+            }
+        };
+        for row in &rows {
+            if row.try_get::<i64, _>("sender_id")? == sender_id && row.try_get::<String, _>("client_id")? == client_id {
+                return message_from_row(row).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// Live usernames matching `pattern` whose key sorts after `after`, sorted by key; at most `limit`.

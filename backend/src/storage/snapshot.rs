@@ -365,6 +365,9 @@ impl SnapshotInstall {
 
     /// Record that the state is as of entry `last_index` (of `last_term`), with no log after it, and commit.
     pub async fn finish(mut self, last_index: u64, last_term: u64) -> Result<()> {
+        // The client-id map describes the old messages: unloaded before the new ones are committed, so that no
+        // reader trusts it for them, and loaded again by the next apply.
+        self.db.client_ids.unload();
         let committed = self.commit(last_index, last_term).await;
         // Every account may have changed (and a failed install was rolled back): forget the live names.
         self.db.names.invalidate();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::{AnyConnection, Row};
 
+use super::client_ids::ClientIds;
 use super::queries::{contacts, message_as_sent, message_from_row, MESSAGE_SELECT};
 use super::{composed, set_meta, Backend, Db, Delivery};
 use crate::op::Op;
@@ -37,6 +38,13 @@ impl Db {
             self.names.invalidate();
         }
         applied
+    }
+
+    /// For tests: make every (sender, client id) collide in the applier's client-id map (see
+    /// [`super::client_ids`]), so that a repeated client id is decided by reading rows alone.
+    #[doc(hidden)]
+    pub fn collide_client_ids(&self) {
+        self.client_ids.collide();
     }
 
     /// [`Db::apply_committed`] one op at a time, every send with its own statements: the reference the
@@ -95,6 +103,11 @@ impl Db {
             ops.push((index, op));
             last = index;
         }
+        if ops.iter().any(|(_, op)| matches!(op, Op::Send { .. })) {
+            load_client_ids(&mut conn, &self.client_ids).await?;
+        }
+        // Messages an account deletion removed: their client ids leave the map once the deletion committed.
+        let mut deleted = Vec::new();
         let mut deliveries = Vec::new();
         // Events to store, written together before the commit, or before an op that could touch them.
         let mut events: Vec<(i64, i64, Arc<str>)> = Vec::new();
@@ -103,7 +116,7 @@ impl Db {
         while let Some((index, op)) = rest.first() {
             let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
             if run > 0 {
-                let (stored, mut caused) = apply_sends(&mut conn, self.backend, &rest[..run]).await?;
+                let (stored, mut caused) = apply_sends(&mut conn, self.backend, &self.client_ids, &rest[..run]).await?;
                 messages += stored;
                 events_of(&mut caused, &mut events)?;
                 deliveries.extend(caused);
@@ -115,7 +128,7 @@ impl Db {
             insert_events(&mut conn, self.backend, &mut events).await?;
             let index = *index;
             // The same op fails the same way on every retry when the data is at fault; say which entry.
-            let mut caused = match apply(&mut conn, self.backend, index, op).await {
+            let mut caused = match apply(&mut conn, self.backend, &self.client_ids, &mut deleted, index, op).await {
                 Ok(caused) => caused,
                 Err(e) if e.is_deterministic() => {
                     return Err(Error::Unapplicable { index: index as u64, reason: e.to_string() })
@@ -160,6 +173,9 @@ impl Db {
             }
         }
         conn.finished();
+        for (id, sender, client_id) in deleted {
+            self.client_ids.remove(id, sender, &client_id);
+        }
         // Accounts changed: the index of live names forgets them before anyone learns the op was applied.
         if ops.iter().any(|(_, op)| matches!(op, Op::Register { .. } | Op::DeleteAccount { .. })) {
             self.names.invalidate();
@@ -267,21 +283,35 @@ fn crash_test_abort_now() -> bool {
 }
 
 /// Apply a run of consecutive sends (every op in `run` is an [`Op::Send`]) with a few statements for the whole
-/// run: one read of the users involved, multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING id` for the
-/// messages, and multi-row INSERTs for their events. The events are built from the ops and those users, not
-/// read back. Returns how many messages were stored and the events, in index order: exactly what applying
-/// the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the users is
-/// what each send would have seen; a repeated client id, also within the run, stores and causes nothing).
-async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]) -> Result<(u64, Vec<Delivery>)> {
-    let sends: Vec<(i64, i64, i64, &str, &str, i64)> = run
-        .iter()
-        .filter_map(|(index, op)| match op {
-            Op::Send { sender_id, recipient_id, client_id, text, at } => {
-                Some((*index, *sender_id, *recipient_id, client_id.as_str(), text.as_str(), *at))
-            }
-            _ => None,
-        })
-        .collect();
+/// run: one read of the users involved, multi-row `INSERT … RETURNING id` for the new messages, whose events
+/// are built from the ops and those users, not read back. Whether a send repeats a client id is decided with
+/// the applier's map ([`ClientIds`]), reading the database only for a send whose (sender, client id) hash is
+/// there (a retry). Returns how many messages were stored and the events, in index order: exactly what
+/// applying the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the
+/// users is what each send would have seen; a repeated client id, also within the run, stores and causes
+/// nothing).
+async fn apply_sends(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    client_ids: &ClientIds,
+    run: &[(i64, Op)],
+) -> Result<(u64, Vec<Delivery>)> {
+    let mut sends: Vec<(i64, i64, i64, &str, &str, i64)> = Vec::with_capacity(run.len());
+    let mut fresh = std::collections::HashSet::with_capacity(run.len());
+    for (index, op) in run {
+        let Op::Send { sender_id, recipient_id, client_id, text, at } = op else { continue };
+        // A repeat of an earlier send of this run, or of a message stored before: nothing to store.
+        if fresh.contains(&(*sender_id, client_id.as_str()))
+            || stored_before(tx, backend, client_ids, *sender_id, client_id).await?
+        {
+            continue;
+        }
+        fresh.insert((*sender_id, client_id.as_str()));
+        sends.push((*index, *sender_id, *recipient_id, client_id.as_str(), text.as_str(), *at));
+    }
+    if sends.is_empty() {
+        return Ok((0, Vec::new()));
+    }
     // Who they are: name, and whether deleted (a send proposed before its sender's deletion applied).
     let mut ids: Vec<i64> = sends.iter().flat_map(|s| [s.1, s.2]).collect();
     ids.sort_unstable();
@@ -303,12 +333,11 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
         // Applied one by one, reading the message back fails on it; that path says which entry.
         return Err(Error::Corrupt(format!("a send names account {missing}, which does not exist")));
     }
-    // On SQLite `INSERT OR IGNORE` (no statement journal, see [`insert_events`]), which also skips a row whose
-    // id is taken: a skipped send is checked below to be a repeated client id, as `ON CONFLICT (sender_id,
-    // client_id) DO NOTHING` (PostgreSQL's statement) skips it, and nothing else.
+    // A row is skipped only if its id is taken, which is checked below to fail the entry; on SQLite as
+    // `INSERT OR IGNORE`, which keeps no statement journal (see [`insert_events`]).
     let (insert, on_conflict) = match backend {
         Backend::Sqlite => ("INSERT OR IGNORE", ""),
-        Backend::Postgres => ("INSERT", "ON CONFLICT (sender_id, client_id) DO NOTHING"),
+        Backend::Postgres => ("INSERT", "ON CONFLICT (id) DO NOTHING"),
     };
     let mut stored = std::collections::HashSet::with_capacity(sends.len());
     for chunk in sends.chunks(super::MAX_BINDS / 6) {
@@ -325,21 +354,16 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
             stored.insert(row.try_get::<i64, _>("id")?);
         }
     }
-    for &(index, sender, _, client_id, ..) in sends.iter().filter(|s| !stored.contains(&s.0)) {
-        let original = sqlx::query("SELECT id FROM messages WHERE sender_id = $1 AND client_id = $2")
-            .bind(sender)
-            .bind(client_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if original.is_none() {
-            return Err(Error::Unapplicable {
-                index: index as u64,
-                reason: "a message is stored under its index already".to_owned(),
-            });
-        }
+    if let Some(&(index, ..)) = sends.iter().find(|s| !stored.contains(&s.0)) {
+        return Err(Error::Unapplicable {
+            index: index as u64,
+            reason: "a message is stored under its index already".to_owned(),
+        });
     }
-    let mut deliveries = Vec::with_capacity(2 * stored.len());
-    for &(index, sender, recipient, client_id, text, at) in sends.iter().filter(|s| stored.contains(&s.0)) {
+    let mut deliveries = Vec::with_capacity(2 * sends.len());
+    for &(index, sender, recipient, client_id, text, at) in &sends {
+        // Before the commit: the map holds every committed message, and perhaps some that were rolled back.
+        client_ids.insert(index, sender, client_id);
         let (from, from_deleted) = &users[&sender];
         let message = Message {
             id: index as u64,
@@ -356,11 +380,68 @@ async fn apply_sends(tx: &mut AnyConnection, backend: Backend, run: &[(i64, Op)]
         deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None, json: None });
         deliveries.push(Delivery { user_id: sender, body, session: None, json: None });
     }
-    Ok((stored.len() as u64, deliveries))
+    Ok((sends.len() as u64, deliveries))
+}
+
+/// Load the client-id map from the state this transaction sees, unless it is loaded: once after start-up or
+/// a snapshot install, before the first send is applied.
+async fn load_client_ids(tx: &mut AnyConnection, client_ids: &ClientIds) -> Result<()> {
+    use futures_util::TryStreamExt;
+    if client_ids.is_loaded() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut loader = client_ids.loader();
+    let mut rows = sqlx::query("SELECT id, sender_id, client_id FROM messages").fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        loader.add(row.try_get("id")?, row.try_get("sender_id")?, &row.try_get::<String, _>("client_id")?);
+    }
+    drop(rows);
+    loader.finish();
+    tracing::info!(
+        messages = client_ids.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "loaded the client ids of the stored messages"
+    );
+    Ok(())
+}
+
+/// Whether `sender` has a stored message under `client_id` (as this transaction sees it): read only when the
+/// map names candidates, and then only those rows.
+async fn stored_before(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    client_ids: &ClientIds,
+    sender: i64,
+    client_id: &str,
+) -> Result<bool> {
+    let candidates = client_ids
+        .candidates(sender, client_id)
+        .ok_or_else(|| Error::Corrupt("the client id map is not loaded".to_owned()))?;
+    for chunk in candidates.chunks(super::MAX_BINDS) {
+        let sql = format!("SELECT sender_id, client_id FROM messages WHERE id IN ({})", backend.params(0, chunk.len()));
+        let mut query = sqlx::query(composed(sql));
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            if row.try_get::<i64, _>("sender_id")? == sender && row.try_get::<String, _>("client_id")? == client_id {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Apply one committed op inside the applying transaction: the chat state machine.
-async fn apply(tx: &mut AnyConnection, backend: Backend, index: i64, op: &Op) -> Result<Vec<Delivery>> {
+async fn apply(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    client_ids: &ClientIds,
+    deleted: &mut Vec<(i64, i64, String)>,
+    index: i64,
+    op: &Op,
+) -> Result<Vec<Delivery>> {
     match op {
         Op::Register { user_id, username, password_hash, token_hash, at, skeleton } => {
             let key = name_key(username);
@@ -452,9 +533,12 @@ async fn apply(tx: &mut AnyConnection, backend: Backend, index: i64, op: &Op) ->
             let message_id = index;
             // A second send with the same client id (a retry that reached a new primary before it applied the
             // original) stores nothing and causes nothing, identically on every replica.
-            let inserted = sqlx::query(
+            if stored_before(tx, backend, client_ids, *sender_id, client_id).await? {
+                return Ok(Vec::new());
+            }
+            sqlx::query(
                 "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sender_id, client_id) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(message_id)
             .bind(sender_id)
@@ -463,11 +547,8 @@ async fn apply(tx: &mut AnyConnection, backend: Backend, index: i64, op: &Op) ->
             .bind(text)
             .bind(at)
             .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                return Ok(Vec::new());
-            }
+            .await?;
+            client_ids.insert(message_id, *sender_id, client_id);
             let sql = format!("{MESSAGE_SELECT} WHERE m.id = $1");
             let message = message_from_row(&sqlx::query(composed(sql)).bind(message_id).fetch_one(&mut *tx).await?)?;
             let body = ServerBody::Message { index: index as u64, message };
@@ -556,8 +637,14 @@ async fn apply(tx: &mut AnyConnection, backend: Backend, index: i64, op: &Op) ->
             // `resume` can no longer derive from the row.
             let mut copies = senders_copies(tx, *user_id).await?;
             insert_events(tx, backend, &mut copies).await?;
+            let rows = sqlx::query("DELETE FROM messages WHERE recipient_id = $1 RETURNING id, sender_id, client_id")
+                .bind(user_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in rows {
+                deleted.push((row.try_get("id")?, row.try_get("sender_id")?, row.try_get("client_id")?));
+            }
             for sql in [
-                "DELETE FROM messages WHERE recipient_id = $1",
                 "DELETE FROM sessions WHERE user_id = $1",
                 "DELETE FROM events WHERE user_id = $1",
                 "DELETE FROM login_failures WHERE user_id = $1",

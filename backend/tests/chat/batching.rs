@@ -64,16 +64,41 @@ fn random_log(rng: &mut StdRng, len: usize) -> Vec<Op> {
     ops
 }
 
+/// The ids (log indexes) of the messages that applying `ops` leaves stored, decided without the applier: a send
+/// stores its message unless its sender has a stored message under its client id (whatever its recipient and
+/// text); an account deletion removes the messages the account received.
+fn stored_by_model(ops: &[Op]) -> Vec<u64> {
+    let mut stored: Vec<(u64, i64, i64, &str)> = Vec::new();
+    for (at, op) in ops.iter().enumerate() {
+        match op {
+            Op::Send { sender_id, recipient_id, client_id, .. }
+                if !stored.iter().any(|m| m.1 == *sender_id && m.3 == client_id) =>
+            {
+                stored.push((at as u64 + 1, *sender_id, *recipient_id, client_id));
+            }
+            Op::DeleteAccount { user_id, .. } => stored.retain(|m| m.2 != *user_id),
+            _ => {}
+        }
+    }
+    stored.into_iter().map(|m| m.0).collect()
+}
+
 both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move {
     let mut with_deletions = 0;
     for seed in 0..12u64 {
         let mut rng = StdRng::seed_from_u64(seed);
-        let entries = numbered(&random_log(&mut rng, 300), |_| 1);
+        let ops = random_log(&mut rng, 300);
+        let entries = numbered(&ops, |_| 1);
         let last = entries.len() as u64;
         let batched = Db::open(&fresh_db(engine).await).await.unwrap();
         let one_by_one = Db::open(&fresh_db(engine).await).await.unwrap();
+        // A third replica whose client-id map holds every message under one hash: every send has every
+        // stored message as a candidate, so the rows alone decide.
+        let colliding = Db::open(&fresh_db(engine).await).await.unwrap();
+        colliding.collide_client_ids();
         batched.append_entries(&entries).await.unwrap();
         one_by_one.append_entries(&entries).await.unwrap();
+        colliding.append_entries(&entries).await.unwrap();
         // The batched replica applies in random steps (as commits arrive), so runs are cut anywhere.
         let mut pushed_batched = Vec::new();
         let mut applied = 0;
@@ -86,8 +111,22 @@ both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move
         }
         let (now, pushed_one_by_one) = one_by_one.apply_committed_one_by_one(last).await.unwrap();
         assert_eq!(now, last);
+        let mut pushed_colliding = Vec::new();
+        let mut applied = 0;
+        while applied < last {
+            let up_to = (applied + rng.gen_range(1..80)).min(last);
+            let (now, caused) = colliding.apply_committed(up_to).await.unwrap();
+            pushed_colliding.extend(caused);
+            applied = now;
+        }
         let dump = batched.dump().await.unwrap();
         let reference = one_by_one.dump().await.unwrap();
+        // Which messages exist, decided without the applier (a repeated client id stores nothing).
+        let stored: Vec<u64> =
+            replichat::storage::dump_section(&dump, "messages").iter().map(|row| row[0].parse().unwrap()).collect();
+        assert_eq!(stored, stored_by_model(&ops), "seed {seed}: the messages a model of the log stores");
+        assert_eq!(colliding.dump().await.unwrap(), reference, "seed {seed}: the same state with colliding hashes");
+        assert_eq!(pushed_colliding, pushed_one_by_one, "seed {seed}: the same pushes with colliding hashes");
         // The first line that differs, not two whole dumps.
         let differs = dump.lines().zip(reference.lines()).find(|(a, b)| a != b);
         assert_eq!(differs, None, "seed {seed}: the same state (batched, one by one)");
@@ -100,6 +139,7 @@ both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move
         with_deletions += usize::from(dump.contains("delete_account"));
         batched.close().await;
         one_by_one.close().await;
+        colliding.close().await;
     }
     assert!(with_deletions >= 6, "only {with_deletions} of 12 logs delete an account");
 });
@@ -146,7 +186,8 @@ async fn plant(url: &str, sql: &str) {
     use sqlx::Connection;
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    // Unprepared, so that one call may hold several statements (a migration file).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
     conn.close().await.unwrap();
 }
 
@@ -300,4 +341,74 @@ both!(migration_0005_removes_the_message_events_an_earlier_version_stored, |engi
     let dump = db.dump().await.unwrap();
     assert_eq!(replichat::storage::dump_section(&dump, "events").len(), events, "every other event kept");
     db.close().await;
+});
+
+both!(migration_0006_keeps_every_message_and_drops_only_the_client_id_key, |engine| async move {
+    // 0006 rebuilds `messages` without UNIQUE (sender_id, client_id): the applier's in-memory map decides a
+    // repeated client id since. Rebuilt, the table holds the same rows and both per-user indexes, and a
+    // retry of a message stored before the migration still stores nothing.
+    let mut rng = StdRng::seed_from_u64(11);
+    let entries = numbered(&random_log(&mut rng, 200), |_| 1);
+    let url = fresh_db(engine).await;
+    let db = Db::open(&url).await.unwrap();
+    db.append_entries(&entries).await.unwrap();
+    db.apply_committed(entries.len() as u64).await.unwrap();
+    let before = db.dump().await.unwrap();
+    db.close().await;
+    // The table as migrations 0001-0005 left it, with the rows it holds now.
+    plant(
+        &url,
+        "CREATE TABLE messages_old (id BIGINT PRIMARY KEY, sender_id BIGINT NOT NULL, recipient_id BIGINT NOT NULL, \
+         client_id TEXT NOT NULL, body TEXT NOT NULL, sent_at BIGINT NOT NULL, delivered_at BIGINT, read_at BIGINT, \
+         UNIQUE (sender_id, client_id))",
+    )
+    .await;
+    for sql in [
+        "INSERT INTO messages_old SELECT id, sender_id, recipient_id, client_id, body, sent_at, delivered_at, read_at \
+         FROM messages",
+        "DROP TABLE messages",
+        "ALTER TABLE messages_old RENAME TO messages",
+        "CREATE INDEX messages_by_recipient ON messages (recipient_id, id)",
+        "CREATE INDEX messages_by_sender ON messages (sender_id, id)",
+    ] {
+        plant(&url, sql).await;
+    }
+    let (sender, recipient, client_id, id): (i64, i64, String, i64) = {
+        let rows = replichat::storage::dump_section(&before, "messages");
+        let row = rows.last().expect("the log stored messages");
+        (row[1].parse().unwrap(), row[2].parse().unwrap(), row[3].to_owned(), row[0].parse().unwrap())
+    };
+    let duplicate = format!(
+        "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
+         VALUES (100000, {sender}, {recipient}, '{client_id}', 'again', 0)"
+    );
+    let mut conn = {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        sqlx::AnyConnection::connect(&url).await.unwrap()
+    };
+    let refused = sqlx::query(sqlx::AssertSqlSafe(duplicate.clone())).execute(&mut conn).await;
+    assert!(refused.is_err(), "before 0006 the key refuses a repeated client id");
+    drop(conn);
+
+    plant(&url, include_str!("../../../migrations/0006_messages_without_client_id_index.sql")).await;
+    let db = Db::open(&url).await.unwrap();
+    assert_eq!(db.dump().await.unwrap(), before, "the same rows after the rebuild");
+    // A retry of the newest message (its sender may since have been deleted: the map decides all the same).
+    let last = entries.len() as u64;
+    let retry = Op::Send {
+        sender_id: sender,
+        recipient_id: recipient,
+        client_id: client_id.clone(),
+        text: "a retry".into(),
+        at: 1,
+    };
+    db.append_entries(&[replichat::storage::Entry { index: last + 1, term: 1, op: retry.to_json() }]).await.unwrap();
+    let (_, caused) = db.apply_committed(last + 1).await.unwrap();
+    assert!(caused.is_empty(), "a retry of message {id} stores and pushes nothing: {caused:?}");
+    let stored = replichat::storage::dump_section(&db.dump().await.unwrap(), "messages").len();
+    assert_eq!(stored, replichat::storage::dump_section(&before, "messages").len(), "nothing stored");
+    db.close().await;
+    // And the key is gone: the same (sender, client id) twice is for the applier to refuse, not the table.
+    plant(&url, &duplicate).await;
 });

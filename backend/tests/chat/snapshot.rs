@@ -205,3 +205,75 @@ both!(a_snapshot_from_a_build_before_0005_replays_each_message_once, |engine| as
     }
     assert!(replica.dump_state().await.unwrap() == server.db().dump_state().await.unwrap());
 });
+
+both!(a_repeated_client_id_is_known_after_a_snapshot_install_and_a_restart, |engine| async move {
+    // The applier decides a repeated client id from its in-memory map of the stored messages: a snapshot
+    // install replaces the messages under it, and a restart starts without it.
+    use crate::util::entries::{numbered, register};
+    use replichat::op::Op;
+    let send = |sender_id: i64, client_id: &str| Op::Send {
+        sender_id,
+        recipient_id: 3 - sender_id,
+        client_id: client_id.into(),
+        text: format!("{client_id} from {sender_id}"),
+        at: 1,
+    };
+    let messages = |db: &Db| {
+        let db = db.clone();
+        async move {
+            let dump = db.dump().await.unwrap();
+            let ids: Vec<String> =
+                replichat::storage::dump_section(&dump, "messages").iter().map(|row| row[0].to_owned()).collect();
+            ids.join(" ")
+        }
+    };
+    // The snapshot's state: message 3 is 1's "in-snapshot".
+    let source = Db::open(&fresh_db(engine).await).await.unwrap();
+    source
+        .append_entries(&numbered(&[register(1, "a"), register(2, "b"), send(1, "in-snapshot")], |_| 1))
+        .await
+        .unwrap();
+    source.apply_committed(3).await.unwrap();
+    let (last_index, last_term, chunks) = stream_all(&source, 4096).await;
+    assert_eq!(last_index, 3);
+
+    // A replica that applied another message 3 ("old-state", loading its map) installs the snapshot.
+    let url = fresh_db(engine).await;
+    let replica = Db::open(&url).await.unwrap();
+    replica
+        .append_entries(&numbered(&[register(1, "a"), register(2, "b"), send(1, "old-state")], |_| 1))
+        .await
+        .unwrap();
+    assert_eq!(replica.apply_committed(3).await.unwrap().1.len(), 2, "message 3 stored and pushed");
+    install_chunks(&replica, last_index, last_term, &chunks).await;
+    let ops = [
+        register(1, "a"),
+        register(2, "b"),
+        send(1, "in-snapshot"),
+        send(1, "in-snapshot"), // 4: a retry of the snapshot's message: nothing
+        send(1, "old-state"),   // 5: the old state's message is gone: stored
+        send(1, "old-state"),   // 6: a retry of 5: nothing
+        send(2, "old-state"),   // 7: another sender's: stored
+        send(1, "in-snapshot"), // 8 (after the restart): nothing
+        send(2, "old-state"),   // 9 (after the restart): nothing
+        send(1, "new"),         // 10 (after the restart): stored
+    ];
+    let entries = numbered(&ops, |_| last_term);
+    replica.append_entries(&entries[3..7]).await.unwrap();
+    let (_, pushed) = replica.apply_committed(7).await.unwrap();
+    let pushed: Vec<u64> = pushed.iter().filter_map(|d| d.body.index()).collect();
+    assert_eq!(pushed, [5, 5, 7, 7], "pushes for the stored messages only (recipient, then sender)");
+    assert_eq!(messages(&replica).await, "3 5 7");
+    replica.close().await;
+
+    let replica = Db::open(&url).await.unwrap();
+    replica.append_entries(&entries[7..]).await.unwrap();
+    replica.apply_committed(10).await.unwrap();
+    assert_eq!(messages(&replica).await, "3 5 7 10");
+    // The state a replica applying the whole log one op at a time reaches.
+    let reference = Db::open(&fresh_db(engine).await).await.unwrap();
+    reference.append_entries(&entries).await.unwrap();
+    reference.apply_committed_one_by_one(10).await.unwrap();
+    assert!(replica.dump_state().await.unwrap() == reference.dump_state().await.unwrap());
+    replica.close().await;
+});
