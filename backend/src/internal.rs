@@ -6,7 +6,7 @@
 //! `WebSocketUpgrade`, because the frame limit must change half-way: 1 KiB while the dialler is unproven, the
 //! peers' 512 MiB only after it proved the cluster secret.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::peer_auth::{self, PeerKey, Side, Transcript};
+use crate::repeat_log::RepeatLog;
 use crate::replication::Replication;
 use crate::AppState;
 
@@ -37,11 +38,20 @@ type PeerSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// Why a connection is closed: the close code and the reason sent with it (and logged).
 type Refusal = (CloseCode, std::borrow::Cow<'static, str>);
 
+/// The refusals logged so far: a dialler decides how often it is refused, so each kind is logged once per
+/// [`crate::repeat_log::INTERVAL`] at most, with the count of those in between.
+static REFUSALS: std::sync::LazyLock<RepeatLog> = std::sync::LazyLock::new(RepeatLog::default);
+
 /// `GET /internal/replicate`: upgrade, then authenticate the dialler by the handshake before answering
 /// anything. A replica without a cluster secret refuses every peer with HTTP 401.
 pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
     let Some(secret) = state.cluster_secret.as_deref().filter(|s| !s.is_empty()) else {
-        tracing::warn!("refused an internal connection: this replica has no cluster secret");
+        if let Some(held) = REFUSALS.admit("no cluster secret", Instant::now()) {
+            tracing::warn!(
+                not_logged_since = held,
+                "refused an internal connection: this replica has no cluster secret"
+            );
+        }
         return (StatusCode::UNAUTHORIZED, "this replica has no cluster secret").into_response();
     };
     let headers = request.headers();
@@ -81,7 +91,13 @@ async fn run(mut socket: PeerSocket, key: PeerKey, replication: Replication) {
     let peer = match authenticate(&mut socket, &key, &replication).await {
         Ok(peer) => peer,
         Err(refusal) => {
-            tracing::warn!(reason = %refusal.1, "refused an internal connection: the peer did not authenticate");
+            if let Some(held) = REFUSALS.admit(&refusal.1, Instant::now()) {
+                tracing::warn!(
+                    reason = %refusal.1,
+                    not_logged_since = held,
+                    "refused an internal connection: the peer did not authenticate"
+                );
+            }
             return refuse(socket, refusal).await;
         }
     };
@@ -135,12 +151,15 @@ async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Repl
     let dialler_nonce = peer_auth::parse_nonce(&nonce).ok_or(refused("bad nonce"))?;
     let ours = peer_auth::own_format();
     if format != ours {
-        tracing::warn!(
-            peer = from,
-            reason = %peer_auth::format_mismatch(ours, format),
-            "refused a peer: a group runs one replication format (upgrade or roll back every replica; until \
-             then the peer is kept out)"
-        );
+        if let Some(held) = REFUSALS.admit("another replication format", Instant::now()) {
+            tracing::warn!(
+                peer = from,
+                reason = %peer_auth::format_mismatch(ours, format),
+                not_logged_since = held,
+                "refused a peer: a group runs one replication format (upgrade or roll back every replica; until \
+                 then the peer is kept out)"
+            );
+        }
         // Our format goes back to the dialler, whose log and status then say which formats met.
         return Err((CloseCode::Policy, peer_auth::format_refusal(ours).into()));
     }

@@ -18,6 +18,7 @@
 //! - [`tls`]: TLS for the listener and for dialling `https://` peers (rustls).
 //! - [`internal`]: the accepting side of `/internal/replicate`: the listener's half of the handshake, then
 //!   each request frame through the replication core.
+//! - [`repeat_log`]: warnings a dialler can repeat at will (refused handshakes), logged once per interval.
 //! - [`chat`]: each chat operation: validate against current state, build the op, propose it, wait until it
 //!   is committed and applied; and the applier, which applies committed entries and publishes their events.
 //! - [`hub`]: the in-memory registry of open sockets per user and the live push to them.
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod op;
 pub mod password;
 pub mod peer_auth;
+pub mod repeat_log;
 pub mod replication;
 pub mod session;
 pub mod storage;

@@ -153,3 +153,38 @@ async fn only_a_replica_proving_the_secret_is_answered() {
     alice.close().await;
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_is_logged_a_few_times_not_once_each() {
+    // Anyone who reaches /internal/replicate decides how often to be refused, and every refusal was a warning
+    // in the replica's log: 300 bad hellos, 300 lines. Each kind of refusal is now logged once per interval.
+    let cluster = Cluster::start(3, Engine::Sqlite).await;
+    let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    let addr = cluster.node(leader).addr.clone();
+    let refusals = || {
+        let log = std::fs::read_to_string(&cluster.node(leader).log).unwrap_or_default();
+        log.lines().filter(|l| l.contains("refused an internal connection")).count()
+    };
+    let before = refusals();
+    step!("300 hellos from an id that is not a replica, each closed with 1008");
+    for _ in 0..300 {
+        let mut ws = open(&addr).await;
+        let (_, answer) = hello(&mut ws, 7, leader).await;
+        assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)));
+    }
+    step!("and 300 of another replication format");
+    for _ in 0..300 {
+        let mut ws = open(&addr).await;
+        let nonce = hex::encode(peer_auth::nonce());
+        let from = (leader + 1) % 3;
+        send(&mut ws, json!({"type": "hello", "from": from, "to": leader, "nonce": nonce, "format": 99})).await;
+        assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_POLICY)));
+    }
+    let logged = refusals() - before;
+    assert!(
+        (2..=6).contains(&logged),
+        "{logged} lines for 600 refusals (two kinds):\n{}",
+        cluster.log_tail(leader, 20)
+    );
+    cluster.finish().await;
+}
