@@ -17,7 +17,7 @@
 use sqlx::Row;
 use tokio::sync::mpsc;
 
-use super::{composed, get_meta, set_meta, Backend, Db, TxConnection, WRITER_CACHE};
+use super::{composed, get_meta, set_meta, sqlite_writer_settings, Backend, Db, TxConnection};
 use crate::{Error, Result};
 
 /// Migration 0005's one statement: delete the stored events of messages that exist (derived from their rows).
@@ -190,8 +190,8 @@ impl Db {
         if self.backend == Backend::Sqlite {
             // The whole install is one transaction: with SQLite's default 2 MB page cache it spills pages to the
             // WAL while inserting (measured: 4.4 s -> 3.1 s for a 100,000-message state with this). Only while
-            // it runs; the writer's usual cache (WRITER_CACHE) is set back in `finish` and `abandon` (a dropped
-            // install drops the connection).
+            // it runs; the writer's own settings (`sqlite_writer_settings`, its cache among them) are set back in
+            // `finish` and `abandon` (a dropped install drops the connection).
             sqlx::query("PRAGMA cache_size = -262144").execute(&mut *conn).await?;
         }
         sqlx::query(self.begin_write()).execute(&mut *conn).await?;
@@ -357,7 +357,7 @@ impl SnapshotInstall {
     pub async fn abandon(mut self) {
         if sqlx::query("ROLLBACK").execute(&mut *self.conn).await.is_ok() {
             if self.db.backend == Backend::Sqlite {
-                let _ = sqlx::query(WRITER_CACHE).execute(&mut *self.conn).await;
+                let _ = sqlite_writer_settings(&mut self.conn).await;
             }
             self.conn.finished();
         }
@@ -386,7 +386,7 @@ impl SnapshotInstall {
         set_meta(&mut self.conn, "compacted_term", last_term as i64).await?;
         sqlx::query("COMMIT").execute(&mut *self.conn).await?;
         if self.db.backend == Backend::Sqlite {
-            sqlx::query(WRITER_CACHE).execute(&mut *self.conn).await?;
+            sqlite_writer_settings(&mut self.conn).await?;
         }
         self.conn.finished();
         Ok(())
