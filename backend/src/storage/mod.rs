@@ -580,8 +580,8 @@ async fn sqlite_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
 /// inserts into per-user indexes (by recipient and by sender; until migration 0006 also the sender's client
 /// ids), each at that user's newest page, so what a writer keeps rewriting is a few pages per active user plus
 /// the tails of the log and of the messages table. 2 MB (500 pages of 4 KiB) held that for fewer than about 150
-/// active users (with three indexes); past that the pages fall out of the cache between two transactions and are read back from the WAL
-/// or the file on each touch. With 200 users sending (`bench load --target sqlite3`, /proc/PID/io, against
+/// active users (with three indexes); past that the pages fall out of the cache between two transactions and
+/// are read back from the WAL or the file on each touch. With 200 users sending (`bench load --target sqlite3`, /proc/PID/io, against
 /// the build before): the backups read 8 MB/s from the OS instead of 47–50, the primary 21 instead of 43, so
 /// the writer no longer depends on the OS keeping its WAL and file cached. Throughput on this machine, where
 /// those reads hit the OS cache, is within the noise (four interleaved rounds: 10,917–12,471 msg/s against

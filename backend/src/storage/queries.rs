@@ -3,9 +3,9 @@
 
 use replichat_shared::{Conversation, Message, ServerBody};
 use sqlx::any::AnyRow;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use super::{composed, Db, User};
+use super::{composed, Backend, Db, User};
 use crate::wildcard::{name_key, Pattern};
 use crate::{Error, Result};
 
@@ -137,31 +137,18 @@ impl Db {
     /// every committed message, perhaps with some that are gone); only their rows are read. Before its first
     /// load, or right after a snapshot install, the sender's messages are searched instead.
     pub async fn message_by_client_id(&self, sender_id: i64, client_id: &str) -> Result<Option<Message>> {
-        let rows = match self.client_ids.candidates(sender_id, client_id) {
+        let row = match self.client_ids.candidates(sender_id, client_id) {
             Some(candidates) if candidates.is_empty() => return Ok(None),
             Some(candidates) => {
-                let mut rows = Vec::new();
-                for chunk in candidates.chunks(super::MAX_BINDS) {
-                    let sql = format!("{MESSAGE_SELECT} WHERE m.id IN ({})", self.backend.params(0, chunk.len()));
-                    let mut query = sqlx::query(composed(sql));
-                    for id in chunk {
-                        query = query.bind(*id);
-                    }
-                    rows.extend(query.fetch_all(&self.pool).await?);
-                }
-                rows
+                let mut conn = self.pool.acquire().await?;
+                stored_under(&mut conn, self.backend, &candidates, sender_id, client_id).await?
             }
             None => {
                 let sql = format!("{MESSAGE_SELECT} WHERE m.sender_id = $1 AND m.client_id = $2");
-                sqlx::query(composed(sql)).bind(sender_id).bind(client_id).fetch_all(&self.pool).await?
+                sqlx::query(composed(sql)).bind(sender_id).bind(client_id).fetch_optional(&self.pool).await?
             }
         };
-        for row in &rows {
-            if row.try_get::<i64, _>("sender_id")? == sender_id && row.try_get::<String, _>("client_id")? == client_id {
-                return message_from_row(row).map(Some);
-            }
-        }
-        Ok(None)
+        row.as_ref().map(message_from_row).transpose()
     }
 
     /// Live usernames matching `pattern` whose key sorts after `after`, sorted by key; at most `limit`.
@@ -354,6 +341,31 @@ where
     .fetch_all(executor)
     .await?;
     rows.iter().map(|r| Ok(r.try_get("peer")?)).collect()
+}
+
+/// The message among `candidates` (ids the client-id map named, see [`super::client_ids`]) that `sender_id`
+/// stored under `client_id`, as [`MESSAGE_SELECT`]'s row: the row check of both the applier and
+/// [`Db::message_by_client_id`]. Only these rows are read.
+pub(super) async fn stored_under(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    candidates: &[i64],
+    sender_id: i64,
+    client_id: &str,
+) -> Result<Option<AnyRow>> {
+    for chunk in candidates.chunks(super::MAX_BINDS) {
+        let sql = format!("{MESSAGE_SELECT} WHERE m.id IN ({})", backend.params(0, chunk.len()));
+        let mut query = sqlx::query(composed(sql));
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            if row.try_get::<i64, _>("sender_id")? == sender_id && row.try_get::<String, _>("client_id")? == client_id {
+                return Ok(Some(row));
+            }
+        }
+    }
+    Ok(None)
 }
 
 pub(super) fn message_from_row(row: &AnyRow) -> Result<Message> {

@@ -7,7 +7,7 @@ use replichat_shared::{Message, ReceiptKind, ServerBody, SessionEnd};
 use sqlx::{AnyConnection, Row};
 
 use super::client_ids::ClientIds;
-use super::queries::{contacts, message_as_sent, message_from_row, MESSAGE_SELECT};
+use super::queries::{contacts, message_as_sent, message_from_row, stored_under, MESSAGE_SELECT};
 use super::{composed, set_meta, Backend, Db, Delivery};
 use crate::op::Op;
 use crate::wildcard::name_key;
@@ -418,19 +418,7 @@ async fn stored_before(
     let candidates = client_ids
         .candidates(sender, client_id)
         .ok_or_else(|| Error::Corrupt("the client id map is not loaded".to_owned()))?;
-    for chunk in candidates.chunks(super::MAX_BINDS) {
-        let sql = format!("SELECT sender_id, client_id FROM messages WHERE id IN ({})", backend.params(0, chunk.len()));
-        let mut query = sqlx::query(composed(sql));
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        for row in query.fetch_all(&mut *tx).await? {
-            if row.try_get::<i64, _>("sender_id")? == sender && row.try_get::<String, _>("client_id")? == client_id {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
+    Ok(!candidates.is_empty() && stored_under(tx, backend, &candidates, sender, client_id).await?.is_some())
 }
 
 /// Apply one committed op inside the applying transaction: the chat state machine.

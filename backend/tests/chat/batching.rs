@@ -293,15 +293,23 @@ both!(a_replay_from_zero_is_every_event_a_live_user_was_pushed, |engine| async m
     }
 });
 
-both!(migration_0005_removes_the_message_events_an_earlier_version_stored, |engine| async move {
-    // Before migration 0005 both events of every message were stored; replayed beside the events derived
-    // from the messages now, each message would come twice. The migration removes them, and only them.
-    let mut rng = StdRng::seed_from_u64(7);
+/// A fresh database, at its URL, that applied a random log of 200 ops (from `seed`) in one go; with how many
+/// entries it applied and what they pushed.
+async fn applied_random_log(engine: Engine, seed: u64) -> (Db, String, u64, Vec<replichat::storage::Delivery>) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let entries = numbered(&random_log(&mut rng, 200), |_| 1);
     let url = fresh_db(engine).await;
     let db = Db::open(&url).await.unwrap();
     db.append_entries(&entries).await.unwrap();
-    let (_, pushed) = db.apply_committed(entries.len() as u64).await.unwrap();
+    let last = entries.len() as u64;
+    let (_, pushed) = db.apply_committed(last).await.unwrap();
+    (db, url, last, pushed)
+}
+
+both!(migration_0005_removes_the_message_events_an_earlier_version_stored, |engine| async move {
+    // Before migration 0005 both events of every message were stored; replayed beside the events derived
+    // from the messages now, each message would come twice. The migration removes them, and only them.
+    let (db, url, _, pushed) = applied_random_log(engine, 7).await;
     let dump = db.dump().await.unwrap();
     let users = live_users(&dump);
     let mut replays = Vec::new();
@@ -347,12 +355,7 @@ both!(migration_0006_keeps_every_message_and_drops_only_the_client_id_key, |engi
     // 0006 rebuilds `messages` without UNIQUE (sender_id, client_id): the applier's in-memory map decides a
     // repeated client id since. Rebuilt, the table holds the same rows and both per-user indexes, and a
     // retry of a message stored before the migration still stores nothing.
-    let mut rng = StdRng::seed_from_u64(11);
-    let entries = numbered(&random_log(&mut rng, 200), |_| 1);
-    let url = fresh_db(engine).await;
-    let db = Db::open(&url).await.unwrap();
-    db.append_entries(&entries).await.unwrap();
-    db.apply_committed(entries.len() as u64).await.unwrap();
+    let (db, url, last, _) = applied_random_log(engine, 11).await;
     let before = db.dump().await.unwrap();
     db.close().await;
     // The table as migrations 0001-0005 left it, with the rows it holds now.
@@ -395,7 +398,6 @@ both!(migration_0006_keeps_every_message_and_drops_only_the_client_id_key, |engi
     let db = Db::open(&url).await.unwrap();
     assert_eq!(db.dump().await.unwrap(), before, "the same rows after the rebuild");
     // A retry of the newest message (its sender may since have been deleted: the map decides all the same).
-    let last = entries.len() as u64;
     let retry = Op::Send {
         sender_id: sender,
         recipient_id: recipient,
