@@ -173,6 +173,8 @@ impl Db {
             }
         }
         conn.finished();
+        drop(conn);
+        encode_messages(&mut deliveries);
         for (id, sender, client_id) in deleted {
             self.client_ids.remove(id, sender, &client_id);
         }
@@ -197,30 +199,45 @@ const TO_APPLY: &str = "SELECT a.applied, l.idx, l.op \
 /// Events per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
 const EVENTS_PER_INSERT: usize = super::MAX_BINDS / 3;
 
-/// Encode the replayable events in `caused` (live-only frames, `session_ended`, are pushed, never stored or
-/// replayed) into their [`Delivery::json`], and add those that must be stored to `events`, the rows to store.
-/// An event for several users (a message, for its recipient and its sender) is encoded once and shared.
+/// Encode the events in `caused` that are stored into their [`Delivery::json`], and add them to `events`, the
+/// rows to store: every replayable event but a message's (live-only frames, `session_ended`, are pushed, never
+/// stored or replayed). Message events are encoded after the commit ([`encode_messages`]).
 ///
 /// A message's events are not stored: `resume` replays them from the `messages` row (see
 /// [`Db::events_after`](super::Db::events_after)), which saves two rows of the whole message, and two more
 /// per-user b-tree insertions, per message. Should the row go (its recipient deletes the account), the
 /// deletion stores the sender's copy first ([`apply`], `DeleteAccount`).
 fn events_of(caused: &mut [Delivery], events: &mut Vec<(i64, i64, Arc<str>)>) -> Result<()> {
-    let mut previous: Option<usize> = None;
-    for at in 0..caused.len() {
-        let Some(index) = caused[at].body.index() else { continue };
-        let same = previous.filter(|&p| caused[p].body == caused[at].body);
-        let json = match same.and_then(|p| caused[p].json.clone()) {
-            Some(json) => json,
-            None => serde_json::to_string(&caused[at].body).map_err(|e| Error::Corrupt(e.to_string()))?.into(),
-        };
-        previous = Some(at);
-        if !matches!(caused[at].body, ServerBody::Message { .. }) {
-            events.push((caused[at].user_id, index as i64, json.clone()));
+    for delivery in caused.iter_mut() {
+        let Some(index) = delivery.body.index() else { continue };
+        if matches!(delivery.body, ServerBody::Message { .. }) {
+            continue;
         }
-        caused[at].json = Some(json);
+        let json: Arc<str> = serde_json::to_string(&delivery.body).map_err(|e| Error::Corrupt(e.to_string()))?.into();
+        events.push((delivery.user_id, index as i64, Arc::clone(&json)));
+        delivery.json = Some(json);
     }
     Ok(())
+}
+
+/// Encode the message events in `deliveries` into their [`Delivery::json`], once the apply committed and let go
+/// of the writer connection: the writer's next transaction (a log append) does not wait for frames nobody
+/// stores (measured: BENCHMARKS.md, "Stop 24"). An event for two users (a message, for its recipient and its
+/// sender) is encoded once and shared. Should an event fail to encode, it keeps no JSON and its sockets encode
+/// it themselves; the apply committed, so it cannot fail now.
+fn encode_messages(deliveries: &mut [Delivery]) {
+    let mut previous: Option<usize> = None;
+    for at in 0..deliveries.len() {
+        if !matches!(deliveries[at].body, ServerBody::Message { .. }) {
+            continue;
+        }
+        let same = previous.filter(|&p| deliveries[p].body == deliveries[at].body);
+        deliveries[at].json = match same.and_then(|p| deliveries[p].json.clone()) {
+            Some(json) => Some(json),
+            None => serde_json::to_string(&deliveries[at].body).ok().map(Arc::from),
+        };
+        previous = Some(at);
+    }
 }
 
 /// Store `events` (and empty it) with multi-row INSERTs.
