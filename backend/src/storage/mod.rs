@@ -127,6 +127,8 @@ pub struct Db {
     names: std::sync::Arc<NameIndex>,
     /// Which message each (sender, client id) may name, kept by the applier (see [`client_ids`]).
     client_ids: std::sync::Arc<client_ids::ClientIds>,
+    /// The name and deletion of the accounts the applier's sends named (see [`state::Accounts`]).
+    accounts: std::sync::Arc<state::Accounts>,
     /// SQLite: the one connection every writing transaction runs on (see [`Db::transaction_connection`]);
     /// `None` on PostgreSQL (and for an in-memory SQLite database), where writes take pooled connections.
     writer: Option<std::sync::Arc<SqliteWriter>>,
@@ -315,7 +317,14 @@ impl Db {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let writer = (backend == Backend::Sqlite && !in_memory)
             .then(|| std::sync::Arc::new(SqliteWriter { options, conn: Default::default() }));
-        let db = Db { pool, backend, names: Default::default(), client_ids: Default::default(), writer };
+        let db = Db {
+            pool,
+            backend,
+            names: Default::default(),
+            client_ids: Default::default(),
+            accounts: Default::default(),
+            writer,
+        };
         db.backfill_usernames().await.map_err(damaged)?;
         db.check_integrity().await.map_err(damaged)?;
         Ok(db)

@@ -369,8 +369,10 @@ impl SnapshotInstall {
         // reader trusts it for them, and loaded again by the next apply.
         self.db.client_ids.unload();
         let committed = self.commit(last_index, last_term).await;
-        // Every account may have changed (and a failed install was rolled back): forget the live names.
+        // Every account may have changed (and a failed install was rolled back): forget the live names, and the
+        // accounts the applier knew.
         self.db.names.invalidate();
+        self.db.accounts.forget();
         committed
     }
 

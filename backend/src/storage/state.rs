@@ -36,6 +36,7 @@ impl Db {
         if applied.is_err() {
             // Rolled back: whatever was learnt about accounts meanwhile may describe a state that never was.
             self.names.invalidate();
+            self.accounts.forget();
         }
         applied
     }
@@ -54,6 +55,7 @@ impl Db {
         let applied = self.apply_range(up_to, false).await;
         if applied.is_err() {
             self.names.invalidate();
+            self.accounts.forget();
         }
         applied
     }
@@ -116,7 +118,8 @@ impl Db {
         while let Some((index, op)) = rest.first() {
             let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
             if run > 0 {
-                let (stored, mut caused) = apply_sends(&mut conn, self.backend, &self.client_ids, &rest[..run]).await?;
+                let (stored, mut caused) =
+                    apply_sends(&mut conn, self.backend, &self.client_ids, &self.accounts, &rest[..run]).await?;
                 messages += stored;
                 events_of(&mut caused, &mut events)?;
                 deliveries.extend(caused);
@@ -126,6 +129,10 @@ impl Db {
             // An op other than a send may read or delete stored events (an account deletion does): what came
             // before it is stored first.
             insert_events(&mut conn, self.backend, &mut events).await?;
+            if matches!(op, Op::Register { .. } | Op::DeleteAccount { .. }) {
+                // Accounts change within this transaction: the sends after it read them again.
+                self.accounts.forget();
+            }
             let index = *index;
             // The same op fails the same way on every retry when the data is at fault; say which entry.
             let mut caused = match apply(&mut conn, self.backend, &self.client_ids, &mut deleted, index, op).await {
@@ -311,6 +318,7 @@ async fn apply_sends(
     tx: &mut AnyConnection,
     backend: Backend,
     client_ids: &ClientIds,
+    accounts: &Accounts,
     run: &[(i64, Op)],
 ) -> Result<(u64, Vec<Delivery>)> {
     let mut sends: Vec<(i64, i64, i64, &str, &str, i64)> = Vec::with_capacity(run.len());
@@ -329,12 +337,14 @@ async fn apply_sends(
     if sends.is_empty() {
         return Ok((0, Vec::new()));
     }
-    // Who they are: name, and whether deleted (a send proposed before its sender's deletion applied).
+    // Who they are: name, and whether deleted (a send proposed before its sender's deletion applied), as the
+    // applier last read them, and read for those it does not know.
     let mut ids: Vec<i64> = sends.iter().flat_map(|s| [s.1, s.2]).collect();
     ids.sort_unstable();
     ids.dedup();
-    let mut users = std::collections::HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(super::MAX_BINDS) {
+    let mut users = accounts.known(&ids);
+    let unknown: Vec<i64> = ids.iter().copied().filter(|id| !users.contains_key(id)).collect();
+    for chunk in unknown.chunks(super::MAX_BINDS) {
         let sql =
             format!("SELECT id, username, deleted_at FROM users WHERE id IN ({})", backend.params(0, chunk.len()));
         let mut query = sqlx::query(composed(sql));
@@ -343,7 +353,9 @@ async fn apply_sends(
         }
         for row in query.fetch_all(&mut *tx).await? {
             let deleted = row.try_get::<Option<i64>, _>("deleted_at")?.is_some();
-            users.insert(row.try_get::<i64, _>("id")?, (row.try_get::<String, _>("username")?, deleted));
+            let account = (Arc::<str>::from(row.try_get::<String, _>("username")?), deleted);
+            accounts.learn(row.try_get::<i64, _>("id")?, account.clone());
+            users.insert(row.try_get::<i64, _>("id")?, account);
         }
     }
     if let Some(missing) = ids.iter().find(|id| !users.contains_key(id)) {
@@ -384,8 +396,8 @@ async fn apply_sends(
         let (from, from_deleted) = &users[&sender];
         let message = Message {
             id: index as u64,
-            from: from.clone(),
-            to: users[&recipient].0.clone(),
+            from: from.to_string(),
+            to: users[&recipient].0.to_string(),
             text: text.to_owned(),
             client_id: client_id.to_owned(),
             sent_at: at,
@@ -398,6 +410,41 @@ async fn apply_sends(
         deliveries.push(Delivery { user_id: sender, body, session: None, json: None });
     }
     Ok((sends.len() as u64, deliveries))
+}
+
+/// The name and deletion of accounts, by id, as the applier read them: what a run of sends needs to build its
+/// events without reading `users` again for the senders and recipients it knows. Only the applier reads and
+/// fills it, on the writer's transaction, and it forgets everything when accounts may change under it: before an
+/// op that changes accounts is applied (a registration, a deletion; also in the middle of a batch), after an
+/// apply that failed (rolled back, so what it read may never have been), and after a snapshot install.
+#[derive(Debug, Default)]
+pub(super) struct Accounts {
+    known: std::sync::Mutex<std::collections::HashMap<i64, (Arc<str>, bool)>>,
+}
+
+impl Accounts {
+    /// Accounts kept at most; beyond that it starts again (a cache, not the truth).
+    const CAPACITY: usize = 100_000;
+
+    /// Those of `ids` it knows.
+    fn known(&self, ids: &[i64]) -> std::collections::HashMap<i64, (Arc<str>, bool)> {
+        let known = self.known.lock().expect("accounts lock");
+        ids.iter().filter_map(|id| known.get(id).map(|account| (*id, account.clone()))).collect()
+    }
+
+    /// Remember `id`'s name and whether it is deleted, read in the applier's transaction.
+    fn learn(&self, id: i64, account: (Arc<str>, bool)) {
+        let mut known = self.known.lock().expect("accounts lock");
+        if known.len() >= Self::CAPACITY {
+            known.clear();
+        }
+        known.insert(id, account);
+    }
+
+    /// Forget every account.
+    pub(super) fn forget(&self) {
+        self.known.lock().expect("accounts lock").clear();
+    }
 }
 
 /// Load the client-id map from the state this transaction sees, unless it is loaded: once after start-up or

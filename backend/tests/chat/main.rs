@@ -7,6 +7,7 @@ mod bad_input;
 mod batching;
 mod determinism;
 mod hostile;
+mod known_accounts;
 mod lifecycle;
 mod limits;
 mod messaging;
