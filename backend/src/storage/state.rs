@@ -111,23 +111,33 @@ impl Db {
         // Messages an account deletion removed: their client ids leave the map once the deletion committed.
         let mut deleted = Vec::new();
         let mut deliveries = Vec::new();
-        // Events to store, written together before the commit, or before an op that could touch them.
+        // Events and messages to store, written together before the commit, or before an op that could touch
+        // them.
         let mut events: Vec<(i64, i64, Arc<str>)> = Vec::new();
+        let mut new_messages: Vec<NewMessage> = Vec::new();
         let mut messages = 0;
         let mut rest = &ops[..];
         while let Some((index, op)) = rest.first() {
             let run = if batched { rest.iter().take_while(|(_, op)| matches!(op, Op::Send { .. })).count() } else { 0 };
             if run > 0 {
-                let (stored, mut caused) =
-                    apply_sends(&mut conn, self.backend, &self.client_ids, &self.accounts, &rest[..run]).await?;
+                let (stored, mut caused) = apply_sends(
+                    &mut conn,
+                    self.backend,
+                    &self.client_ids,
+                    &self.accounts,
+                    &rest[..run],
+                    &mut new_messages,
+                )
+                .await?;
                 messages += stored;
                 events_of(&mut caused, &mut events)?;
                 deliveries.extend(caused);
                 rest = &rest[run..];
                 continue;
             }
-            // An op other than a send may read or delete stored events (an account deletion does): what came
-            // before it is stored first.
+            // An op other than a send may read or delete stored events and messages (an account deletion does):
+            // what came before it is stored first.
+            insert_messages(&mut conn, self.backend, &mut new_messages).await?;
             insert_events(&mut conn, self.backend, &mut events).await?;
             if matches!(op, Op::Register { .. } | Op::DeleteAccount { .. }) {
                 // Accounts change within this transaction: the sends after it read them again.
@@ -157,7 +167,8 @@ impl Db {
         insert_events(&mut conn, self.backend, &mut events).await?;
         match self.backend {
             Backend::Sqlite => {
-                let mut sql = String::new();
+                // The messages, the applied index and the commit: one job for the connection's thread.
+                let mut sql = sqlite_insert_messages(&new_messages);
                 if last != applied {
                     sql.push_str(
                         "INSERT INTO meta (name, value) VALUES ('applied_index', ?) \
@@ -167,12 +178,16 @@ impl Db {
                 // The writer connection's next transaction (a log append) is synced again.
                 sql.push_str("COMMIT; PRAGMA synchronous = FULL");
                 let mut query = sqlx::query(composed(sql));
+                for &(index, sender, recipient, client_id, text, at) in &new_messages {
+                    query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
+                }
                 if last != applied {
                     query = query.bind(last);
                 }
                 query.execute(&mut *conn).await?;
             }
             Backend::Postgres => {
+                insert_messages(&mut conn, self.backend, &mut new_messages).await?;
                 if last != applied {
                     set_meta(&mut conn, "applied_index", last).await?;
                 }
@@ -306,20 +321,25 @@ fn crash_test_abort_now() -> bool {
     at.is_some_and(|at| APPLIES.fetch_add(1, Ordering::Relaxed) + 1 == at)
 }
 
+/// A message to store: id (its index), sender, recipient, client id, text, time.
+type NewMessage<'a> = (i64, i64, i64, &'a str, &'a str, i64);
+
 /// Apply a run of consecutive sends (every op in `run` is an [`Op::Send`]) with a few statements for the whole
-/// run: one read of the users involved, multi-row `INSERT … RETURNING id` for the new messages, whose events
-/// are built from the ops and those users, not read back. Whether a send repeats a client id is decided with
+/// run: a read of the accounts involved that the applier does not know ([`Accounts`]), and the new messages
+/// added to `new_messages`, stored with multi-row INSERTs before the commit or the next op that is not a send
+/// ([`insert_messages`]); their events are built from the ops and those accounts, not read back. Whether a send repeats a client id is decided with
 /// the applier's map ([`ClientIds`]), reading the database only for a send whose (sender, client id) hash is
 /// there (a retry). Returns how many messages were stored and the events, in index order: exactly what
 /// applying the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the
 /// users is what each send would have seen; a repeated client id, also within the run, stores and causes
 /// nothing).
-async fn apply_sends(
+async fn apply_sends<'a>(
     tx: &mut AnyConnection,
     backend: Backend,
     client_ids: &ClientIds,
     accounts: &Accounts,
-    run: &[(i64, Op)],
+    run: &'a [(i64, Op)],
+    new_messages: &mut Vec<NewMessage<'a>>,
 ) -> Result<(u64, Vec<Delivery>)> {
     let mut sends: Vec<(i64, i64, i64, &str, &str, i64)> = Vec::with_capacity(run.len());
     let mut fresh = std::collections::HashSet::with_capacity(run.len());
@@ -362,33 +382,7 @@ async fn apply_sends(
         // Applied one by one, reading the message back fails on it; that path says which entry.
         return Err(Error::Corrupt(format!("a send names account {missing}, which does not exist")));
     }
-    // A row is skipped only if its id is taken, which is checked below to fail the entry; on SQLite as
-    // `INSERT OR IGNORE`, which keeps no statement journal (see [`insert_events`]).
-    let (insert, on_conflict) = match backend {
-        Backend::Sqlite => ("INSERT OR IGNORE", ""),
-        Backend::Postgres => ("INSERT", "ON CONFLICT (id) DO NOTHING"),
-    };
-    let mut stored = std::collections::HashSet::with_capacity(sends.len());
-    for chunk in sends.chunks(super::MAX_BINDS / 6) {
-        let sql = format!(
-            "{insert} INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} {on_conflict} \
-             RETURNING id",
-            backend.values(chunk.len(), 6)
-        );
-        let mut query = sqlx::query(composed(sql));
-        for (index, sender, recipient, client_id, text, at) in chunk {
-            query = query.bind(*index).bind(*sender).bind(*recipient).bind(*client_id).bind(*text).bind(*at);
-        }
-        for row in query.fetch_all(&mut *tx).await? {
-            stored.insert(row.try_get::<i64, _>("id")?);
-        }
-    }
-    if let Some(&(index, ..)) = sends.iter().find(|s| !stored.contains(&s.0)) {
-        return Err(Error::Unapplicable {
-            index: index as u64,
-            reason: "a message is stored under its index already".to_owned(),
-        });
-    }
+    new_messages.extend_from_slice(&sends);
     let mut deliveries = Vec::with_capacity(2 * sends.len());
     for &(index, sender, recipient, client_id, text, at) in &sends {
         // Before the commit: the map holds every committed message, and perhaps some that were rolled back.
@@ -410,6 +404,71 @@ async fn apply_sends(
         deliveries.push(Delivery { user_id: sender, body, session: None, json: None });
     }
     Ok((sends.len() as u64, deliveries))
+}
+
+/// Store `new_messages` (and empty it) with multi-row INSERTs. A message's id is its entry's index, so a row
+/// whose id is taken fails the apply: on SQLite as `INSERT OR ROLLBACK`, which ends the transaction at once
+/// and, like `OR IGNORE`, keeps no statement journal (see [`insert_events`]); on PostgreSQL as `ON CONFLICT DO
+/// NOTHING RETURNING id`, checked. Either way the failure is deterministic, and [`Db::apply_committed`] applies
+/// the batch again op by op, which names the entry.
+async fn insert_messages(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    new_messages: &mut Vec<NewMessage<'_>>,
+) -> Result<()> {
+    if new_messages.is_empty() {
+        return Ok(());
+    }
+    match backend {
+        Backend::Sqlite => {
+            let mut query = sqlx::query(composed(sqlite_insert_messages(new_messages)));
+            for &(index, sender, recipient, client_id, text, at) in new_messages.iter() {
+                query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        Backend::Postgres => {
+            let mut stored = std::collections::HashSet::with_capacity(new_messages.len());
+            for chunk in new_messages.chunks(MESSAGES_PER_INSERT) {
+                let sql = format!(
+                    "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES {} \
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    backend.values(chunk.len(), 6)
+                );
+                let mut query = sqlx::query(composed(sql));
+                for &(index, sender, recipient, client_id, text, at) in chunk {
+                    query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
+                }
+                for row in query.fetch_all(&mut *tx).await? {
+                    stored.insert(row.try_get::<i64, _>("id")?);
+                }
+            }
+            if let Some(&(index, ..)) = new_messages.iter().find(|m| !stored.contains(&m.0)) {
+                return Err(Error::Unapplicable {
+                    index: index as u64,
+                    reason: "a message is stored under its index already".to_owned(),
+                });
+            }
+        }
+    }
+    new_messages.clear();
+    Ok(())
+}
+
+/// Messages per multi-row INSERT (six bound parameters each; see [`super::MAX_BINDS`]).
+const MESSAGES_PER_INSERT: usize = super::MAX_BINDS / 6;
+
+/// SQLite: the statements that store `new_messages`, to be bound with their six values each, in order.
+fn sqlite_insert_messages(new_messages: &[NewMessage<'_>]) -> String {
+    let mut sql = String::new();
+    for chunk in new_messages.chunks(MESSAGES_PER_INSERT) {
+        sql.push_str(
+            "INSERT OR ROLLBACK INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) VALUES ",
+        );
+        sql.push_str(&Backend::Sqlite.values(chunk.len(), 6));
+        sql.push(';');
+    }
+    sql
 }
 
 /// The name and deletion of accounts, by id, as the applier read them: what a run of sends needs to build its
