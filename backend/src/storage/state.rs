@@ -310,8 +310,8 @@ async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Ve
 }
 
 /// A crash-test hook: with `REPLICHAT_TEST_ABORT_IN_APPLY=n` in its environment, the process aborts (no
-/// cleanup, like kill -9) inside its n-th apply transaction, after writing the state and before committing.
-/// Used by the chat suite's `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
+/// cleanup, like kill -9) inside its n-th apply transaction, before committing: after the statements of every op
+/// but a run of sends, whose messages are written with the commit (on PostgreSQL just before it). Used by the chat suite's `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
 fn crash_test_abort_now() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
