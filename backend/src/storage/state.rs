@@ -269,11 +269,12 @@ fn encode_messages(deliveries: &mut [Delivery]) {
 /// changes into a statement journal first (so that a failing row could undo just its statement), which under
 /// load was a tenth of a backup's CPU; `OR IGNORE` cannot fail on a row, so SQLite keeps no such journal. The
 /// check keeps the meaning of the plain INSERT: an event already stored under the index being applied is an
-/// error, and the whole apply transaction rolls back (nothing here relies on undoing a single statement).
+/// error, and the whole apply transaction rolls back (nothing here relies on undoing a single statement). On
+/// PostgreSQL as `ON CONFLICT DO NOTHING`, checked the same way, so that the error names the entries on both.
 async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Vec<(i64, i64, Arc<str>)>) -> Result<()> {
     let (Some(first), Some(last)) = (events.first(), events.last()) else { return Ok(()) };
     let (first, last) = (first.1, last.1);
-    match backend {
+    let stored = match backend {
         Backend::Sqlite => {
             let mut sql = String::new();
             for chunk in events.chunks(EVENTS_PER_INSERT) {
@@ -285,25 +286,30 @@ async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Ve
             for (user, index, body) in events.iter() {
                 query = query.bind(*user).bind(*index).bind(&**body);
             }
-            let stored = query.execute(&mut *tx).await?.rows_affected();
-            if stored != events.len() as u64 {
-                return Err(Error::Corrupt(format!(
-                    "{} of the events of entries {first} to {last} were stored already: the state tables and the \
-                     applied index disagree",
-                    events.len() as u64 - stored
-                )));
-            }
+            query.execute(&mut *tx).await?.rows_affected()
         }
         Backend::Postgres => {
+            let mut stored = 0;
             for chunk in events.chunks(EVENTS_PER_INSERT) {
-                let sql = format!("INSERT INTO events (user_id, idx, body) VALUES {}", backend.values(chunk.len(), 3));
+                let sql = format!(
+                    "INSERT INTO events (user_id, idx, body) VALUES {} ON CONFLICT DO NOTHING",
+                    backend.values(chunk.len(), 3)
+                );
                 let mut query = sqlx::query(composed(sql));
                 for (user, index, body) in chunk {
                     query = query.bind(*user).bind(*index).bind(&**body);
                 }
-                query.execute(&mut *tx).await?;
+                stored += query.execute(&mut *tx).await?.rows_affected();
             }
+            stored
         }
+    };
+    if stored != events.len() as u64 {
+        return Err(Error::Corrupt(format!(
+            "{} of the events of entries {first} to {last} were stored already: the state tables and the applied \
+             index disagree",
+            events.len() as u64 - stored
+        )));
     }
     events.clear();
     Ok(())
