@@ -38,6 +38,19 @@ type PeerSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// Why a connection is closed: the close code and the reason sent with it (and logged).
 type Refusal = (CloseCode, std::borrow::Cow<'static, str>);
 
+/// A refused handshake: the refusal, and whether it was logged already where it was decided (with what the
+/// operator needs to know), so that it is not logged a second time as a generic refusal.
+struct Refused {
+    refusal: Refusal,
+    logged: bool,
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Refused { refusal, logged: false }
+    }
+}
+
 /// The refusals logged so far: a dialler decides how often it is refused, so each kind is logged once per
 /// [`crate::repeat_log::INTERVAL`] at most, with the count of those in between.
 static REFUSALS: std::sync::LazyLock<RepeatLog> = std::sync::LazyLock::new(RepeatLog::default);
@@ -90,13 +103,15 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
 async fn run(mut socket: PeerSocket, key: PeerKey, replication: Replication) {
     let peer = match authenticate(&mut socket, &key, &replication).await {
         Ok(peer) => peer,
-        Err(refusal) => {
-            if let Some(held) = REFUSALS.admit(&refusal.1, Instant::now()) {
-                tracing::warn!(
-                    reason = %refusal.1,
-                    not_logged_since = held,
-                    "refused an internal connection: the peer did not authenticate"
-                );
+        Err(Refused { refusal, logged }) => {
+            if !logged {
+                if let Some(held) = REFUSALS.admit(&refusal.1, Instant::now()) {
+                    tracing::warn!(
+                        reason = %refusal.1,
+                        not_logged_since = held,
+                        "refused an internal connection: the peer did not authenticate"
+                    );
+                }
             }
             return refuse(socket, refusal).await;
         }
@@ -137,8 +152,8 @@ async fn next_handshake(socket: &mut PeerSocket) -> Result<PeerHandshake, Refusa
 }
 
 /// The listener's half of the handshake: returns the id the dialler proved to be.
-async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Replication) -> Result<u64, Refusal> {
-    let refused = |reason: &'static str| (CloseCode::Policy, reason.into());
+async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Replication) -> Result<u64, Refused> {
+    let refused = |reason: &'static str| Refused::from((CloseCode::Policy, reason.into()));
     let PeerHandshake::Hello { from, to, nonce, format } = next_handshake(socket).await? else {
         return Err(refused("expected hello"));
     };
@@ -161,7 +176,7 @@ async fn authenticate(socket: &mut PeerSocket, key: &PeerKey, replication: &Repl
             );
         }
         // Our format goes back to the dialler, whose log and status then say which formats met.
-        return Err((CloseCode::Policy, peer_auth::format_refusal(ours).into()));
+        return Err(Refused { refusal: (CloseCode::Policy, peer_auth::format_refusal(ours).into()), logged: true });
     }
     let transcript =
         Transcript { dialler: from, listener: to, dialler_nonce, listener_nonce: peer_auth::nonce(), format: ours };

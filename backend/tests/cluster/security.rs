@@ -163,7 +163,7 @@ async fn a_flood_of_refused_handshakes_is_logged_a_few_times_not_once_each() {
     let addr = cluster.node(leader).addr.clone();
     let refusals = || {
         let log = std::fs::read_to_string(&cluster.node(leader).log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("refused an internal connection")).count()
+        log.lines().filter(|l| l.contains("refused an internal connection") || l.contains("refused a peer")).count()
     };
     let before = refusals();
     step!("300 hellos from an id that is not a replica, each closed with 1008");
@@ -186,5 +186,42 @@ async fn a_flood_of_refused_handshakes_is_logged_a_few_times_not_once_each() {
         "{logged} lines for 600 refusals (two kinds):\n{}",
         cluster.log_tail(leader, 20)
     );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_of_another_format_is_logged_once() {
+    // A replica of another replication format was refused with two warnings: the one that says what to do
+    // (upgrade or roll back every replica) and a generic one that said the peer "did not authenticate".
+    let cluster = Cluster::start(3, Engine::Sqlite).await;
+    let leader = cluster.wait_for_primary(Duration::from_secs(10)).await;
+    let addr = cluster.node(leader).addr.clone();
+    let log = || std::fs::read_to_string(&cluster.node(leader).log).unwrap_or_default();
+    let before = log().lines().count();
+    step!("a hello of another replication format, closed with 1008");
+    let mut ws = open(&addr).await;
+    let from = (leader + 1) % 3;
+    let nonce = hex::encode(peer_auth::nonce());
+    send(&mut ws, json!({"type": "hello", "from": from, "to": leader, "nonce": nonce, "format": 99})).await;
+    assert_eq!(next(&mut ws).await, Next::Closed(Some(CLOSE_POLICY)));
+    step!("then a hello from an id that is not a replica, whose warning comes after the format's in the log");
+    let mut ws = open(&addr).await;
+    let (_, answer) = hello(&mut ws, 7, leader).await;
+    assert_eq!(answer, Next::Closed(Some(CLOSE_POLICY)));
+    let marker = "hello from an id that is not another replica";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !log().lines().skip(before).any(|l| l.contains(marker)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no warning for the second hello:\n{}",
+            cluster.log_tail(leader, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let written = log();
+    let format_lines: Vec<&str> =
+        written.lines().skip(before).take_while(|l| !l.contains(marker)).filter(|l| l.contains("refused")).collect();
+    assert_eq!(format_lines.len(), 1, "one warning for the format's refusal: {format_lines:#?}");
+    assert!(format_lines[0].contains("replication format"), "{}", format_lines[0]);
     cluster.finish().await;
 }
