@@ -154,7 +154,8 @@ pub struct Config {
     #[arg(long, env = "REPLICHAT_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
 
-    /// Log filter in `tracing` EnvFilter syntax (`info`, `replichat=debug`, ...).
+    /// Log filter in `tracing` EnvFilter syntax (`info`, `replichat=debug`, ...). The log goes to stderr, in
+    /// colour only when stderr is a terminal.
     #[arg(long, env = "REPLICHAT_LOG", default_value = "info")]
     pub log: String,
 }

@@ -10,6 +10,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log redirected to a file or a service manager stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(path) = config.db.strip_prefix("sqlite://").and_then(|p| std::path::Path::new(p).parent()) {
         if !path.as_os_str().is_empty() {

@@ -264,29 +264,11 @@ async fn snapshot_streams_in_many_chunks(engine: Engine) {
     let installed = text.lines().rfind(|l| l.contains("installed a snapshot")).expect("an install");
     let chunks: u64 = installed
         .split_whitespace()
-        .find_map(|field| strip_ansi(field).strip_prefix("chunks=").and_then(|n| n.parse().ok()))
+        .find_map(|field| field.strip_prefix("chunks=").and_then(|n| n.parse().ok()))
         .expect("the install's chunk count");
     assert!(chunks > 5, "the state came in many chunks, not {chunks}: {installed}");
     alice.send_message("bob", "after the snapshot").await;
     cluster.wait_applied_equal(Duration::from_secs(20)).await;
     assert!(cluster.dump_state(2).await.contains("after the snapshot"));
     cluster.finish().await;
-}
-
-/// `field` without the terminal colour codes the replicas' log lines carry.
-fn strip_ansi(field: &str) -> String {
-    let mut out = String::new();
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

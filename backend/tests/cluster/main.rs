@@ -12,6 +12,7 @@ mod faults;
 mod full_disk;
 mod group_commit;
 mod impostor;
+mod logs;
 mod metrics;
 mod netsim;
 mod poison;
