@@ -177,10 +177,7 @@ impl Db {
                 }
                 // The writer connection's next transaction (a log append) is synced again.
                 sql.push_str("COMMIT; PRAGMA synchronous = FULL");
-                let mut query = sqlx::query(composed(sql));
-                for &(index, sender, recipient, client_id, text, at) in &new_messages {
-                    query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
-                }
+                let mut query = bind_messages(sqlx::query(composed(sql)), &new_messages);
                 if last != applied {
                     query = query.bind(last);
                 }
@@ -427,10 +424,7 @@ async fn insert_messages(
     }
     match backend {
         Backend::Sqlite => {
-            let mut query = sqlx::query(composed(sqlite_insert_messages(new_messages)));
-            for &(index, sender, recipient, client_id, text, at) in new_messages.iter() {
-                query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
-            }
+            let query = bind_messages(sqlx::query(composed(sqlite_insert_messages(new_messages))), new_messages);
             query.execute(&mut *tx).await?;
         }
         Backend::Postgres => {
@@ -441,11 +435,7 @@ async fn insert_messages(
                      ON CONFLICT (id) DO NOTHING RETURNING id",
                     backend.values(chunk.len(), 6)
                 );
-                let mut query = sqlx::query(composed(sql));
-                for &(index, sender, recipient, client_id, text, at) in chunk {
-                    query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
-                }
-                for row in query.fetch_all(&mut *tx).await? {
+                for row in bind_messages(sqlx::query(composed(sql)), chunk).fetch_all(&mut *tx).await? {
                     stored.insert(row.try_get::<i64, _>("id")?);
                 }
             }
@@ -459,6 +449,17 @@ async fn insert_messages(
     }
     new_messages.clear();
     Ok(())
+}
+
+/// `query` with the six values of each of `rows` bound, in order (see [`sqlite_insert_messages`]).
+fn bind_messages<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    rows: &[NewMessage<'q>],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    for &(index, sender, recipient, client_id, text, at) in rows {
+        query = query.bind(index).bind(sender).bind(recipient).bind(client_id).bind(text).bind(at);
+    }
+    query
 }
 
 /// Messages per multi-row INSERT (six bound parameters each; see [`super::MAX_BINDS`]).
