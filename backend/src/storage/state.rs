@@ -314,7 +314,8 @@ async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Ve
 
 /// A crash-test hook: with `REPLICHAT_TEST_ABORT_IN_APPLY=n` in its environment, the process aborts (no
 /// cleanup, like kill -9) inside its n-th apply transaction, before committing: after the statements of every op
-/// but a run of sends, whose messages are written with the commit (on PostgreSQL just before it). Used by the chat suite's `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
+/// but a run of sends, whose messages are written with the commit (on PostgreSQL just before it). Used by the
+/// chat suite's `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
 fn crash_test_abort_now() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
@@ -330,12 +331,12 @@ type NewMessage<'a> = (i64, i64, i64, &'a str, &'a str, i64);
 /// Apply a run of consecutive sends (every op in `run` is an [`Op::Send`]) with a few statements for the whole
 /// run: a read of the accounts involved that the applier does not know ([`Accounts`]), and the new messages
 /// added to `new_messages`, stored with multi-row INSERTs before the commit or the next op that is not a send
-/// ([`insert_messages`]); their events are built from the ops and those accounts, not read back. Whether a send repeats a client id is decided with
-/// the applier's map ([`ClientIds`]), reading the database only for a send whose (sender, client id) hash is
-/// there (a retry). Returns how many messages were stored and the events, in index order: exactly what
-/// applying the sends one by one with [`apply`] gives (no op in the run changes a user, so one read of the
-/// users is what each send would have seen; a repeated client id, also within the run, stores and causes
-/// nothing).
+/// ([`insert_messages`]); their events are built from the ops and those accounts, not read back. Whether a send
+/// repeats a client id is decided with the applier's map ([`ClientIds`]), reading the database only for a send
+/// whose (sender, client id) hash is there (a retry). Returns how many messages were stored and the events, in
+/// index order: exactly what applying the sends one by one with [`apply`] gives (no op in the run changes a
+/// user, so one read of the users is what each send would have seen; a repeated client id, also within the run,
+/// stores and causes nothing).
 async fn apply_sends<'a>(
     tx: &mut AnyConnection,
     backend: Backend,
