@@ -371,8 +371,7 @@ impl SnapshotInstall {
         let committed = self.commit(last_index, last_term).await;
         // Every account may have changed (and a failed install was rolled back): forget the live names, and the
         // accounts the applier knew.
-        self.db.names.invalidate();
-        self.db.accounts.forget();
+        self.db.forget_accounts();
         committed
     }
 

@@ -14,6 +14,13 @@ use crate::wildcard::name_key;
 use crate::{Error, Result};
 
 impl Db {
+    /// Forget what the caches know of accounts (the index of live names, the applier's accounts): after a
+    /// failed apply (rolled back) or a snapshot install, when any account may have changed.
+    pub(super) fn forget_accounts(&self) {
+        self.names.invalidate();
+        self.accounts.forget();
+    }
+
     /// The highest index applied to the state tables.
     pub async fn applied_index(&self) -> Result<u64> {
         Ok(self.meta("applied_index").await?.unwrap_or(0) as u64)
@@ -35,8 +42,7 @@ impl Db {
         };
         if applied.is_err() {
             // Rolled back: whatever was learnt about accounts meanwhile may describe a state that never was.
-            self.names.invalidate();
-            self.accounts.forget();
+            self.forget_accounts();
         }
         applied
     }
@@ -54,8 +60,7 @@ impl Db {
     pub async fn apply_committed_one_by_one(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
         let applied = self.apply_range(up_to, false).await;
         if applied.is_err() {
-            self.names.invalidate();
-            self.accounts.forget();
+            self.forget_accounts();
         }
         applied
     }
@@ -376,10 +381,11 @@ async fn apply_sends<'a>(
             query = query.bind(*id);
         }
         for row in query.fetch_all(&mut *tx).await? {
+            let id = row.try_get::<i64, _>("id")?;
             let deleted = row.try_get::<Option<i64>, _>("deleted_at")?.is_some();
             let account = (Arc::<str>::from(row.try_get::<String, _>("username")?), deleted);
-            accounts.learn(row.try_get::<i64, _>("id")?, account.clone());
-            users.insert(row.try_get::<i64, _>("id")?, account);
+            accounts.learn(id, account.clone());
+            users.insert(id, account);
         }
     }
     if let Some(missing) = ids.iter().find(|id| !users.contains_key(id)) {

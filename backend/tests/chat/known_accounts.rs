@@ -13,7 +13,7 @@ fn send(sender_id: i64, recipient_id: i64, client_id: &str) -> Op {
     Op::Send { sender_id, recipient_id, client_id: client_id.into(), text: "hi".into(), at: 7 }
 }
 
-/// Append `ops` as the entries after the first `from` of the log (term 1) and apply up to the last one.
+/// Append `ops` to `log` as its next entries (term 1), and apply up to the last one.
 async fn apply_after(db: &Db, log: &mut Vec<Op>, ops: Vec<Op>) -> Vec<Delivery> {
     let from = log.len();
     log.extend(ops);
