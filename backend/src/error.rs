@@ -33,6 +33,8 @@ pub enum Error {
     Unavailable,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is not what this version expects: {0}")]
@@ -70,6 +72,7 @@ impl Error {
             Error::RateLimited { .. } => ErrorCode::RateLimited,
             Error::Unavailable => ErrorCode::Unavailable,
             Error::Db(_)
+            | Error::Sqlite(_)
             | Error::Migrate(_)
             | Error::Corrupt(_)
             | Error::Hash(_)
@@ -96,11 +99,25 @@ impl Error {
                     matches!(code.parse::<u32>().map(|c| c & 0xff), Ok(18 | 19 | 20 | 25))
                 }
             }
+            Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.extended_code & 0xff, 18 | 19 | 20 | 25)
+            }
+            Error::Sqlite(
+                rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..),
+            ) => true,
             Error::Db(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::TypeNotFound { .. }) => {
                 true
             }
             _ => false,
         }
+    }
+
+    /// Whether this error is the storage's: the database (either SQL layer) or the file system failed, so the
+    /// replica's disk may be full or failing.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, Error::Db(_) | Error::Sqlite(_) | Error::Io(_))
     }
 
     /// For `rate_limited`: how long the client should wait, in milliseconds (at least 1).

@@ -590,7 +590,7 @@ impl Core {
                 let answer = match self.on_request(frame).await {
                     Ok(answer) => answer,
                     Err(e) => {
-                        if matches!(e, Error::Db(_) | Error::Io(_)) {
+                        if e.is_storage() {
                             self.storage_failed(&e);
                             if stores {
                                 // Say so: the primary counts nothing of it, and shows this replica as failing

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use sqlx::{Connection, Row};
 
-use super::{composed, set_meta, Backend, Db, Entry, TxConnection};
+use super::{composed, set_meta, Db, Entry};
 use crate::Result;
 
 /// Log entries per multi-row INSERT (three bound parameters each; see [`super::MAX_BINDS`]).
@@ -67,28 +67,23 @@ impl Db {
     /// indexes, at most one truncating DELETE, and multi-row INSERTs of [`ROWS_PER_INSERT`] entries each.
     ///
     /// On SQLite an append past the end of the log (the primary's always, a backup's nearly always) is first
-    /// tried as one job for the connection's thread, see [`append_past_end`]; only if an entry is stored at one
-    /// of the indexes already does it take the general path.
+    /// tried as one job for the writer thread ([`super::writer`]); only if an entry is stored at one of the
+    /// indexes already does it take the general path.
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return self.last_entry().await };
         let waiting = Instant::now();
         let mut conn = self.transaction_connection().await?;
         let started = Instant::now();
         crate::metrics::log_append_waited(started - waiting);
-        if self.backend == Backend::Sqlite {
-            match append_past_end(&mut conn, entries).await {
-                Ok(()) => {
-                    conn.finished();
-                    crate::metrics::log_appended(entries.len(), started.elapsed());
-                    return Ok((last.index, last.term));
-                }
-                Err(sqlx::Error::Database(e)) if e.kind() == sqlx::error::ErrorKind::UniqueViolation => {
-                    // An entry is stored at one of these indexes already (a re-sent append, or one that
-                    // replaces entries never committed). SQLite undid the failed INSERT; the transaction is
-                    // still open: roll it back and compare the entries with what is stored.
-                    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
-                }
-                Err(e) => return Err(e.into()),
+        if let Some(writer) = &self.writer {
+            // Past the end of the log (the primary's appends always, a backup's nearly always): one job for the
+            // writer thread, which says if an entry is stored at one of these indexes already (a re-sent append,
+            // or one that replaces entries never committed); then it wrote nothing, and the entries are compared
+            // with what is stored below.
+            if writer.thread.append_past_end(entries.to_vec()).await? {
+                conn.finished();
+                crate::metrics::log_appended(entries.len(), started.elapsed());
+                return Ok((last.index, last.term));
             }
         }
         let mut tx = conn.begin_with(self.begin_write()).await?;
@@ -148,25 +143,4 @@ impl Db {
             })
             .collect()
     }
-}
-
-/// SQLite: append `entries`, which must all lie past the end of the log, as a single statement string
-/// (`BEGIN IMMEDIATE`, the multi-row INSERTs, `COMMIT`) with every value bound: sqlx runs it as one job on the
-/// connection's thread, so the append costs one hand-off to that thread and back instead of one per statement
-/// (four). Fails with a unique violation, leaving the transaction open, if an entry is stored at one of the
-/// indexes; any other failure leaves the connection to be dropped (see [`TxConnection`]).
-async fn append_past_end(conn: &mut TxConnection, entries: &[Entry]) -> std::result::Result<(), sqlx::Error> {
-    let mut sql = String::from("BEGIN IMMEDIATE;");
-    for chunk in entries.chunks(ROWS_PER_INSERT) {
-        sql.push_str("INSERT INTO log (idx, term, op) VALUES ");
-        sql.push_str(&Backend::Sqlite.values(chunk.len(), 3));
-        sql.push(';');
-    }
-    sql.push_str("COMMIT");
-    let mut query = sqlx::query(composed(sql));
-    for entry in entries {
-        query = query.bind(entry.index as i64).bind(entry.term as i64).bind(&entry.op);
-    }
-    query.execute(&mut **conn).await?;
-    Ok(())
 }

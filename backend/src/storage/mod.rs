@@ -10,6 +10,8 @@
 //! - [`log`]: appending, truncating, reading and compacting the replicated log;
 //! - [`state`]: the state machine, which applies committed entries to the tables in one transaction with the
 //!   applied index, reading nothing but the database and the op;
+//! - [`writer`]: SQLite's writer thread, which runs the two hot writes (a log append past the end of the log,
+//!   the apply of a batch of sends) as one job each through SQLite's own API (rusqlite), not sqlx;
 //! - [`client_ids`]: the applier's in-memory map of the senders' client ids (what decides a repeated `send`);
 //! - [`queries`]: the read queries the chat serves, and the canonical dump;
 //! - [`snapshot`]: reading and installing the whole state.
@@ -19,6 +21,7 @@ mod log;
 mod queries;
 mod snapshot;
 mod state;
+mod writer;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -134,13 +137,18 @@ pub struct Db {
     writer: Option<std::sync::Arc<SqliteWriter>>,
 }
 
-/// The connection SQLite writes go through, one transaction at a time, queued in-process. SQLite has one write
-/// lock per database: writers on several connections wait for it in SQLite's busy handler, which sleeps (1, 2,
-/// 5, 10 ms, ...) and retries, so a log append and an apply that collide lose milliseconds. Queued on a tokio
-/// mutex instead, the next writer starts the moment the previous one commits. Connected on first use, and
-/// again after a transaction that failed (its state cannot be trusted).
+/// The connections SQLite writes go through, one transaction at a time, queued in-process: the writer thread's
+/// ([`writer`]: log appends past the end, applies of sends) and sqlx's (every other write), which take turns
+/// under one lock. SQLite has one write lock per database: writers on several connections wait for it in
+/// SQLite's busy handler, which sleeps (1, 2, 5, 10 ms, ...) and retries, so a log append and an apply that
+/// collide lose milliseconds. Queued on a tokio mutex instead, the next writer starts the moment the previous
+/// one commits. Each connects on first use, and again after a transaction that failed on it (its state cannot
+/// be trusted).
 pub(crate) struct SqliteWriter {
     options: AnyConnectOptions,
+    /// The log appends and the applies of sends (see [`writer`]), run while `conn`'s lock is held.
+    thread: writer::WriterThread,
+    /// sqlx's writer connection, and the lock both writers take turns under.
     conn: std::sync::Arc<tokio::sync::Mutex<Option<AnyConnection>>>,
 }
 
@@ -315,8 +323,14 @@ impl Db {
             .map_err(|e| damaged(e.into()))?;
         MIGRATOR.run(&pool).await.map_err(|e| damaged(e.into()))?;
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let writer = (backend == Backend::Sqlite && !in_memory)
-            .then(|| std::sync::Arc::new(SqliteWriter { options, conn: Default::default() }));
+        let writer = match (backend, in_memory) {
+            (Backend::Sqlite, false) => {
+                let path = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?.get_filename().to_owned();
+                let thread = writer::WriterThread::start(path);
+                Some(std::sync::Arc::new(SqliteWriter { options, thread, conn: Default::default() }))
+            }
+            _ => None,
+        };
         let db = Db {
             pool,
             backend,
@@ -496,24 +510,25 @@ impl Db {
             if let Some(conn) = writer.conn.lock().await.take() {
                 let _ = conn.close().await;
             }
+            writer.thread.close().await;
         }
         self.pool.close().await;
     }
 
     /// SQLite's `PRAGMA journal_mode`, `PRAGMA synchronous`, `PRAGMA temp_store` and `PRAGMA cache_size` as
-    /// the writer connection (which appends to the log) sees them between two transactions; `None` on
-    /// PostgreSQL. Lets tests check the settings are really in force.
-    pub async fn sqlite_durability(&self) -> Result<Option<(String, i64, i64, i64)>> {
-        if self.backend != Backend::Sqlite {
-            return Ok(None);
-        }
+    /// each writer connection sees them between two transactions: the writer thread's (which appends to the log
+    /// and applies sends, see [`writer`]) and sqlx's (every other write); `None` on PostgreSQL and for an
+    /// in-memory database. Lets tests check the settings are really in force.
+    pub async fn sqlite_durability(&self) -> Result<Option<Vec<(String, i64, i64, i64)>>> {
+        let Some(writer) = &self.writer else { return Ok(None) };
+        let thread = writer.thread.durability().await?;
         let mut conn = self.transaction_connection().await?;
         let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(&mut *conn).await?.try_get(0)?;
         let sync: i64 = sqlx::query("PRAGMA synchronous").fetch_one(&mut *conn).await?.try_get(0)?;
         let temp: i64 = sqlx::query("PRAGMA temp_store").fetch_one(&mut *conn).await?.try_get(0)?;
         let cache: i64 = sqlx::query("PRAGMA cache_size").fetch_one(&mut *conn).await?.try_get(0)?;
         conn.finished();
-        Ok(Some((mode, sync, temp, cache)))
+        Ok(Some(vec![thread, (mode, sync, temp, cache)]))
     }
 
     /// The node's durable election state: its current term and whom it voted for in that term.
@@ -582,7 +597,8 @@ async fn sqlite_settings(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
 /// file once it passes 64 KiB: a backup under load created, wrote and deleted 8 of them a second (strace).
 /// In memory, three replicas used 1-14 % less CPU per message in three rounds whose order was not alternated
 /// (BENCHMARKS.md, stop 19). The applier's INSERTs have kept no statement journal since (`INSERT OR IGNORE`,
-/// see `state::insert_events`); a log append's still does. A writing statement is at most [`MAX_BINDS`]
+/// see `state::insert_events`), nor do the writer thread's single-row INSERTs ([`writer`]); a log append that
+/// met stored entries (its multi-row INSERT, on this connection) still does. A writing statement is at most [`MAX_BINDS`]
 /// values, so its journal stays small. Readers keep the default: their sorts may be large and belong on disk.
 ///
 /// The writer keeps 16 MiB of pages in its cache ([`WRITER_CACHE`]), not SQLite's default 2 MB: every message

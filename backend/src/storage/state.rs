@@ -30,8 +30,10 @@ impl Db {
     /// Returns the new applied index and the events the entries caused, in index order.
     ///
     /// A run of consecutive sends is applied with a few statements for the whole run ([`apply_sends`]); every
-    /// other op one by one. Should the batch fail on its data (a constraint, a value the engine refuses), it
-    /// is rolled back and applied again op by op, which names the entry at fault exactly as before.
+    /// other op one by one. On a SQLite file, a batch of nothing but sends is applied the same way by the writer
+    /// thread, as one job ([`super::writer`]). Should the batch fail on its data (a constraint, a value the
+    /// engine refuses), it is rolled back and applied again op by op, which names the entry at fault exactly as
+    /// before.
     pub async fn apply_committed(&self, up_to: u64) -> Result<(u64, Vec<Delivery>)> {
         let applied = match self.apply_range(up_to, true).await {
             Err(e) if e.is_deterministic() => {
@@ -68,6 +70,22 @@ impl Db {
     async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
         let mut conn = self.transaction_connection().await?;
         let started = std::time::Instant::now();
+        // SQLite: a batch of sends (nearly every batch under load) is one job for the writer thread, which
+        // leaves the rest to the general path below.
+        if let (Some(writer), true) = (&self.writer, batched) {
+            let applied = writer
+                .thread
+                .apply_sends(up_to, std::sync::Arc::clone(&self.client_ids), std::sync::Arc::clone(&self.accounts))
+                .await?;
+            if let Some(mut applied) = applied {
+                conn.finished();
+                drop(conn);
+                encode_messages(&mut applied.deliveries);
+                crate::metrics::messages_stored(applied.messages);
+                crate::metrics::applied(applied.entries, started.elapsed());
+                return Ok((applied.last, applied.deliveries));
+            }
+        }
         // Applied state is not synced to disk at commit: the log is the truth (every entry was fsynced before
         // it was acknowledged), the state tables and the applied index commit together, and both engines
         // make a later synced commit (the next log append) durable only with everything committed before it.
@@ -319,9 +337,10 @@ async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Ve
 
 /// A crash-test hook: with `REPLICHAT_TEST_ABORT_IN_APPLY=n` in its environment, the process aborts (no
 /// cleanup, like kill -9) inside its n-th apply transaction, before committing: after the statements of every op
-/// but a run of sends, whose messages are written with the commit (on PostgreSQL just before it). Used by the
+/// but a run of sends, whose messages are written with the commit (on PostgreSQL just before it; on the SQLite
+/// writer thread after them, before the applied index and the commit). Used by the
 /// chat suite's `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
-fn crash_test_abort_now() -> bool {
+pub(super) fn crash_test_abort_now() -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
     static AT: OnceLock<Option<u64>> = OnceLock::new();
@@ -331,7 +350,7 @@ fn crash_test_abort_now() -> bool {
 }
 
 /// A message to store: id (its index), sender, recipient, client id, text, time.
-type NewMessage<'a> = (i64, i64, i64, &'a str, &'a str, i64);
+pub(super) type NewMessage<'a> = (i64, i64, i64, &'a str, &'a str, i64);
 
 /// Apply a run of consecutive sends (every op in `run` is an [`Op::Send`]) with a few statements for the whole
 /// run: a read of the accounts involved that the applier does not know ([`Accounts`]), and the new messages
@@ -393,9 +412,20 @@ async fn apply_sends<'a>(
         return Err(Error::Corrupt(format!("a send names account {missing}, which does not exist")));
     }
     new_messages.extend_from_slice(&sends);
+    let deliveries = deliveries_of_sends(&sends, &users, client_ids);
+    Ok((sends.len() as u64, deliveries))
+}
+
+/// The events of `sends` (messages about to be stored, in index order): for each, its recipient's and its
+/// sender's, built from the op and the accounts in `users`; each message goes into `client_ids` (before the
+/// commit: the map holds every committed message, and perhaps some that were rolled back).
+pub(super) fn deliveries_of_sends(
+    sends: &[NewMessage<'_>],
+    users: &std::collections::HashMap<i64, (Arc<str>, bool)>,
+    client_ids: &ClientIds,
+) -> Vec<Delivery> {
     let mut deliveries = Vec::with_capacity(2 * sends.len());
-    for &(index, sender, recipient, client_id, text, at) in &sends {
-        // Before the commit: the map holds every committed message, and perhaps some that were rolled back.
+    for &(index, sender, recipient, client_id, text, at) in sends {
         client_ids.insert(index, sender, client_id);
         let (from, from_deleted) = &users[&sender];
         let message = Message {
@@ -413,7 +443,7 @@ async fn apply_sends<'a>(
         deliveries.push(Delivery { user_id: recipient, body: body.clone(), session: None, json: None });
         deliveries.push(Delivery { user_id: sender, body, session: None, json: None });
     }
-    Ok((sends.len() as u64, deliveries))
+    deliveries
 }
 
 /// Store `new_messages` (and empty it) with multi-row INSERTs. A message's id is its entry's index, so a row
@@ -500,13 +530,13 @@ impl Accounts {
     const CAPACITY: usize = 100_000;
 
     /// Those of `ids` it knows.
-    fn known(&self, ids: &[i64]) -> std::collections::HashMap<i64, (Arc<str>, bool)> {
+    pub(super) fn known(&self, ids: &[i64]) -> std::collections::HashMap<i64, (Arc<str>, bool)> {
         let known = self.known.lock().expect("accounts lock");
         ids.iter().filter_map(|id| known.get(id).map(|account| (*id, account.clone()))).collect()
     }
 
     /// Remember `id`'s name and whether it is deleted, read in the applier's transaction.
-    fn learn(&self, id: i64, account: (Arc<str>, bool)) {
+    pub(super) fn learn(&self, id: i64, account: (Arc<str>, bool)) {
         let mut known = self.known.lock().expect("accounts lock");
         if known.len() >= Self::CAPACITY {
             known.clear();

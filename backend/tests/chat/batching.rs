@@ -111,6 +111,19 @@ both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move
         }
         let (now, pushed_one_by_one) = one_by_one.apply_committed_one_by_one(last).await.unwrap();
         assert_eq!(now, last);
+        // A fourth applies each run of sends on its own, and each other op on its own: every batch of sends
+        // alone (on a SQLite file, the writer thread's job; see `storage/writer.rs`).
+        let by_runs = Db::open(&fresh_db(engine).await).await.unwrap();
+        by_runs.append_entries(&entries).await.unwrap();
+        let mut pushed_by_runs = Vec::new();
+        for (at, op) in ops.iter().enumerate() {
+            let send = |op: &Op| matches!(op, Op::Send { .. });
+            if !send(op) || ops.get(at + 1).is_none_or(|next| !send(next)) {
+                let (now, caused) = by_runs.apply_committed(at as u64 + 1).await.unwrap();
+                assert_eq!(now, at as u64 + 1);
+                pushed_by_runs.extend(caused);
+            }
+        }
         let mut pushed_colliding = Vec::new();
         let mut applied = 0;
         while applied < last {
@@ -127,6 +140,8 @@ both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move
         assert_eq!(stored, stored_by_model(&ops), "seed {seed}: the messages a model of the log stores");
         assert_eq!(colliding.dump().await.unwrap(), reference, "seed {seed}: the same state with colliding hashes");
         assert_eq!(pushed_colliding, pushed_one_by_one, "seed {seed}: the same pushes with colliding hashes");
+        assert_eq!(by_runs.dump().await.unwrap(), reference, "seed {seed}: the same state, each run of sends alone");
+        assert_eq!(pushed_by_runs, pushed_one_by_one, "seed {seed}: the same pushes, each run of sends alone");
         // The first line that differs, not two whole dumps.
         let differs = dump.lines().zip(reference.lines()).find(|(a, b)| a != b);
         assert_eq!(differs, None, "seed {seed}: the same state (batched, one by one)");
@@ -140,6 +155,7 @@ both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move
         batched.close().await;
         one_by_one.close().await;
         colliding.close().await;
+        by_runs.close().await;
     }
     assert!(with_deletions >= 6, "only {with_deletions} of 12 logs delete an account");
 });
@@ -211,8 +227,10 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
         // The sender's receipt of entry 5 (a message's own events are not stored: derived from its row).
         "INSERT INTO events (user_id, idx, body) VALUES (1, 5, '{}')",
     ];
-    // The entry that met the row, as the error names it.
-    for (sql, entry) in planted.into_iter().zip(["entry 4", "entries 5 to 5"]) {
+    // The entry that met the row, as the error names it, applying the entries up to the op that meets it,
+    // and the whole log: a batch of sends alone (on a SQLite file the writer thread's), and one with a receipt.
+    let cases = [(planted[0], 4, "entry 4"), (planted[0], 5, "entry 4"), (planted[1], 5, "entries 5 to 5")];
+    for (sql, up_to, entry) in cases {
         let url = fresh_db(engine).await;
         let db = Db::open(&url).await.unwrap();
         db.append_entries(&entries).await.unwrap();
@@ -220,7 +238,7 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
         db.close().await;
         plant(&url, sql).await;
         let db = Db::open(&url).await.unwrap();
-        let refused = db.apply_committed(5).await;
+        let refused = db.apply_committed(up_to).await;
         let refused = refused.expect_err(&format!("{sql}: applied over it")).to_string();
         assert!(refused.contains(entry), "{sql}: {refused}");
         assert_eq!(db.applied_index().await.unwrap(), 2, "{sql}: nothing applied");

@@ -29,9 +29,10 @@ async fn install_chunks(db: &Db, last_index: u64, last_term: u64, chunks: &[Snap
     install.finish(last_index, last_term).await.unwrap();
 }
 
-/// SQLite: the writer connection's page cache between two transactions; `None` on PostgreSQL.
+/// SQLite: sqlx's writer connection's page cache between two transactions (it installs snapshots); `None` on
+/// PostgreSQL.
 async fn writer_cache(db: &Db) -> Option<i64> {
-    db.sqlite_durability().await.unwrap().map(|(_, _, _, cache)| cache)
+    db.sqlite_durability().await.unwrap().map(|writers| writers[1].3)
 }
 
 /// A server whose state spans many small chunks: `n` messages from ann to ben, each read by ben (a receipt:
