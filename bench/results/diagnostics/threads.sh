@@ -2,9 +2,9 @@
 # usage: [BIN=path/to/replichat] threads.sh target
 # Runs a 1-run `bench load` of `target` and prints, for every replica process, the CPU each of its threads used
 # over 5 s of the measured part of the run (2 s after a replica's log first holds 20,000 entries), in % of one
-# core. sqlx runs each SQLite connection on a thread of its own (`sqlx-sqlite-worker`): the busiest one is the
-# writer's, and set beside the writer's held time in /metrics (scrape.sh) it shows how much of that time the
-# writer's thread spent on the CPU.
+# core. The log appends and the applies of sends run on the writer thread (`sqlite-writer`, since stop 25; before,
+# on the busiest of sqlx's `sqlx-sqlite-worker` threads, one per SQLite connection): set beside the writer's held
+# time in /metrics (scrape.sh) it shows how much of that time the writer's thread spent on the CPU.
 cd "$(dirname "$0")/../../.."
 target/release/bench load ${BIN:+--replichat $BIN} --target $1 --runs 1 --duration-s 12 --warmup-s 2 > /tmp/threads-$1.out 2>&1 &
 bp=$!
