@@ -325,9 +325,9 @@ async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Ve
         }
     };
     if stored != events.len() as u64 {
+        let entries = if first == last { format!("entry {first}") } else { format!("entries {first} to {last}") };
         return Err(Error::Corrupt(format!(
-            "{} of the events of entries {first} to {last} were stored already: the state tables and the applied \
-             index disagree",
+            "{} of the events of {entries} were stored already: the state tables and the applied index disagree",
             events.len() as u64 - stored
         )));
     }

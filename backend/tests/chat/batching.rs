@@ -229,7 +229,7 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
     ];
     // The entry that met the row, as the error names it, applying the entries up to the op that meets it,
     // and the whole log: a batch of sends alone (on a SQLite file the writer thread's), and one with a receipt.
-    let cases = [(planted[0], 4, "entry 4"), (planted[0], 5, "entry 4"), (planted[1], 5, "entries 5 to 5")];
+    let cases = [(planted[0], 4, "entry 4"), (planted[0], 5, "entry 4"), (planted[1], 5, "the events of entry 5 ")];
     for (sql, up_to, entry) in cases {
         let url = fresh_db(engine).await;
         let db = Db::open(&url).await.unwrap();
