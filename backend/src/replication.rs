@@ -997,7 +997,14 @@ impl Core {
             self.tail.pop_front();
         }
         let shipped = self.broadcast_append().await;
-        match self.db.append_entries(&entries).await {
+        // Committed by this append alone (a cluster of one): the storage may apply them in the same transaction.
+        let last = entries.last().map_or(0, |e| e.index);
+        let appended = if self.commits_alone(last) {
+            self.db.append_committing(&entries).await
+        } else {
+            self.db.append_entries(&entries).await
+        };
+        match appended {
             Ok(last) => (self.last_index, self.last_term) = last,
             Err(e) => {
                 // Stepped down, and seen so, before anyone hears "unavailable": a client told so must not find
@@ -1294,7 +1301,21 @@ impl Core {
 
     /// Commit the highest index durable on a majority, once this term's no-op is among it.
     fn advance_commit(&mut self) {
-        let candidate = match self.timing.ack {
+        let candidate = self.commit_candidate(self.last_index);
+        if candidate > self.commit_index && candidate >= self.term_start {
+            self.commit_index = candidate;
+        }
+    }
+
+    /// Whether this replica's own append up to `last` commits it, before any backup answers: the primary of a
+    /// cluster of one (a majority of one), appending in its own term.
+    fn commits_alone(&self, last: u64) -> bool {
+        last >= self.term_start && self.commit_candidate(last) >= last
+    }
+
+    /// The highest index durable on a majority were this replica's log to end at `last_index`.
+    fn commit_candidate(&self, last_index: u64) -> u64 {
+        match self.timing.ack {
             Ack::Majority => {
                 // A learner (it may hold less than it acknowledged before) counts only once it has caught up with
                 // everything committed; in a new cluster, where every replica starts as a learner, that is at once.
@@ -1304,16 +1325,11 @@ impl Core {
                     .values()
                     .map(|p| if p.learner && p.matched < commit { 0 } else { p.matched })
                     .collect();
-                matched.push(self.last_index);
+                matched.push(last_index);
                 matched.sort_unstable_by(|a, b| b.cmp(a));
                 matched[self.majority() - 1]
             }
-            Ack::AllLive => {
-                self.progress.values().filter(|p| p.in_sync).map(|p| p.matched).fold(self.last_index, u64::min)
-            }
-        };
-        if candidate > self.commit_index && candidate >= self.term_start {
-            self.commit_index = candidate;
+            Ack::AllLive => self.progress.values().filter(|p| p.in_sync).map(|p| p.matched).fold(last_index, u64::min),
         }
     }
 

@@ -1,10 +1,12 @@
 //! The replicated log: appending (and truncating what was never committed), reading entries for shipping and
 //! catch-up, and compaction.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use sqlx::{Connection, Row};
 
+use super::writer::Appended;
 use super::{composed, set_meta, Db, Entry};
 use crate::Result;
 
@@ -70,6 +72,20 @@ impl Db {
     /// tried as one job for the writer thread ([`super::writer`]); only if an entry is stored at one of the
     /// indexes already does it take the general path.
     pub async fn append_entries(&self, entries: &[Entry]) -> Result<(u64, u64)> {
+        self.append(entries, false).await
+    }
+
+    /// [`Db::append_entries`] for entries that this append alone commits (the primary of a cluster of one: a
+    /// majority of one is this replica). On SQLite, when they lie past the end of the log and every entry after
+    /// the applied index up to the last of them is a send, they are applied in the same transaction, made
+    /// durable by the one synced commit that makes the entries so (see [`super::writer`]); their events wait
+    /// for the applier's next [`Db::apply_committed`], which returns them first. Otherwise (and on
+    /// PostgreSQL) this is [`Db::append_entries`], and the applier applies them.
+    pub async fn append_committing(&self, entries: &[Entry]) -> Result<(u64, u64)> {
+        self.append(entries, true).await
+    }
+
+    async fn append(&self, entries: &[Entry], committing: bool) -> Result<(u64, u64)> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return self.last_entry().await };
         let waiting = Instant::now();
         let mut conn = self.transaction_connection().await?;
@@ -80,7 +96,26 @@ impl Db {
             // writer thread, which says if an entry is stored at one of these indexes already (a re-sent append,
             // or one that replaces entries never committed); then it wrote nothing, and the entries are compared
             // with what is stored below.
-            if writer.thread.append_past_end(entries.to_vec()).await? {
+            let appended = if committing {
+                let (client_ids, accounts) = (Arc::clone(&self.client_ids), Arc::clone(&self.accounts));
+                match writer.thread.append_and_apply(entries.to_vec(), client_ids, accounts).await? {
+                    Appended::Conflict => false,
+                    Appended::Alone => true,
+                    Appended::Applied(mut applied) => {
+                        let mut ahead = writer.applied_ahead.lock().expect("applied-ahead lock");
+                        let (index, events) = ahead.get_or_insert_with(Default::default);
+                        *index = applied.last;
+                        events.append(&mut applied.deliveries);
+                        drop(ahead);
+                        crate::metrics::messages_stored(applied.messages);
+                        crate::metrics::applied(applied.entries, applied.took);
+                        true
+                    }
+                }
+            } else {
+                writer.thread.append_past_end(entries.to_vec()).await?
+            };
+            if appended {
                 conn.finished();
                 crate::metrics::log_appended(entries.len(), started.elapsed());
                 return Ok((last.index, last.term));

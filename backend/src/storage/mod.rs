@@ -10,8 +10,9 @@
 //! - [`log`]: appending, truncating, reading and compacting the replicated log;
 //! - [`state`]: the state machine, which applies committed entries to the tables in one transaction with the
 //!   applied index, reading nothing but the database and the op;
-//! - [`writer`]: SQLite's writer thread, which runs the two hot writes (a log append past the end of the log,
-//!   the apply of a batch of sends) as one job each through SQLite's own API (rusqlite), not sqlx;
+//! - [`writer`]: SQLite's writer thread, which runs the hot writes (a log append past the end of the log, the
+//!   apply of a batch of sends, and, on the primary of a cluster of one, both in one transaction) as one job
+//!   each through SQLite's own API (rusqlite), not sqlx;
 //! - [`client_ids`]: the applier's in-memory map of the senders' client ids (what decides a repeated `send`);
 //! - [`queries`]: the read queries the chat serves, and the canonical dump;
 //! - [`snapshot`]: reading and installing the whole state.
@@ -150,6 +151,11 @@ pub(crate) struct SqliteWriter {
     thread: writer::WriterThread,
     /// sqlx's writer connection, and the lock both writers take turns under.
     conn: std::sync::Arc<tokio::sync::Mutex<Option<AnyConnection>>>,
+    /// Entries applied in the transaction that appended them ([`Db::append_committing`]), whose events the
+    /// applier has not taken yet: the applied index they reached, and the events, in index order. Set while
+    /// `conn`'s lock is held, and taken under it too unless they reach as far as the applier asks (see
+    /// `Db::apply_range`), so the events always come out before those of a later apply.
+    applied_ahead: std::sync::Mutex<Option<(u64, Vec<Delivery>)>>,
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -327,7 +333,12 @@ impl Db {
             (Backend::Sqlite, false) => {
                 let path = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?.get_filename().to_owned();
                 let thread = writer::WriterThread::start(path);
-                Some(std::sync::Arc::new(SqliteWriter { options, thread, conn: Default::default() }))
+                Some(std::sync::Arc::new(SqliteWriter {
+                    options,
+                    thread,
+                    conn: Default::default(),
+                    applied_ahead: Default::default(),
+                }))
             }
             _ => None,
         };

@@ -372,6 +372,7 @@ impl SnapshotInstall {
         // Every account may have changed (and a failed install was rolled back): forget the live names, and the
         // accounts the applier knew.
         self.db.forget_accounts();
+        self.db.forget_applied_ahead();
         committed
     }
 

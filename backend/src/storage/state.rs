@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, Row};
 
 use super::client_ids::ClientIds;
 use super::queries::{contacts, message_as_sent, message_from_row, stored_under, MESSAGE_SELECT};
-use super::{composed, set_meta, Backend, Db, Delivery};
+use super::{composed, set_meta, Backend, Db, Delivery, TxConnection};
 use crate::op::Op;
 use crate::wildcard::name_key;
 use crate::{Error, Result};
@@ -67,8 +67,60 @@ impl Db {
         applied
     }
 
+    /// Apply up to `up_to`, first taking the events of entries applied with their append
+    /// ([`Db::append_committing`]), which come before any this apply causes.
     async fn apply_range(&self, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
+        // Everything up to `up_to` applied with its append (the usual case on the primary of a cluster of one):
+        // taken without waiting for the writer, which may be appending the next batch. The applier is the only
+        // caller, one call at a time, and an append applies only what follows every earlier apply, so nothing
+        // applied before these entries can still be on its way.
+        if let Some(writer) = &self.writer {
+            let mut ahead = writer.applied_ahead.lock().expect("applied-ahead lock");
+            if ahead.as_ref().is_some_and(|(index, _)| *index >= up_to) {
+                let (index, mut events) = ahead.take().expect("just checked");
+                drop(ahead);
+                encode_messages(&mut events);
+                return Ok((index, events));
+            }
+        }
         let mut conn = self.transaction_connection().await?;
+        let ahead = self.writer.as_ref().and_then(|w| w.applied_ahead.lock().expect("applied-ahead lock").take());
+        let Some((index, mut events)) = ahead else { return self.apply_range_on(conn, up_to, batched).await };
+        if index >= up_to {
+            conn.finished();
+            drop(conn);
+            encode_messages(&mut events);
+            return Ok((index, events));
+        }
+        match self.apply_range_on(conn, up_to, batched).await {
+            Ok((last, more)) => {
+                encode_messages(&mut events);
+                events.extend(more);
+                Ok((last, events))
+            }
+            Err(e) => {
+                // Not pushed yet: put back, before whatever was applied ahead since.
+                if let Some(writer) = &self.writer {
+                    let mut ahead = writer.applied_ahead.lock().expect("applied-ahead lock");
+                    let later = ahead.take();
+                    let index = later.as_ref().map_or(index, |(later, _)| *later);
+                    events.extend(later.into_iter().flat_map(|(_, events)| events));
+                    *ahead = Some((index, events));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Drop the events of entries applied with their append that the applier has not taken (a snapshot
+    /// install replaced the state they describe; `resume` replays what is stored).
+    pub(super) fn forget_applied_ahead(&self) {
+        if let Some(writer) = &self.writer {
+            writer.applied_ahead.lock().expect("applied-ahead lock").take();
+        }
+    }
+
+    async fn apply_range_on(&self, mut conn: TxConnection, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {
         let started = std::time::Instant::now();
         // SQLite: a batch of sends (nearly every batch under load) is one job for the writer thread, which
         // leaves the rest to the general path below.
@@ -183,7 +235,7 @@ impl Db {
             deliveries.extend(caused);
             rest = &rest[1..];
         }
-        if !ops.is_empty() && crash_test_abort_now() {
+        if !ops.is_empty() && crash_test_abort_now(false) {
             tracing::error!(applied, last, "REPLICHAT_TEST_ABORT_IN_APPLY: aborting inside an apply transaction");
             std::process::abort();
         }
@@ -338,15 +390,20 @@ async fn insert_events(tx: &mut AnyConnection, backend: Backend, events: &mut Ve
 /// A crash-test hook: with `REPLICHAT_TEST_ABORT_IN_APPLY=n` in its environment, the process aborts (no
 /// cleanup, like kill -9) inside its n-th apply transaction, before committing: after the statements of every op
 /// but a run of sends, whose messages are written with the commit (on PostgreSQL just before it; on the SQLite
-/// writer thread after them, before the applied index and the commit). Used by the
-/// chat suite's `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
-pub(super) fn crash_test_abort_now() -> bool {
+/// writer thread after them, before the applied index and the commit). `REPLICHAT_TEST_ABORT_IN_APPEND_APPLY=n`
+/// counts instead the applies that run in the transaction of their entries' append (SQLite, a cluster of one:
+/// [`Db::append_committing`]); the other counts only those that do not. Used by the chat suite's
+/// `a_crash_inside_an_apply_loses_and_repeats_nothing`; unset, it costs one atomic load.
+pub(super) fn crash_test_abort_now(with_append: bool) -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
-    static APPLIES: AtomicU64 = AtomicU64::new(0);
-    let at = *AT.get_or_init(|| std::env::var("REPLICHAT_TEST_ABORT_IN_APPLY").ok().and_then(|n| n.parse().ok()));
-    at.is_some_and(|at| APPLIES.fetch_add(1, Ordering::Relaxed) + 1 == at)
+    static AT: OnceLock<[Option<u64>; 2]> = OnceLock::new();
+    static APPLIES: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+    let at = AT.get_or_init(|| {
+        ["REPLICHAT_TEST_ABORT_IN_APPLY", "REPLICHAT_TEST_ABORT_IN_APPEND_APPLY"]
+            .map(|var| std::env::var(var).ok().and_then(|n| n.parse().ok()))
+    })[usize::from(with_append)];
+    at.is_some_and(|at| APPLIES[usize::from(with_append)].fetch_add(1, Ordering::Relaxed) + 1 == at)
 }
 
 /// A message to store: id (its index), sender, recipient, client id, text, time.

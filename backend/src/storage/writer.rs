@@ -101,24 +101,54 @@ impl WriterThread {
     pub(super) async fn append_past_end(&self, entries: Vec<Entry>) -> Result<bool> {
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            {
-                let mut insert = tx.prepare_cached("INSERT INTO log (idx, term, op) VALUES (?1, ?2, ?3)")?;
-                for entry in &entries {
-                    match insert.execute((entry.index as i64, entry.term as i64, &entry.op)) {
-                        Ok(_) => {}
-                        Err(rusqlite::Error::SqliteFailure(e, _))
-                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                        {
-                            drop(insert);
-                            tx.rollback()?;
-                            return Ok(false);
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+            if !insert_entries(&tx, &entries)? {
+                tx.rollback()?;
+                return Ok(false);
             }
             tx.commit()?;
             Ok(true)
+        })
+        .await
+    }
+
+    /// Append `entries`, which must all lie past the end of the log and which this append alone commits (the
+    /// primary of a cluster of one), and apply every entry after the applied index up to the last of them in
+    /// the same transaction if they are all sends (as [`WriterThread::apply_sends`] does): one synced commit
+    /// makes the entries and their state durable together. If they are not all sends, or the sends fail on
+    /// their data (a row planted behind the applier's back, say: `INSERT OR ROLLBACK` ends the transaction),
+    /// the entries are appended alone and the general path applies them (and names the entry at fault).
+    pub(super) async fn append_and_apply(
+        &self,
+        entries: Vec<Entry>,
+        client_ids: Arc<ClientIds>,
+        accounts: Arc<Accounts>,
+    ) -> Result<Appended> {
+        self.run(move |conn| {
+            let up_to = entries.last().map_or(0, |e| e.index);
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if !insert_entries(&tx, &entries)? {
+                tx.rollback()?;
+                return Ok(Appended::Conflict);
+            }
+            match apply_sends(&tx, up_to, &client_ids, &accounts, true) {
+                Ok(applied) => {
+                    tx.commit()?;
+                    return Ok(applied.map_or(Appended::Alone, Appended::Applied));
+                }
+                Err(e) if e.is_deterministic() => {
+                    tracing::warn!("applying a batch with its append failed on its data ({e}); appending it alone");
+                    accounts.forget();
+                }
+                Err(e) => return Err(e),
+            }
+            // Rolled back already (`INSERT OR ROLLBACK`), or now, as the transaction is dropped.
+            drop(tx);
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if !insert_entries(&tx, &entries)? {
+                return Err(Error::Corrupt("the log changed under its only writer".into()));
+            }
+            tx.commit()?;
+            Ok(Appended::Alone)
         })
         .await
     }
@@ -136,14 +166,28 @@ impl WriterThread {
         self.run(move |conn| {
             // Not synced at commit: see `Db::apply_range`.
             conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-            let outcome = apply_sends(conn, up_to, &client_ids, &accounts);
-            if outcome.is_ok() {
-                conn.execute_batch("PRAGMA synchronous = FULL")?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let applied = apply_sends(&tx, up_to, &client_ids, &accounts, false)?;
+            if applied.is_some() {
+                tx.commit()?;
+            } else {
+                tx.rollback()?;
             }
-            outcome
+            conn.execute_batch("PRAGMA synchronous = FULL")?;
+            Ok(applied)
         })
         .await
     }
+}
+
+/// What [`WriterThread::append_and_apply`] did.
+pub(super) enum Appended {
+    /// Nothing: an entry is stored at one of the indexes already.
+    Conflict,
+    /// Appended; applying is left to the general path.
+    Alone,
+    /// Appended, and applied in the same transaction.
+    Applied(AppliedSends),
 }
 
 /// What [`WriterThread::apply_sends`] applied.
@@ -156,21 +200,43 @@ pub(super) struct AppliedSends {
     pub(super) messages: u64,
     /// Entries applied.
     pub(super) entries: u64,
+    /// How long the apply took, on the writer thread (without the commit).
+    pub(super) took: std::time::Duration,
 }
 
-/// [`WriterThread::apply_sends`], on the writer thread: the same steps as `state::apply_sends` (a repeated
-/// client id decided by the applier's map and, for the candidates it names, the rows; the accounts from the
-/// applier's [`Accounts`] or read; the events built from the ops), with prepared single-row statements.
+/// Append `entries` in `tx`; `Ok(false)`, with the transaction to roll back, if an entry is stored at one of
+/// their indexes already.
+fn insert_entries(tx: &Connection, entries: &[Entry]) -> Result<bool> {
+    let mut insert = tx.prepare_cached("INSERT INTO log (idx, term, op) VALUES (?1, ?2, ?3)")?;
+    for entry in entries {
+        match insert.execute((entry.index as i64, entry.term as i64, &entry.op)) {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// [`WriterThread::apply_sends`] in the open transaction `tx` (left to the caller to commit), on the writer
+/// thread: the same steps as `state::apply_sends` (a repeated client id decided by the applier's map and, for
+/// the candidates it names, the rows; the accounts from the applier's [`Accounts`] or read; the events built
+/// from the ops), with prepared single-row statements. `None`, with nothing written, if an entry is not a
+/// send, there is none, or the client-id map is not loaded yet. `with_append`: in the transaction of the
+/// entries' append (for the crash-test hook only).
 fn apply_sends(
-    conn: &mut Connection,
+    tx: &Connection,
     up_to: u64,
     client_ids: &ClientIds,
     accounts: &Accounts,
+    with_append: bool,
 ) -> Result<Option<AppliedSends>> {
     if !client_ids.is_loaded() {
         return Ok(None);
     }
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let started = std::time::Instant::now();
     let applied: i64 = tx
         .prepare_cached("SELECT COALESCE((SELECT value FROM meta WHERE name = 'applied_index'), 0)")?
         .query_row([], |row| row.get(0))?;
@@ -200,7 +266,7 @@ fn apply_sends(
     let mut fresh = std::collections::HashSet::with_capacity(ops.len());
     for (index, op) in &ops {
         let Op::Send { sender_id, recipient_id, client_id, text, at } = op else { continue };
-        if fresh.contains(&(*sender_id, client_id.as_str())) || stored_before(&tx, client_ids, *sender_id, client_id)? {
+        if fresh.contains(&(*sender_id, client_id.as_str())) || stored_before(tx, client_ids, *sender_id, client_id)? {
             continue;
         }
         fresh.insert((*sender_id, client_id.as_str()));
@@ -236,8 +302,8 @@ fn apply_sends(
         }
     }
     let deliveries = deliveries_of_sends(&sends, &users, client_ids);
-    if super::state::crash_test_abort_now() {
-        tracing::error!(applied, last, "REPLICHAT_TEST_ABORT_IN_APPLY: aborting inside an apply transaction");
+    if super::state::crash_test_abort_now(with_append) {
+        tracing::error!(applied, last, with_append, "crash test: aborting inside an apply transaction");
         std::process::abort();
     }
     tx.prepare_cached(
@@ -245,8 +311,13 @@ fn apply_sends(
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
     )?
     .execute([last])?;
-    tx.commit()?;
-    Ok(Some(AppliedSends { last: last as u64, deliveries, messages: sends.len() as u64, entries: ops.len() as u64 }))
+    Ok(Some(AppliedSends {
+        last: last as u64,
+        deliveries,
+        messages: sends.len() as u64,
+        entries: ops.len() as u64,
+        took: started.elapsed(),
+    }))
 }
 
 /// Whether `sender` has a stored message under `client_id`, read only when the map names candidates.

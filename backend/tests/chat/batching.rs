@@ -160,6 +160,91 @@ both!(batched_apply_equals_applying_op_by_op_on_random_logs, |engine| async move
     assert!(with_deletions >= 6, "only {with_deletions} of 12 logs delete an account");
 });
 
+both!(applying_with_the_append_equals_applying_op_by_op, |engine| async move {
+    // The primary of a cluster of one commits an entry by appending it: on SQLite a batch of sends is applied
+    // in the transaction that appends it (`Db::append_committing`), its events kept for the applier's next
+    // call; on PostgreSQL that is an append, applied by the applier. Batches of random lengths, with the applier
+    // sometimes several batches behind (and the ops that are not sends applied by it): the same state, and the
+    // same pushes in the same order, as applying op by op.
+    let mut with_append = 0;
+    for seed in 0..8u64 {
+        let mut rng = StdRng::seed_from_u64(200 + seed);
+        let ops = random_log(&mut rng, 300);
+        let entries = numbered(&ops, |_| 1);
+        let last = entries.len() as u64;
+        let reference = Db::open(&fresh_db(engine).await).await.unwrap();
+        reference.append_entries(&entries).await.unwrap();
+        let (_, pushed_one_by_one) = reference.apply_committed_one_by_one(last).await.unwrap();
+        let db = Db::open(&fresh_db(engine).await).await.unwrap();
+        let mut pushed = Vec::new();
+        let mut appended = 0;
+        while appended < last {
+            let batch = &entries[appended as usize..(appended + rng.gen_range(1..20)).min(last) as usize];
+            assert_eq!(db.append_committing(batch).await.unwrap().0, batch.last().unwrap().index);
+            appended = batch.last().unwrap().index;
+            // Applied by its append (nothing else applies here but the calls below).
+            with_append += u64::from(db.applied_index().await.unwrap() == appended);
+            if rng.gen_bool(0.5) || appended == last {
+                let (now, caused) = db.apply_committed(appended).await.unwrap();
+                assert_eq!(now, appended, "seed {seed}");
+                pushed.extend(caused);
+            }
+        }
+        let dump = db.dump().await.unwrap();
+        let reference_dump = reference.dump().await.unwrap();
+        let differs = dump.lines().zip(reference_dump.lines()).find(|(a, b)| a != b);
+        assert_eq!(differs, None, "seed {seed}: the same state");
+        assert_eq!(dump, reference_dump, "seed {seed}: the same state");
+        assert_eq!(pushed, pushed_one_by_one, "seed {seed}: the same pushes, in the same order");
+        db.close().await;
+        reference.close().await;
+    }
+    match engine {
+        Engine::Sqlite => assert!(with_append >= 40, "only {with_append} batches applied with their append"),
+        Engine::Postgres => assert_eq!(with_append, 0, "PostgreSQL applies in the applier only"),
+    }
+});
+
+both!(a_batch_applied_with_its_append_meeting_a_row_no_entry_wrote_is_appended_alone, |engine| async move {
+    // A send that meets a message no entry wrote (planted under its index) fails the apply in the append's
+    // transaction (`INSERT OR ROLLBACK`): the entries are appended alone, and the applier's apply stops on the
+    // entry and names it, as for any apply.
+    let ops = [
+        register(1, "a"),
+        register(2, "b"),
+        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c3".into(), text: "three".into(), at: 3 },
+        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c4".into(), text: "four".into(), at: 4 },
+        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c5".into(), text: "five".into(), at: 5 },
+    ];
+    let entries = numbered(&ops, |_| 1);
+    let url = fresh_db(engine).await;
+    let db = Db::open(&url).await.unwrap();
+    db.append_committing(&entries[..3]).await.unwrap();
+    // The applier's first apply of a send loads its client-id map; the appends after it apply their sends.
+    assert_eq!(db.apply_committed(3).await.unwrap().0, 3);
+    db.append_committing(&entries[3..4]).await.unwrap();
+    let applied = db.applied_index().await.unwrap();
+    assert_eq!(applied, if engine == Engine::Sqlite { 4 } else { 3 }, "applied with its append on SQLite only");
+    plant(
+        &url,
+        "INSERT INTO messages (id, sender_id, recipient_id, client_id, body, sent_at) \
+         VALUES (5, 2, 1, 'planted', 'not from the log', 0)",
+    )
+    .await;
+    assert_eq!(db.append_committing(&entries[4..]).await.unwrap(), (5, 1), "appended");
+    assert_eq!(db.entries(4, 10).await.unwrap(), entries[4..], "the entry is in the log");
+    assert_eq!(db.applied_index().await.unwrap(), applied, "and not applied");
+    let refused = db.apply_committed(5).await.expect_err("applied over the planted row").to_string();
+    assert!(refused.contains("entry 5"), "{refused}");
+    assert_eq!(db.applied_index().await.unwrap(), applied, "nothing more applied");
+    let dump = db.dump().await.unwrap();
+    let messages = replichat::storage::dump_section(&dump, "messages");
+    let ids: Vec<&str> = messages.iter().map(|m| m[0]).collect();
+    assert_eq!(ids, if engine == Engine::Sqlite { ["3", "4", "5"].as_slice() } else { &["3", "5"] }, "{messages:?}");
+    assert_eq!(messages.last().unwrap()[3], "planted");
+    db.close().await;
+});
+
 both!(an_append_keeps_matching_entries_and_replaces_a_conflicting_suffix, |engine| async move {
     let db = Db::open(&fresh_db(engine).await).await.unwrap();
     let ops: Vec<Op> = (0..5).map(|_| Op::Noop).collect();

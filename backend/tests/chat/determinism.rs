@@ -138,14 +138,29 @@ both!(a_snapshot_installs_as_the_identical_state, |engine| async move {
     assert!(users.iter().all(|row| row[8] == "∅"), "{users:?}");
 });
 
-// A crash between appending an entry and committing its apply: the real binary aborts (as abruptly as kill -9)
-// inside an apply transaction, after writing the state and before committing it. Restarted, it applies the
-// entry from the log; the client's retry with the same client id gets the original answer; nothing is lost or
-// stored twice, and the state is exactly what replaying the log into an empty database gives.
+// A crash inside an apply: the real binary aborts (as abruptly as kill -9) inside an apply transaction, after
+// writing the state and before committing it. Restarted, it applies again from the log whatever was appended;
+// the client's retry with the same client id gets the original answer, or stores the message if its entry went
+// with the crash (it was never acknowledged); nothing is lost or stored twice, and the state is exactly what
+// replaying the log into an empty database gives. Two crashes: in an apply of its own, after the entries'
+// append committed (the no-op and two registrations are the first three applies; on PostgreSQL the eighth is
+// the fifth send's; on SQLite the fourth is the first send's, the only one applied on its own: it loads the
+// client-id map); and, on SQLite, where the primary of a cluster of one applies a batch of sends in the
+// transaction that appends it, inside that transaction (the third such is the fourth send's).
 both!(a_crash_inside_an_apply_loses_and_repeats_nothing, |engine| async move {
+    match engine {
+        Engine::Postgres => crash_inside_an_apply(engine, ("REPLICHAT_TEST_ABORT_IN_APPLY", "8"), 4).await,
+        Engine::Sqlite => {
+            crash_inside_an_apply(engine, ("REPLICHAT_TEST_ABORT_IN_APPLY", "4"), 0).await;
+            crash_inside_an_apply(engine, ("REPLICHAT_TEST_ABORT_IN_APPEND_APPLY", "3"), 3).await;
+        }
+    }
+});
+
+/// With `crash` in its environment, the replica aborts in the apply of send `crashing` (counted from 0).
+async fn crash_inside_an_apply(engine: Engine, crash: (&str, &str), crashing: usize) {
     let db = fresh_db(engine).await;
-    // The no-op and two registrations are the first three applies; the eighth is a send's.
-    let process = Process::spawn(&db, &[("REPLICHAT_TEST_ABORT_IN_APPLY", "8")]).await;
+    let process = Process::spawn(&db, &[crash]).await;
     let mut alice = Client::connect(&process.ws_url()).await;
     alice.register("alice", "password123").await;
     Client::connect(&process.ws_url()).await.register("bob", "password123").await;
@@ -166,7 +181,8 @@ both!(a_crash_inside_an_apply_loses_and_repeats_nothing, |engine| async move {
             }
         }
     }
-    let crashed_at = crashed_at.expect("the replica aborted inside an apply");
+    let crashed_at = crashed_at.unwrap_or_else(|| panic!("{crash:?}: the replica aborted inside an apply"));
+    assert_eq!(crashed_at, crashing, "{crash:?}: the send whose apply aborted");
     let mut process = process;
     let exit = tokio::time::timeout(WAIT, process.child.wait()).await.expect("the process ended").unwrap();
     use std::os::unix::process::ExitStatusExt;
@@ -199,4 +215,4 @@ both!(a_crash_inside_an_apply_loses_and_repeats_nothing, |engine| async move {
     replica.append_entries(&entries).await.unwrap();
     replica.apply_committed(entries.len() as u64).await.unwrap();
     assert_eq!(replica.dump().await.unwrap(), db.dump().await.unwrap(), "the state is the log's, replayed");
-});
+}
