@@ -74,18 +74,15 @@ impl Db {
         // taken without waiting for the writer, which may be appending the next batch. The applier is the only
         // caller, one call at a time, and an append applies only what follows every earlier apply, so nothing
         // applied before these entries can still be on its way.
-        if let Some(writer) = &self.writer {
-            let mut ahead = writer.applied_ahead.lock().expect("applied-ahead lock");
-            if ahead.as_ref().is_some_and(|(index, _)| *index >= up_to) {
-                let (index, mut events) = ahead.take().expect("just checked");
-                drop(ahead);
-                encode_messages(&mut events);
-                return Ok((index, events));
-            }
+        if let Some((index, mut events)) = self.take_applied_ahead(up_to) {
+            encode_messages(&mut events);
+            return Ok((index, events));
         }
         let mut conn = self.transaction_connection().await?;
-        let ahead = self.writer.as_ref().and_then(|w| w.applied_ahead.lock().expect("applied-ahead lock").take());
-        let Some((index, mut events)) = ahead else { return self.apply_range_on(conn, up_to, batched).await };
+        // Under the writer lock: whatever an append applied while this waited for it.
+        let Some((index, mut events)) = self.take_applied_ahead(0) else {
+            return self.apply_range_on(conn, up_to, batched).await;
+        };
         if index >= up_to {
             conn.finished();
             drop(conn);
@@ -112,12 +109,16 @@ impl Db {
         }
     }
 
+    /// The events of entries applied with their append, taken if they reach `up_to`.
+    fn take_applied_ahead(&self, up_to: u64) -> Option<(u64, Vec<Delivery>)> {
+        let mut ahead = self.writer.as_ref()?.applied_ahead.lock().expect("applied-ahead lock");
+        ahead.take_if(|(index, _)| *index >= up_to)
+    }
+
     /// Drop the events of entries applied with their append that the applier has not taken (a snapshot
     /// install replaced the state they describe; `resume` replays what is stored).
     pub(super) fn forget_applied_ahead(&self) {
-        if let Some(writer) = &self.writer {
-            writer.applied_ahead.lock().expect("applied-ahead lock").take();
-        }
+        self.take_applied_ahead(0);
     }
 
     async fn apply_range_on(&self, mut conn: TxConnection, up_to: u64, batched: bool) -> Result<(u64, Vec<Delivery>)> {

@@ -99,16 +99,7 @@ impl WriterThread {
     /// Append `entries`, which must all lie past the end of the log, in one transaction. `Ok(false)` (and nothing
     /// written) if an entry is stored at one of their indexes already.
     pub(super) async fn append_past_end(&self, entries: Vec<Entry>) -> Result<bool> {
-        self.run(move |conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if !insert_entries(&tx, &entries)? {
-                tx.rollback()?;
-                return Ok(false);
-            }
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
+        self.run(move |conn| append_past_end(conn, &entries)).await
     }
 
     /// Append `entries`, which must all lie past the end of the log and which this append alone commits (the
@@ -143,11 +134,9 @@ impl WriterThread {
             }
             // Rolled back already (`INSERT OR ROLLBACK`), or now, as the transaction is dropped.
             drop(tx);
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if !insert_entries(&tx, &entries)? {
+            if !append_past_end(conn, &entries)? {
                 return Err(Error::Corrupt("the log changed under its only writer".into()));
             }
-            tx.commit()?;
             Ok(Appended::Alone)
         })
         .await
@@ -202,6 +191,17 @@ pub(super) struct AppliedSends {
     pub(super) entries: u64,
     /// How long the apply took, on the writer thread (without the commit).
     pub(super) took: std::time::Duration,
+}
+
+/// [`WriterThread::append_past_end`], on the writer thread.
+fn append_past_end(conn: &mut Connection, entries: &[Entry]) -> Result<bool> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !insert_entries(&tx, entries)? {
+        tx.rollback()?;
+        return Ok(false);
+    }
+    tx.commit()?;
+    Ok(true)
 }
 
 /// Append `entries` in `tx`; `Ok(false)`, with the transaction to roll back, if an entry is stored at one of

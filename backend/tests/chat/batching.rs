@@ -209,13 +209,7 @@ both!(a_batch_applied_with_its_append_meeting_a_row_no_entry_wrote_is_appended_a
     // A send that meets a message no entry wrote (planted under its index) fails the apply in the append's
     // transaction (`INSERT OR ROLLBACK`): the entries are appended alone, and the applier's apply stops on the
     // entry and names it, as for any apply.
-    let ops = [
-        register(1, "a"),
-        register(2, "b"),
-        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c3".into(), text: "three".into(), at: 3 },
-        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c4".into(), text: "four".into(), at: 4 },
-        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c5".into(), text: "five".into(), at: 5 },
-    ];
+    let ops = [register(1, "a"), register(2, "b"), a_to_b(3, "three"), a_to_b(4, "four"), a_to_b(5, "five")];
     let entries = numbered(&ops, |_| 1);
     let url = fresh_db(engine).await;
     let db = Db::open(&url).await.unwrap();
@@ -292,6 +286,11 @@ async fn plant(url: &str, sql: &str) {
     conn.close().await.unwrap();
 }
 
+/// The send of entry `index` from account 1 to account 2, under client id `c{index}`.
+fn a_to_b(index: i64, text: &str) -> Op {
+    Op::Send { sender_id: 1, recipient_id: 2, client_id: format!("c{index}"), text: text.into(), at: index }
+}
+
 both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| async move {
     // The batched path skips a send whose client id was stored already, and nothing else: a message or an
     // event already stored under the index being applied means the state and the applied index disagree, and
@@ -300,8 +299,8 @@ both!(a_batch_meeting_rows_no_entry_wrote_fails_and_stores_nothing, |engine| asy
     let ops = [
         register(1, "a"),
         register(2, "b"),
-        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c3".into(), text: "three".into(), at: 3 },
-        Op::Send { sender_id: 1, recipient_id: 2, client_id: "c4".into(), text: "four".into(), at: 4 },
+        a_to_b(3, "three"),
+        a_to_b(4, "four"),
         Op::Read { user_id: 2, peer_id: 1, up_to: 4, at: 5 },
     ];
     let entries = numbered(&ops, |_| 1);
