@@ -163,7 +163,10 @@ async fn crash_inside_an_apply(engine: Engine, crash: (&str, &str), crashing: us
     let process = Process::spawn(&db, &[crash]).await;
     let mut alice = Client::connect(&process.ws_url()).await;
     alice.register("alice", "password123").await;
-    Client::connect(&process.ws_url()).await.register("bob", "password123").await;
+    // Bob stays connected until the crash: his socket closing would append a `Seen` entry at a moment
+    // of the scheduler's choosing, and the crash counts apply transactions.
+    let mut bob = Client::connect(&process.ws_url()).await;
+    bob.register("bob", "password123").await;
     let send = |i: usize| Request::Send {
         to: "bob".into(),
         text: format!("message {i}"),
@@ -185,6 +188,7 @@ async fn crash_inside_an_apply(engine: Engine, crash: (&str, &str), crashing: us
     assert_eq!(crashed_at, crashing, "{crash:?}: the send whose apply aborted");
     let mut process = process;
     let exit = tokio::time::timeout(WAIT, process.child.wait()).await.expect("the process ended").unwrap();
+    drop(bob);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(exit.signal(), Some(6), "aborted (SIGABRT) inside the apply: {exit:?}");
 
